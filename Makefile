@@ -1,0 +1,31 @@
+# The README's two commands. Both create .venv on first use (torch comes from pip's usual sources).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE := 1
+
+.PHONY: run test install install-test clean-cache
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+# stamp files: reinstall only when pyproject.toml changes
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e . 2> $(VENV)/pip.log || (cat $(VENV)/pip.log; exit 1)
+	$(BIN)/ens --help > /dev/null
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[test]' 2> $(VENV)/pip.log || (cat $(VENV)/pip.log; exit 1)
+	touch $@
+
+install: $(VENV)/.installed
+
+run: $(VENV)/.installed
+	$(BIN)/ens run digits/final.yaml
+
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q tests
+
+clean-cache:
+	rm -rf cache/digits cache/data/digits cache/fingerprints

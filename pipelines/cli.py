@@ -1,0 +1,170 @@
+"""The `ens` command: parse, call, print. Errors users can cause arrive as EnsError and leave as one line.
+
+Nothing heavy is imported at module level: `ens --help`, `ens validate` and `ens cache ls` answer at once.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from .config import PROJECT_ENV, Project
+from .errors import EnsError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Kaggle image-classification ensembles from YAML: train members (cached), average their TTA "
+                       "probabilities, write a checked submission.")
+cache_app = typer.Typer(no_args_is_help=True, help="Inspect the member cache.")
+app.add_typer(cache_app, name="cache")
+console = Console()
+err = Console(stderr=True)
+
+ProjectOpt = typer.Option(None, "--project", "-p", envvar=PROJECT_ENV,
+                          help="The project folder (holding competitions/); default: found upwards from here.")
+OverridesArg = typer.Argument(None, metavar="[KEY=VALUE]...",
+                              help="Overrides: defaults.epochs=1, members.NAME.lr=0.01, ...")
+
+
+def _project(root: Optional[Path]) -> Project:
+    return Project.find(root)
+
+
+@app.command()
+def run(ensemble: str = typer.Argument(..., help="ensembles/<competition>/<name>.yaml, or e.g. digits/final.yaml"),
+        overrides: Optional[List[str]] = OverridesArg, project: Optional[Path] = ProjectOpt):
+    """Train what is not cached, average the members, write and check the submission.
+
+    Example: ens run digits/final.yaml defaults.epochs=1 members.vit.lr=0.005
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from .run import run_ensemble
+
+    proj = _project(project)
+
+    def report(outcome):
+        m, metrics = outcome.member, outcome.entry.meta["metrics"]
+        how = f"trained in {outcome.entry.meta['timings']['train_seconds']:.1f}s" if outcome.trained else "cached"
+        console.print(f"[green]✓[/] {m.name} ({m.arch}) {how}: valid accuracy {metrics['plain_accuracy']:.4f}, "
+                      f"TTA {metrics['tta_accuracy']:.4f}  [dim]{outcome.entry.key}[/]")
+
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        result = run_ensemble(proj, ensemble, overrides or [], progress, on_member=report)
+    for key, reason in result.damaged:
+        err.print(f"[yellow]warning:[/] cache entry {key} was damaged ({reason}); moved to .damaged/ and recomputed")
+    _print_run(result, proj)
+
+
+def _print_run(result, proj: Project) -> None:
+    table = Table(title=f"{proj.relative(result.ensemble_path)} on {result.competition.name}")
+    for col in ("member", "arch", "size", "epochs", "valid acc", "TTA acc", "time", "source"):
+        table.add_column(col, justify="right" if col in ("size", "epochs", "valid acc", "TTA acc", "time") else "left")
+    for o in result.members:
+        m, meta = o.member, o.entry.meta
+        seconds = sum(meta["timings"].values())
+        table.add_row(m.name, m.arch, str(m.final_size), str(m.total_epochs), f"{meta['metrics']['plain_accuracy']:.4f}",
+                      f"{meta['metrics']['tta_accuracy']:.4f}", f"{seconds:.1f}s", "trained" if o.trained else "cached")
+    console.print(table)
+    console.print(f"ensemble valid {result.metric}: [bold]{result.valid_score:.4f}[/] "
+                  f"({len(result.trained)} trained, {len(result.members) - len(result.trained)} cached, "
+                  f"{result.seconds:.1f}s)")
+    console.print(f"submission: {proj.relative(result.csv)} ({result.rows} rows, checked against the sample)")
+    if result.test_score is not None:
+        console.print(f"test {result.metric} on the local answers: [bold]{result.test_score:.4f}[/]")
+
+
+@app.command()
+def validate(ensemble: str = typer.Argument(..., help="the ensemble YAML"),
+             overrides: Optional[List[str]] = OverridesArg, project: Optional[Path] = ProjectOpt):
+    """Check an ensemble (and its competition) without training: keys, types, architectures, member names."""
+    from .run import check_ensemble
+
+    proj = _project(project)
+    path, ens, comp = check_ensemble(proj, ensemble, overrides or [])
+    console.print(f"{proj.relative(path)}: ok — {len(ens.members)} members on {comp.name} "
+                  f"({', '.join(m.name for m in ens.members)})")
+
+
+@app.command()
+def data(competition: str = typer.Argument(..., help="a competition name (competitions/NAME.yaml)"),
+         project: Optional[Path] = ProjectOpt):
+    """Make a competition's data ready (the embedded ones are built) and show its split."""
+    from .config import load_competition
+    from .data import load_data
+
+    proj = _project(project)
+    comp = load_competition(proj, competition)
+    d = load_data(proj, comp)
+    console.print(f"{comp.name}: {proj.relative(d.root)} — {len(d.train_paths)} training images "
+                  f"({sum(d.is_valid)} validation, fixed), {len(d.test_paths)} test images, "
+                  f"{len(d.vocab)} classes; fingerprint {d.fingerprint[:12]}")
+
+
+@app.command()
+def check(csv: Path = typer.Argument(..., help="a submission CSV"),
+          competition: str = typer.Option(..., "--competition", "-c", help="the competition it is for"),
+          project: Optional[Path] = ProjectOpt):
+    """Check a submission CSV against the competition's sample submission (and score it where answers are known)."""
+    from .config import load_competition
+    from .data import ensure_data, list_train
+    from .submission import check_submission, score_submission
+
+    proj = _project(project)
+    comp = load_competition(proj, competition)
+    root = ensure_data(proj, comp)
+    labels = sorted(set(list_train(comp, root)[1]))
+    rows = check_submission(csv, root / comp.sample_submission, comp, labels)
+    console.print(f"{csv}: ok ({rows} rows)")
+    if comp.solution:
+        console.print(f"{comp.metric} on the local answers: {score_submission(csv, root / comp.solution, comp):.4f}")
+
+
+@cache_app.command("ls")
+def cache_ls(competition: Optional[str] = typer.Argument(None, help="only this competition"),
+             project: Optional[Path] = ProjectOpt):
+    """List cached members: key, arch, size, epochs, validation accuracy, when and how long."""
+    from .cache import MemberCache
+
+    proj = _project(project)
+    names = [competition] if competition else sorted(
+        p.name for p in proj.cache.iterdir() if p.is_dir() and (proj.competitions / f"{p.name}.yaml").exists()
+    ) if proj.cache.is_dir() else []
+    table = Table(title=f"{proj.relative(proj.cache)}/")
+    for col in ("competition", "key", "member", "arch", "size", "epochs", "valid acc", "TTA acc", "train", "created", "MB"):
+        table.add_column(col)
+    count = 0
+    for name in names:
+        for meta in MemberCache(proj.cache, name).entries():
+            count += 1
+            if meta.get("damaged"):
+                table.add_row(name, meta["key"], "[red]damaged[/]", *[""] * 8)
+                continue
+            m, k = meta["member"], meta["key_fields"]
+            table.add_row(name, meta["key"], m["name"], m["arch"], str(k["stages"][-1][0]), str(sum(e for _, e in k["stages"])),
+                          f"{meta['metrics']['plain_accuracy']:.4f}", f"{meta['metrics']['tta_accuracy']:.4f}",
+                          f"{meta['timings']['train_seconds']:.0f}s", meta["created"], f"{meta['bytes'] / 1e6:.2f}")
+    console.print(table if count else "no cached members yet")
+
+
+def main() -> None:
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        app()
+    except EnsError as e:
+        err.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        err.print("interrupted: finished members are cached; run the same command again to go on")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

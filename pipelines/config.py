@@ -1,0 +1,356 @@
+"""Competitions and ensembles as YAML: pydantic models, loading, `defaults:` merging and `key=value` overrides.
+
+Knows nothing of torch: every verb that only reads configs stays fast.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+PROJECT_ENV = "ENS_PROJECT"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------------------------- the project folder
+class Project:
+    """The folder `ens` works on: competitions/, ensembles/, submissions/, cache/."""
+
+    def __init__(self, root: Path):
+        self.root = root.resolve()
+        self.competitions = self.root / "competitions"
+        self.ensembles = self.root / "ensembles"
+        self.submissions = self.root / "submissions"
+        self.cache = self.root / "cache"
+
+    @classmethod
+    def find(cls, root: Optional[Path] = None) -> "Project":
+        """`root`, else $ENS_PROJECT, else the nearest folder upwards from the current one holding competitions/."""
+        if root is None and os.environ.get(PROJECT_ENV):
+            root = Path(os.environ[PROJECT_ENV])
+        if root is not None:
+            if not (root / "competitions").is_dir():
+                raise ConfigError(f"{root}: no competitions/ folder here; point --project (or ${PROJECT_ENV}) "
+                                  "at an ens project folder")
+            return cls(root)
+        here = Path.cwd().resolve()
+        for folder in (here, *here.parents):
+            if (folder / "competitions").is_dir():
+                return cls(folder)
+        raise ConfigError(f"{here}: not inside an ens project (no competitions/ folder found upwards); "
+                          f"cd into one or pass --project DIR (or set ${PROJECT_ENV})")
+
+    def relative(self, path: Path) -> str:
+        try:
+            return str(Path(path).resolve().relative_to(self.root))
+        except ValueError:
+            return str(path)
+
+
+# --------------------------------------------------------------------------------------------- competitions
+class Split(Strict):
+    """The one validation split every member of every ensemble of a competition is scored on."""
+
+    valid_pct: float = Field(0.2, gt=0, lt=1)
+    seed: int = 42
+    stratified: bool = True
+
+
+class TrainLayout(Strict):
+    """Class folders (`train_images/<label>/*.jpg`) or a labels CSV with a path template."""
+
+    layout: Literal["folders", "csv"] = "folders"
+    folder: str = "train_images"
+    csv: Optional[str] = None
+    id_column: str = "image_id"
+    label_column: str = "label"
+    path_template: str = "train_images/{id}"
+
+    @model_validator(mode="after")
+    def _csv_named(self):
+        if self.layout == "csv" and not self.csv:
+            raise ValueError("layout 'csv' needs `csv:` (the labels file, relative to the data folder)")
+        return self
+
+
+class Competition(Strict):
+    name: str
+    title: str = ""
+    data_dir: Optional[str] = None  # default cache/data/<name>
+    builtin: Optional[Literal["digits"]] = None  # built locally on first use instead of downloaded
+    train: TrainLayout = TrainLayout()
+    test_images: str = "test_images"
+    test_id: Literal["name", "stem"] = "name"  # a test image's id in the submission: file name or name sans suffix
+    image_extensions: list[str] = [".jpg", ".jpeg", ".png"]
+    sample_submission: str = "sample_submission.csv"
+    id_column: str = "image_id"
+    target_column: str = "label"
+    metric: Literal["accuracy", "log_loss", "f1_macro"] = "accuracy"
+    split: Split = Split()
+    solution: Optional[str] = None  # local answers (id and target columns), for competitions scored here
+    kaggle: Optional[str] = None  # competition slug
+
+    def data_path(self, project: Project) -> Path:
+        return project.root / (self.data_dir or f"cache/data/{self.name}")
+
+
+# --------------------------------------------------------------------------------------------- members
+class AugTransforms(Strict):
+    """fastai's `aug_transforms` arguments, with fastai's names and defaults (a test checks they match)."""
+
+    mult: float = 1.0
+    do_flip: bool = True
+    flip_vert: bool = False
+    max_rotate: float = 10.0
+    min_zoom: float = 1.0
+    max_zoom: float = 1.1
+    max_lighting: float = 0.2
+    max_warp: float = 0.2
+    p_affine: float = 0.75
+    p_lighting: float = 0.75
+    mode: Literal["bilinear", "nearest", "bicubic"] = "bilinear"
+    pad_mode: Literal["zeros", "border", "reflection"] = "reflection"
+    align_corners: bool = True
+    batch: bool = False
+    min_scale: float = 1.0
+
+
+class ItemResize(Strict):
+    """The per-image resize before batching (fastai's item_tfms `Resize`); size defaults to the member's size."""
+
+    size: Union[int, tuple[int, int], None] = None
+    method: Literal["squish", "crop", "pad"] = "squish"
+
+
+class TTA(Strict):
+    n: int = Field(4, ge=0)  # augmented passes; the plain pass is always made too
+    beta: float = Field(0.25, ge=0, le=1)  # weight of the plain pass in the TTA blend (fastai's meaning)
+
+
+Size = Union[int, tuple[int, int]]
+
+
+class Member(Strict):
+    name: str
+    arch: str
+    pretrained: Union[bool, str] = True  # true: timm's/torchvision's weights; a path: a local weights file
+    size: Size = 224
+    epochs: int = Field(10, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    batch_size: int = Field(64, ge=1)
+    resize: ItemResize = ItemResize()
+    aug_transforms: Optional[AugTransforms] = AugTransforms()
+    stages: Optional[list[tuple[Size, int]]] = None  # progressive resizing: [[size, epochs], ...], one schedule
+    freeze_epochs: int = Field(1, ge=0)  # fine_tune's frozen epochs (pretrained bodies only)
+    tta: TTA = TTA()
+    seed: int = 42
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: bf16/fp16 on CUDA, fp32 on CPU
+    weight: float = Field(1.0, ge=0)  # weight in the ensemble average
+    # below: how to run, not what is computed; kept out of the cache key
+    num_workers: Optional[int] = Field(None, ge=0)
+    keep_model: bool = False
+
+    @field_validator("stages")
+    @classmethod
+    def _stages_not_empty(cls, v):
+        if v is not None and not v:
+            raise ValueError("stages must list at least one [size, epochs] pair (or be left out)")
+        if v is not None and any(e < 1 for _, e in v):
+            raise ValueError("every stage needs at least one epoch")
+        return v
+
+    @property
+    def stage_plan(self) -> list[tuple[Size, int]]:
+        """(size, epochs) per stage; without `stages`, one stage at `size` for `epochs`."""
+        return list(self.stages) if self.stages else [(self.size, self.epochs)]
+
+    @property
+    def final_size(self) -> Size:
+        return self.stage_plan[-1][0]
+
+    @property
+    def total_epochs(self) -> int:
+        return sum(e for _, e in self.stage_plan)
+
+    # fields that do not change a member's predictions
+    RUN_ONLY: ClassVar[tuple] = ("name", "weight", "num_workers", "keep_model")
+
+    def key_fields(self) -> dict[str, Any]:
+        """What the cache key hashes: every field that changes the predictions, resolved."""
+        d = self.model_dump(mode="json", exclude=set(self.RUN_ONLY))
+        d["stages"], d["size"], d["epochs"] = [[s, e] for s, e in self.stage_plan], None, None
+        return d
+
+
+class Ensemble(Strict):
+    competition: str
+    description: str = ""
+    probs: Literal["tta", "plain"] = "tta"  # which probabilities are averaged
+    defaults: dict[str, Any] = {}
+    members: list[Member] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_names(self):
+        seen = set()
+        for m in self.members:
+            if m.name in seen:
+                raise ValueError(f"member name '{m.name}' is used twice; give each member its own name")
+            seen.add(m.name)
+        return self
+
+
+# --------------------------------------------------------------------------------------------- loading
+def read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where}: not valid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(data).__name__}")
+    return data
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names of the sub-model that `loc` (minus its last part) points into, for did-you-mean hints."""
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        candidates = [ann, *getattr(ann, "__args__", ())]
+        for c in candidates:
+            for inner in (c, *getattr(c, "__args__", ())):
+                if isinstance(inner, type) and issubclass(inner, BaseModel):
+                    model = inner
+                    break
+            else:
+                continue
+            break
+        else:
+            return []
+    return list(model.model_fields)
+
+
+def one_line_error(path: Path, err: ValidationError, model: type[BaseModel], rename=lambda loc: loc) -> ConfigError:
+    """The first pydantic error as `file: field.path: problem; fix`."""
+    first = err.errors()[0]
+    loc = rename(tuple(first["loc"]))
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    if first["type"] == "extra_forbidden":
+        known = _fields_at(model, tuple(first["loc"]))
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(known)}"
+        return ConfigError(f"{path}: {_loc(loc)}: unknown key; {hint}{more}")
+    if first["type"] == "missing":
+        return ConfigError(f"{path}: {_loc(loc)}: required, add it{more}")
+    got = first.get("input")
+    got = f" (got {got!r})" if not isinstance(got, (dict, list)) else ""
+    msg = first["msg"].removeprefix("Value error, ")
+    return ConfigError(f"{path}: {_loc(loc) or 'top level'}: {msg}{got}{more}")
+
+
+def load_competition(project: Project, name: str) -> Competition:
+    path = project.competitions / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in project.competitions.glob("*.yaml"))
+        raise ConfigError(f"{project.relative(path)}: no such competition '{name}'; known: {', '.join(known) or 'none'}")
+    raw = read_yaml(path)
+    raw.setdefault("name", name)
+    try:
+        return Competition.model_validate(raw)
+    except ValidationError as e:
+        raise one_line_error(project.relative(path), e, Competition) from None
+
+
+def resolve_ensemble_path(project: Project, spec: str) -> Path:
+    """`paddy/final.yaml` resolves under ensembles/; a plain path works too."""
+    for candidate in (Path(spec), project.ensembles / spec, project.ensembles / f"{spec}.yaml"):
+        if candidate.is_file():
+            return candidate.resolve()
+    raise ConfigError(f"{spec}: no such ensemble (looked in the current folder and {project.relative(project.ensembles)}/); "
+                      "`ls ensembles/*/` shows the known ones")
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def apply_overrides(raw: dict, overrides: list[str], source: str = "command line") -> dict:
+    """`a.b=value` (value parsed as YAML) set into `raw`; `members.NAME.field=value` targets one member by name."""
+    raw = deep_merge(raw, {})
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{source}: '{item}': an override is key=value, e.g. defaults.epochs=1 or members.NAME.lr=0.01")
+        value = yaml.safe_load(text) if text else None
+        parts = key.split(".")
+        node = raw
+        for i, part in enumerate(parts[:-1]):
+            if isinstance(node, list):  # members: pick by name, else by index
+                names = [m.get("name") for m in node if isinstance(m, dict)]
+                if part in names:
+                    node = node[names.index(part)]
+                elif part.isdigit() and int(part) < len(node):
+                    node = node[int(part)]
+                else:
+                    raise ConfigError(f"{source}: '{key}': no member named '{part}'; members: {', '.join(map(str, names))}")
+            else:
+                if not isinstance(node.get(part, {}), (dict, list)):
+                    raise ConfigError(f"{source}: '{key}': '{'.'.join(parts[:i + 1])}' is not a mapping")
+                node = node.setdefault(part, {})
+        if isinstance(node, list):
+            raise ConfigError(f"{source}: '{key}': name a member field, e.g. members.NAME.lr=0.01")
+        node[parts[-1]] = value
+    return raw
+
+
+def load_ensemble(project: Project, spec: str, overrides: list[str] = ()) -> tuple[Path, Ensemble, Competition]:
+    path = resolve_ensemble_path(project, spec)
+    shown = project.relative(path)
+    raw = apply_overrides(read_yaml(path), list(overrides))
+    defaults = raw.get("defaults") or {}
+    members = raw.get("members")
+    if not isinstance(defaults, dict):
+        raise ConfigError(f"{shown}: defaults: expected a mapping of member fields")
+    if not isinstance(members, list) or not all(isinstance(m, dict) for m in members):
+        raise ConfigError(f"{shown}: members: expected a list of members, each a mapping with name and arch")
+    merged = dict(raw, members=[deep_merge(defaults, m) for m in members])
+
+    def blame_defaults(loc: tuple) -> tuple:
+        # an error in a field the member inherited from defaults: point at defaults, where the user typed it
+        if len(loc) >= 3 and loc[0] == "members" and isinstance(loc[1], int) and loc[2] not in members[loc[1]]:
+            return ("defaults", *loc[2:])
+        return loc
+
+    try:
+        ensemble = Ensemble.model_validate(merged)
+    except ValidationError as e:
+        raise one_line_error(shown, e, Ensemble, blame_defaults) from None
+    competition = load_competition(project, ensemble.competition)
+    return path, ensemble, competition

@@ -1,0 +1,162 @@
+"""`ens run`: config → data → (cache hit, or train → predict → cache) per member → combine → checked submission.
+
+Returns what happened; `cli.py` prints it.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+
+from . import ensemble, submission
+from .cache import Entry, MemberCache, member_key
+from .config import Competition, Ensemble, Member, Project, load_ensemble
+from .data import CompetitionData, load_data
+from .errors import EnsError
+from .models import check_arch
+
+
+@dataclass
+class MemberOutcome:
+    member: Member
+    entry: Entry
+    trained: bool  # False: read from the cache
+
+
+@dataclass
+class RunResult:
+    ensemble_path: Path
+    ensemble: Ensemble
+    competition: Competition
+    members: list[MemberOutcome]
+    metric: str
+    valid_score: float
+    csv: Path
+    rows: int
+    test_score: float | None
+    damaged: list = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def trained(self) -> list[str]:
+        return [o.member.name for o in self.members if o.trained]
+
+
+def check_ensemble(project: Project, spec: str, overrides: list[str]) -> tuple[Path, Ensemble, Competition]:
+    """Load and validate everything a run needs before any time is spent: YAML, architectures."""
+    path, ens, comp = load_ensemble(project, spec, overrides)
+    for i, member in enumerate(ens.members):
+        check_arch(member.arch, project.cache, f"{project.relative(path)}: members[{i}].arch")
+    return path, ens, comp
+
+
+def versions() -> dict:
+    return {p: version(p) for p in ("fastai", "timm", "torch", "torchvision", "numpy")} | {"python": platform.python_version()}
+
+
+def _train_and_predict(member: Member, data: CompetitionData, cache: MemberCache, key: str, progress) -> Entry:
+    from .predict import predict_member
+    from .train import train_member
+
+    trained = train_member(member, data, progress)
+    probs, predict_seconds = predict_member(trained.learn, member, data, progress)
+    vocab = list(trained.learn.dls.vocab)
+    if vocab != data.vocab:
+        raise RuntimeError(f"the learner's vocab {vocab} differs from the competition's {data.vocab}")
+    targets = probs["valid_targets"]
+    metrics = {f"{kind}_{name}": ensemble.score(name, probs[f"valid_{kind}"], targets)
+               for kind in ("plain", "tta") for name in ("accuracy", "log_loss")}
+    arrays = dict(probs, valid_ids=np.array(data.valid_paths), test_ids=np.array(data.test_ids), vocab=np.array(vocab))
+    extra = {}
+    if member.keep_model:
+        import torch
+
+        weights = cache.root / f".model-{key}.pth"
+        cache.root.mkdir(parents=True, exist_ok=True)
+        torch.save(trained.learn.model.state_dict(), weights)
+        extra["model.pth"] = weights
+    meta = {
+        "competition": data.competition.name,
+        "member": member.model_dump(mode="json"),
+        "key_fields": member.key_fields(),
+        "data_fingerprint": data.fingerprint,
+        "metrics": metrics,
+        "history": trained.history,
+        "timings": {"train_seconds": round(trained.seconds, 2), "predict_seconds": round(predict_seconds, 2)},
+        "device": trained.device,
+        "precision": trained.precision,
+        "versions": versions(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    return cache.save(key, arrays, meta, extra)
+
+
+def _check_aligned(outcomes: list[MemberOutcome]) -> None:
+    """Members are averaged row by row: their ids and classes must agree (they do when keys share the data)."""
+    first = outcomes[0].entry
+    for o in outcomes[1:]:
+        for name in ("valid_ids", "test_ids", "vocab"):
+            if not np.array_equal(o.entry.arrays[name], first.arrays[name]):
+                raise EnsError(f"cache entry {o.entry.key} ({o.member.name}) has other {name} than "
+                               f"{first.key} ({outcomes[0].member.name}); `ens cache ls` shows both, delete one")
+
+
+def run_ensemble(project: Project, spec: str, overrides: list[str] = (), progress=None,
+                 on_member=lambda outcome: None) -> RunResult:
+    start = time.perf_counter()
+    path, ens, comp = check_ensemble(project, spec, list(overrides))
+    data = load_data(project, comp)
+    cache = MemberCache(project.cache, comp.name)
+    cache.sweep()
+    outcomes = []
+    task = progress.add_task("members", total=len(ens.members)) if progress is not None else None
+    for member in ens.members:
+        key = member_key(member, data.fingerprint)
+        if progress is not None:
+            progress.update(task, description=f"member {member.name} ({member.arch})")
+        entry = cache.load(key)
+        outcome = MemberOutcome(member, entry, trained=False) if entry else \
+            MemberOutcome(member, _train_and_predict(member, data, cache, key, progress), trained=True)
+        outcomes.append(outcome)
+        on_member(outcome)
+        if progress is not None:
+            progress.advance(task)
+    if progress is not None:
+        progress.remove_task(task)
+
+    _check_aligned(outcomes)
+    weights = [o.member.weight for o in outcomes]
+    targets = outcomes[0].entry.arrays["valid_targets"]
+    valid = ensemble.combine([o.entry.probs("valid", ens.probs) for o in outcomes], weights)
+    test = ensemble.combine([o.entry.probs("test", ens.probs) for o in outcomes], weights)
+    valid_score = ensemble.score(comp.metric, valid, targets)
+
+    out_dir = project.submissions / comp.name
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    csv_path = out_dir / f"{stamp}-{path.stem}.csv"
+    for n in range(2, 1000):  # two runs in one second must not overwrite each other's file
+        if not csv_path.exists():
+            break
+        csv_path = out_dir / f"{stamp}-{path.stem}-{n}.csv"
+    sample = data.root / comp.sample_submission
+    submission.write_submission(csv_path, comp, sample, data.test_ids, test, data.vocab)
+    rows = submission.check_submission(csv_path, sample, comp, data.vocab)
+    test_score = None
+    if comp.solution:
+        test_score = submission.score_submission(csv_path, data.root / comp.solution, comp)
+    submission.append_history(
+        out_dir / "history.csv", ensemble=project.relative(path),
+        members=json.dumps([o.member.name for o in outcomes]), keys=json.dumps([o.entry.key for o in outcomes]),
+        metric=comp.metric, valid_score=f"{valid_score:.6f}", file=project.relative(csv_path),
+        sha256=submission.file_sha256(csv_path),
+        destination="local answers" if test_score is not None else "not submitted: no Kaggle upload yet",
+        status="scored" if test_score is not None else "", score="" if test_score is None else f"{test_score:.6f}")
+    return RunResult(path, ens, comp, outcomes, comp.metric, valid_score, csv_path, rows, test_score,
+                     damaged=list(cache.damaged), seconds=time.perf_counter() - start)
