@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -23,7 +24,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                        "probabilities, write a checked submission.")
 cache_app = typer.Typer(no_args_is_help=True, help="Inspect the member cache.")
 app.add_typer(cache_app, name="cache")
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 120)  # logs: room for the tables
 err = Console(stderr=True)
 
 ProjectOpt = typer.Option(None, "--project", "-p", envvar=PROJECT_ENV,
@@ -53,7 +54,7 @@ def run(ensemble: str = typer.Argument(..., help="ensembles/<competition>/<name>
         m, metrics = outcome.member, outcome.entry.meta["metrics"]
         how = f"trained in {outcome.entry.meta['timings']['train_seconds']:.1f}s" if outcome.trained else "cached"
         console.print(f"[green]✓[/] {m.name} ({m.arch}) {how}: valid accuracy {metrics['plain_accuracy']:.4f}, "
-                      f"TTA {metrics['tta_accuracy']:.4f}  [dim]{outcome.entry.key}[/]")
+                      f"TTA {metrics['tta_accuracy']:.4f}")
 
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
@@ -65,13 +66,21 @@ def run(ensemble: str = typer.Argument(..., help="ensembles/<competition>/<name>
 
 def _print_run(result, proj: Project) -> None:
     table = Table(title=f"{proj.relative(result.ensemble_path)} on {result.competition.name}")
-    for col in ("member", "arch", "size", "epochs", "valid acc", "TTA acc", "time", "source"):
-        table.add_column(col, justify="right" if col in ("size", "epochs", "valid acc", "TTA acc", "time") else "left")
+    scored = result.test_score is not None
+    columns = ["member", "arch", "size", "epochs", "valid acc", "TTA acc"] + (["test acc" if result.metric == "accuracy" else f"test {result.metric}"] if scored else [])
+    for col in columns + ["time", "source"]:
+        table.add_column(col, justify="left" if col in ("member", "arch", "source") else "right")
     for o in result.members:
         m, meta = o.member, o.entry.meta
         seconds = sum(meta["timings"].values())
+        test = [f"{o.test_score:.4f}"] if scored else []
         table.add_row(m.name, m.arch, str(m.final_size), str(m.total_epochs), f"{meta['metrics']['plain_accuracy']:.4f}",
-                      f"{meta['metrics']['tta_accuracy']:.4f}", f"{seconds:.1f}s", "trained" if o.trained else "cached")
+                      f"{meta['metrics']['tta_accuracy']:.4f}", *test, f"{seconds:.1f}s", "trained" if o.trained else "cached")
+    if scored:
+        table.add_section()
+        table.add_row("ensemble", f"{'weighted ' if len({o.member.weight for o in result.members}) > 1 else ''}mean",
+                      "", "", "", f"{result.valid_score:.4f}" if result.metric == "accuracy" else "",
+                      f"{result.test_score:.4f}", f"{result.seconds:.1f}s", "")
     console.print(table)
     console.print(f"ensemble valid {result.metric}: [bold]{result.valid_score:.4f}[/] "
                   f"({len(result.trained)} trained, {len(result.members) - len(result.trained)} cached, "
@@ -156,6 +165,7 @@ def cache_ls(competition: Optional[str] = typer.Argument(None, help="only this c
 
 def main() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.jit")  # said at import, not ours to fix
     try:
         app()
     except EnsError as e:

@@ -32,9 +32,13 @@ def _version(package: str) -> str:
 
 
 def _list_architectures() -> dict[str, list[str]]:
-    import timm
-    import torchvision.models
-    from fastai.vision.models import xresnet
+    import warnings
+
+    with warnings.catch_warnings():  # import-time deprecation chatter from torch.jit
+        warnings.simplefilter("ignore")
+        import timm
+        import torchvision.models
+        from fastai.vision.models import xresnet
 
     timm_names = set(timm.list_models()) | set(timm.list_models(pretrained=True))
     timm_names |= set(timm.models.get_deprecated_models())

@@ -28,6 +28,7 @@ class MemberOutcome:
     member: Member
     entry: Entry
     trained: bool  # False: read from the cache
+    test_score: float | None = None  # on the local answers, where the competition has them
 
 
 @dataclass
@@ -149,8 +150,12 @@ def run_ensemble(project: Project, spec: str, overrides: list[str] = (), progres
     submission.write_submission(csv_path, comp, sample, data.test_ids, test, data.vocab)
     rows = submission.check_submission(csv_path, sample, comp, data.vocab)
     test_score = None
-    if comp.solution:
-        test_score = submission.score_submission(csv_path, data.root / comp.solution, comp)
+    if comp.solution:  # scored as Kaggle would: the file, against the answers; and each member alike
+        solution = data.root / comp.solution
+        test_score = submission.score_submission(csv_path, solution, comp)
+        for o in outcomes:
+            labels = np.asarray(data.vocab)[o.entry.probs("test", ens.probs).argmax(1)]
+            o.test_score = submission.score_labels(data.test_ids, list(labels), solution, comp)
     submission.append_history(
         out_dir / "history.csv", ensemble=project.relative(path),
         members=json.dumps([o.member.name for o in outcomes]), keys=json.dumps([o.entry.key for o in outcomes]),

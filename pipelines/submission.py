@@ -83,12 +83,16 @@ def check_submission(path: Path, sample_path: Path, comp: Competition, labels: l
 
 
 def score_submission(path: Path, solution_path: Path, comp: Competition) -> float | None:
-    """The competition's metric on the known answers, as Kaggle would score the file; None for metrics that
-    need probabilities (a label file cannot be scored on log loss)."""
-    truth = {r[comp.id_column]: r[comp.target_column] for r in _read(solution_path, "solution")}
+    """The competition's metric on the known answers, as Kaggle would score the file."""
     rows = _read(path, "submission")
-    predicted = [r[comp.target_column] for r in rows]
-    actual = [truth[r[comp.id_column]] for r in rows]
+    return score_labels([r[comp.id_column] for r in rows], [r[comp.target_column] for r in rows], solution_path, comp)
+
+
+def score_labels(ids: list[str], predicted: list[str], solution_path: Path, comp: Competition) -> float | None:
+    """The metric of predicted labels against the answers; None for metrics that need probabilities (a label
+    file cannot be scored on log loss)."""
+    truth = {r[comp.id_column]: r[comp.target_column] for r in _read(solution_path, "solution")}
+    actual = [truth[i] for i in ids]
     if comp.metric == "accuracy":
         return float(np.mean([p == a for p, a in zip(predicted, actual)]))
     if comp.metric == "f1_macro":
