@@ -344,7 +344,8 @@ def load_ensemble(project: Project, spec: str, overrides: list[str] = ()) -> tup
 
     def blame_defaults(loc: tuple) -> tuple:
         # an error in a field the member inherited from defaults: point at defaults, where the user typed it
-        if len(loc) >= 3 and loc[0] == "members" and isinstance(loc[1], int) and loc[2] not in members[loc[1]]:
+        if (len(loc) >= 3 and loc[0] == "members" and isinstance(loc[1], int)
+                and loc[2] not in members[loc[1]] and loc[2] in defaults):
             return ("defaults", *loc[2:])
         return loc
 

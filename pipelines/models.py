@@ -1,7 +1,7 @@
 """Architecture names → models: timm names (deprecated aliases such as `convnext_small_in22k` included),
 torchvision names as `torchvision:NAME`, fastai's own as `fastai:NAME`.
 
-The list of known names is memoised per library version in the cache, so checking a config does not pay timm's
+The list of known names is memoised per library version in ~/.cache/ens/, so checking a config does not pay timm's
 import (seconds); the learner itself is built only where training happens.
 """
 
@@ -49,9 +49,14 @@ def _list_architectures() -> dict[str, list[str]]:
     }
 
 
-def known_architectures(cache: Path) -> dict[str, list[str]]:
-    """Every nameable architecture, by library; read from cache/archs-*.json when the library versions match."""
-    memo = cache / f"archs-timm{_version('timm')}-tv{_version('torchvision')}-fastai{_version('fastai')}.json"
+def user_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "ens"
+
+
+def known_architectures() -> dict[str, list[str]]:
+    """Every nameable architecture, by library; memoised per library versions in ~/.cache/ens/ (it depends on the
+    installed libraries, not on the project)."""
+    memo = user_cache() / f"archs-timm{_version('timm')}-tv{_version('torchvision')}-fastai{_version('fastai')}.json"
     try:
         return json.loads(memo.read_text())
     except (OSError, ValueError):
@@ -64,10 +69,10 @@ def known_architectures(cache: Path) -> dict[str, list[str]]:
     return names
 
 
-def check_arch(arch: str, cache: Path, where: str) -> None:
+def check_arch(arch: str, where: str) -> None:
     """Raise a one-line ConfigError naming close matches when `arch` is not a known name."""
     kind, name = split_arch(arch)
-    known = known_architectures(cache)[kind]
+    known = known_architectures()[kind]
     if name in known:
         return
     base = name.split(".")[0]  # timm pretrained tags: 'convnext_small.fb_in22k'
@@ -81,14 +86,12 @@ def check_arch(arch: str, cache: Path, where: str) -> None:
 
 
 def _timm_size_kwargs(member) -> dict:
-    """ViT-style models are built for one input size: pass the member's (and allow several for progressive
-    resizing). Convolutional models take any size and reject these arguments."""
-    sizes = {s if isinstance(s, int) else tuple(s) for s, _ in member.stage_plan}
+    """ViT-style models are built for one input size: pass the member's, and let them take other sizes
+    (progressive resizing) and sizes that are not a multiple of the patch (the seed's ViT at 244 px) by
+    resampling the position embedding and padding the input. Other models reject these arguments."""
     final = member.final_size
-    kwargs = {"img_size": final if isinstance(final, int) else tuple(final)}
-    if len(sizes) > 1:
-        kwargs["dynamic_img_size"] = True
-    return kwargs
+    return {"img_size": final if isinstance(final, int) else tuple(final),
+            "dynamic_img_size": True, "dynamic_img_pad": True}
 
 
 def timm_weights_kwargs(pretrained) -> dict:
@@ -110,12 +113,16 @@ def build_learner(dls, member, metrics, cbs=()):
     common = dict(normalize=False, metrics=metrics, cbs=list(cbs))
     if kind == "timm":
         weights = timm_weights_kwargs(member.pretrained)
-        try:
-            learn = vision_learner(dls, name, **common, **weights, **_timm_size_kwargs(member))
-        except TypeError as e:
-            if "img_size" not in str(e):
-                raise
-            learn = vision_learner(dls, name, **common, **weights)
+        size_kwargs = _timm_size_kwargs(member)
+        while True:  # drop the size arguments this architecture's constructor does not take
+            try:
+                learn = vision_learner(dls, name, **common, **weights, **size_kwargs)
+                break
+            except TypeError as e:
+                rejected = [k for k in size_kwargs if f"'{k}'" in str(e)]
+                if not rejected:
+                    raise
+                del size_kwargs[rejected[0]]
         cfg = learn.model[0].model.pretrained_cfg
         stats = (cfg["mean"], cfg["std"]) if weights["pretrained"] and "mean" in cfg else imagenet_stats
         return learn, stats

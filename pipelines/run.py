@@ -54,7 +54,7 @@ def check_ensemble(project: Project, spec: str, overrides: list[str]) -> tuple[P
     """Load and validate everything a run needs before any time is spent: YAML, architectures."""
     path, ens, comp = load_ensemble(project, spec, overrides)
     for i, member in enumerate(ens.members):
-        check_arch(member.arch, project.cache, f"{project.relative(path)}: members[{i}].arch")
+        check_arch(member.arch, f"{project.relative(path)}: members[{i}].arch")
     return path, ens, comp
 
 
@@ -66,7 +66,13 @@ def _train_and_predict(member: Member, data: CompetitionData, cache: MemberCache
     from .predict import predict_member
     from .train import train_member
 
-    trained = train_member(member, data, progress)
+    try:
+        trained = train_member(member, data, progress)
+    except RuntimeError as e:
+        if "input size" in str(e) or "Input image height" in str(e) or "Input height" in str(e):
+            raise EnsError(f"member {member.name}: size {member.final_size} is too small or does not fit "
+                           f"{member.arch} ({str(e).splitlines()[0]}); choose a larger size") from None
+        raise
     probs, predict_seconds = predict_member(trained.learn, member, data, progress)
     vocab = list(trained.learn.dls.vocab)
     if vocab != data.vocab:

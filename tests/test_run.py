@@ -1,0 +1,173 @@
+"""`ens run` end to end with real fastai training on the digits images: caching, keys, reproducibility,
+interruption, damaged entries, progressive resizing, sizes and weights files."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import REPO, TINY, copy_project, ens, make_project
+from pipelines.cache import MemberCache
+from pipelines.config import Member, Project, load_competition
+from pipelines.data import load_data
+from pipelines.run import run_ensemble
+
+pytestmark = pytest.mark.slow
+
+
+def _history(root):
+    import csv
+
+    with open(root / "submissions/digits/history.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_second_run_trains_nothing_and_writes_the_same_csv(tiny_run):
+    root, first = tiny_run
+    assert first.trained == ["convnext", "effnet", "resnet"]
+    assert first.valid_score > 0.5 and first.test_score > 0.5  # 1 epoch at 16 px: far above chance (0.1)
+    second = run_ensemble(Project(root), "digits/tiny.yaml")
+    assert second.trained == []
+    assert second.csv != first.csv and second.csv.read_bytes() == first.csv.read_bytes()
+    rows = _history(root)
+    assert len(rows) >= 2 and rows[-1]["file"] == f"submissions/digits/{second.csv.name}"
+    assert json.loads(rows[-1]["members"]) == ["convnext", "effnet", "resnet"]
+    assert rows[-1]["destination"] == "local answers" and float(rows[-1]["score"]) == pytest.approx(second.test_score)
+
+
+def test_entry_holds_what_the_issue_lists(tiny_run):
+    root, result = tiny_run
+    entry = result.members[0].entry
+    a = entry.arrays
+    n_valid, n_test = len(a["valid_ids"]), len(a["test_ids"])
+    assert a["valid_plain"].shape == a["valid_tta"].shape == (n_valid, 10)
+    assert a["test_plain"].shape == a["test_tta"].shape == (n_test, 10) and n_test == 359
+    np.testing.assert_allclose(a["valid_tta"].sum(1), 1, atol=1e-4)
+    assert not np.array_equal(a["valid_plain"], a["valid_tta"])  # TTA is a different pass
+    meta = entry.meta
+    assert {"plain_accuracy", "tta_accuracy", "plain_log_loss", "tta_log_loss"} <= set(meta["metrics"])
+    assert meta["metrics"]["plain_accuracy"] == pytest.approx(
+        float((a["valid_plain"].argmax(1) == a["valid_targets"]).mean()))
+    assert meta["timings"]["train_seconds"] > 0 and meta["versions"]["fastai"]
+    assert meta["member"]["arch"] == "test_convnext" and len(meta["history"]) == 1
+
+
+def test_rename_reorder_trains_nothing_and_one_lr_change_trains_one(tiny_run, tmp_path):
+    root = copy_project(tiny_run[0], tmp_path / "p")
+    shuffled = TINY.replace("{name: convnext", "{name: cnx").replace(
+        "  - {name: effnet, arch: test_efficientnet}\n  - {name: resnet, arch: test_resnet}\n",
+        "  - {name: res, arch: test_resnet, weight: 2}\n  - {name: eff, arch: test_efficientnet}\n")
+    (root / "ensembles/digits/renamed.yaml").write_text(shuffled)
+    renamed = run_ensemble(Project(root), "digits/renamed.yaml")
+    assert renamed.trained == [] and [o.member.name for o in renamed.members] == ["cnx", "res", "eff"]
+    changed = run_ensemble(Project(root), "digits/renamed.yaml", ["members.res.lr=0.003"])
+    assert changed.trained == ["res"]
+
+
+def test_same_config_and_seed_give_identical_probabilities(tiny_run, digits_data, tmp_path):
+    root, first = tiny_run
+    fresh = make_project(tmp_path / "fresh", digits_data, {"one": TINY.split("  - {name: effnet")[0]})
+    again = run_ensemble(Project(fresh), "digits/one.yaml")
+    assert again.trained == ["convnext"]
+    for name in ("valid_plain", "valid_tta", "test_plain", "test_tta"):
+        np.testing.assert_array_equal(again.members[0].entry.arrays[name], first.members[0].entry.arrays[name])
+
+
+def test_damaged_entry_is_reported_moved_aside_and_recomputed(tiny_run, tmp_path):
+    root = copy_project(tiny_run[0], tmp_path / "p")
+    key = tiny_run[1].members[1].entry.key
+    probs = root / "cache/digits" / key / "probs.npz"
+    probs.write_bytes(probs.read_bytes()[:-100])  # truncated, as by a full disk
+    result = ens("run", "digits/tiny.yaml", cwd=root)
+    assert result.returncode == 0, result.stderr
+    assert f"cache entry {key} was damaged (probs.npz does not match its checksum)" in result.stderr
+    assert "effnet (test_efficientnet) trained" in result.stdout and "convnext (test_convnext) cached" in result.stdout
+    assert list((root / "cache/digits/.damaged").glob(f"{key}-*"))
+    assert MemberCache(root / "cache", "digits").load(key).arrays["test_tta"].shape == (359, 10)
+
+
+def test_killed_run_resumes_to_the_same_result(tiny_run, digits_data, tmp_path):
+    """SIGKILL while the second member trains: no entry for it may appear; the rerun trains it and matches."""
+    slow = TINY.replace("epochs: 1", "epochs: 4")
+    root = make_project(tmp_path / "p", digits_data, {"tiny": slow})
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "run", "digits/tiny.yaml"], cwd=root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cache = root / "cache" / "digits"
+    deadline = time.time() + 240
+    while not list(cache.glob("*/meta.json")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert list(cache.glob("*/meta.json")), "the first member never finished"
+    time.sleep(2.0)  # well into the second member's epochs
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    entries = [p for p in cache.iterdir() if not p.name.startswith(".")]
+    assert len(entries) == 1, entries  # only the finished member; nothing half-written reads as complete
+    resumed = run_ensemble(Project(root), "digits/tiny.yaml")
+    assert resumed.trained == ["effnet", "resnet"]
+    assert not list(cache.glob(".tmp-*"))  # the dead run's leftovers are swept
+    reference_root = make_project(tmp_path / "ref", digits_data, {"tiny": slow})
+    reference = run_ensemble(Project(reference_root), "digits/tiny.yaml")
+    assert resumed.csv.read_bytes() == reference.csv.read_bytes()
+    for a, b in zip(resumed.members, reference.members):
+        np.testing.assert_array_equal(a.entry.arrays["test_tta"], b.entry.arrays["test_tta"])
+
+
+def test_progressive_resizing_is_one_schedule_across_stages(project):
+    from pipelines.train import train_member
+
+    data = load_data(Project(project), load_competition(Project(project), "digits"))
+    member = Member(name="p", arch="test_efficientnet", pretrained=False, stages=[[16, 2], [32, 2]], lr=0.005,
+                    num_workers=0, tta={"n": 0})
+    trained = train_member(member, data)
+    assert [row["size"] for row in trained.history] == [16, 16, 32, 32]
+    lrs = np.array(trained.learn.recorder.lrs)
+    assert len(lrs) == 4 * len(trained.learn.dls.train)  # one fit over all four epochs
+    peak = lrs.argmax()
+    assert 0 < peak < len(lrs) - 1 and np.all(np.diff(lrs[:peak + 1]) >= 0) and np.all(np.diff(lrs[peak:]) <= 0)
+    xb, _ = trained.learn.dls.one_batch()
+    assert xb.shape[-2:] == (32, 32)  # the learner ends at the final size, ready for prediction
+
+
+def test_vit_at_a_size_it_was_not_built_for_and_a_weights_file(project, tmp_path):
+    import timm
+    import torch
+
+    from pipelines.models import build_learner
+    from pipelines.predict import predict_member
+    from pipelines.train import train_member
+
+    data = load_data(Project(project), load_competition(Project(project), "digits"))
+    vit = Member(name="v", arch="test_vit", pretrained=False, size=40, epochs=1, num_workers=0, tta={"n": 1})
+    trained = train_member(vit, data)  # test_vit is built for 160 px
+    probs, _ = predict_member(trained.learn, vit, data)
+    assert probs["test_tta"].shape == (359, 10)
+    # a local weights file, loaded through timm: the body starts from exactly those weights
+    torch.manual_seed(1)
+    source = timm.create_model("test_convnext", pretrained=False)
+    weights = tmp_path / "w.pth"
+    torch.save(source.state_dict(), weights)
+    member = Member(name="w", arch="test_convnext", pretrained=str(weights), size=16, epochs=1, num_workers=0)
+    from pipelines.data import dataloaders
+
+    learn, stats = build_learner(dataloaders(data, member, 16), member, metrics=[])
+    body = learn.model[0].model.state_dict()
+    for name, tensor in source.state_dict().items():
+        if name in body:
+            assert torch.equal(body[name], tensor), name
+    assert learn.model[0].model.stem[0].weight.abs().sum() > 0 and len(stats) == 2
+
+
+def test_embedded_ensemble_beats_its_best_member(digits_data, tmp_path):
+    """The README's `make run`: ensembles/digits/final.yaml from cold."""
+    root = make_project(tmp_path / "p", digits_data, {"final": (REPO / "ensembles/digits/final.yaml").read_text()})
+    result = run_ensemble(Project(root), "digits/final.yaml")
+    best = max(o.test_score for o in result.members)
+    assert result.test_score > best, [(o.member.name, o.test_score) for o in result.members]
+    assert result.valid_score >= max(o.entry.meta["metrics"]["tta_accuracy"] for o in result.members)
