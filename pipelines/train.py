@@ -16,7 +16,7 @@ def resolve_precision(requested: str, cuda: bool, bf16_supported: bool) -> str:
     where the card supports it (no loss scaling needed), else fp16."""
     if not cuda:
         return "fp32"
-    if requested == "auto":
+    if requested in ("auto", "bf16"):  # bf16 asked of a card without it: fp16 is the fast path left
         return "bf16" if bf16_supported else "fp16"
     return requested
 

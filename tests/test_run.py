@@ -171,3 +171,30 @@ def test_embedded_ensemble_beats_its_best_member(digits_data, tmp_path):
     best = max(o.test_score for o in result.members)
     assert result.test_score > best, [(o.member.name, o.test_score) for o in result.members]
     assert result.valid_score >= max(o.entry.meta["metrics"]["tta_accuracy"] for o in result.members)
+
+
+def test_torchvision_and_fastai_names_build(project):
+    import torch
+
+    from pipelines.data import dataloaders
+    from pipelines.models import build_learner
+
+    data = load_data(Project(project), load_competition(Project(project), "digits"))
+    for arch in ("torchvision:resnet18", "fastai:xresnet18"):
+        member = Member(name="m", arch=arch, pretrained=False, size=32, batch_size=8, num_workers=0)
+        learn, stats = build_learner(dataloaders(data, member, 32), member, metrics=[])
+        with torch.no_grad():
+            out = learn.model.eval()(torch.randn(2, 3, 32, 32))
+        assert out.shape == (2, 10) and stats[0][0] == pytest.approx(0.485), arch  # ImageNet statistics
+
+
+def test_cache_ls_lists_entries_without_importing_torch(tiny_run):
+    root, result = tiny_run
+    listing = ens("cache", "ls", cwd=root)
+    assert listing.returncode == 0, listing.stderr
+    for o in result.members:
+        assert o.entry.key in listing.stdout and o.member.arch in listing.stdout
+    probe = subprocess.run([sys.executable, "-c", "import sys, pipelines.cli, pipelines.cache, pipelines.run, "
+                            "pipelines.submission; print('torch' in sys.modules, 'fastai' in sys.modules)"],
+                           capture_output=True, text=True, cwd=root)
+    assert probe.stdout.split() == ["False", "False"], probe.stderr
