@@ -24,7 +24,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                        "probabilities, write a checked submission.")
 cache_app = typer.Typer(no_args_is_help=True, help="Inspect the member cache.")
 app.add_typer(cache_app, name="cache")
-console = Console(width=None if sys.stdout.isatty() else 120)  # logs: room for the tables
+console = Console(width=None if sys.stdout.isatty() else 160)  # logs: room for the tables
 err = Console(stderr=True)
 
 ProjectOpt = typer.Option(None, "--project", "-p", envvar=PROJECT_ENV,
@@ -148,7 +148,7 @@ def cache_ls(competition: Optional[str] = typer.Argument(None, help="only this c
     ) if proj.cache.is_dir() else []
     table = Table(title=f"{proj.relative(proj.cache)}/")
     for col in ("competition", "key", "member", "arch", "size", "epochs", "valid acc", "TTA acc", "train", "created", "MB"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=col in ("key", "arch", "created"))
     count = 0
     for name in names:
         for meta in MemberCache(proj.cache, name).entries():
@@ -159,7 +159,7 @@ def cache_ls(competition: Optional[str] = typer.Argument(None, help="only this c
             m, k = meta["member"], meta["key_fields"]
             table.add_row(name, meta["key"], m["name"], m["arch"], str(k["stages"][-1][0]), str(sum(e for _, e in k["stages"])),
                           f"{meta['metrics']['plain_accuracy']:.4f}", f"{meta['metrics']['tta_accuracy']:.4f}",
-                          f"{meta['timings']['train_seconds']:.0f}s", meta["created"], f"{meta['bytes'] / 1e6:.2f}")
+                          f"{meta['timings']['train_seconds']:.0f}s", meta["created"][:16].replace("T", " "), f"{meta['bytes'] / 1e6:.2f}")
     console.print(table if count else "no cached members yet")
 
 
