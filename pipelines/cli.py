@@ -44,11 +44,16 @@ def run(ensemble: str = typer.Argument(..., help="ensembles/<competition>/<name>
 
     Example: ens run digits/final.yaml defaults.epochs=1 members.vit.lr=0.005
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
     from .run import run_ensemble
 
     proj = _project(project)
+    result = _with_progress(lambda progress, report: run_ensemble(proj, ensemble, overrides or [], progress, report))
+    _print_run(result, proj)
+
+
+def _with_progress(work):
+    """Run `work(progress, report)` under a rich progress display; `report` prints one line per member."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     def report(outcome):
         m, metrics = outcome.member, outcome.entry.meta["metrics"]
@@ -58,10 +63,10 @@ def run(ensemble: str = typer.Argument(..., help="ensembles/<competition>/<name>
 
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
-        result = run_ensemble(proj, ensemble, overrides or [], progress, on_member=report)
+        result = work(progress, report)
     for key, reason in result.damaged:
         err.print(f"[yellow]warning:[/] cache entry {key} was damaged ({reason}); moved to .damaged/ and recomputed")
-    _print_run(result, proj)
+    return result
 
 
 def _print_run(result, proj: Project) -> None:
@@ -88,6 +93,99 @@ def _print_run(result, proj: Project) -> None:
     console.print(f"submission: {proj.relative(result.csv)} ({result.rows} rows, checked against the sample)")
     if result.test_score is not None:
         console.print(f"test {result.metric} on the local answers: [bold]{result.test_score:.4f}[/]")
+
+
+@app.command()
+def ablate(ensemble: str = typer.Argument(..., help="the ensemble YAML"),
+           overrides: Optional[List[str]] = OverridesArg,
+           cached_only: bool = typer.Option(False, "--cached-only", help="use the cached members only; train nothing"),
+           top: int = typer.Option(10, "--top", help="how many of the best subsets to show"),
+           probs: Optional[str] = typer.Option(None, "--probs", help="tta or plain (default: the ensemble's)"),
+           rounds: int = typer.Option(25, "--rounds", help="greedy selection rounds"),
+           pick: str = typer.Option("greedy", "--pick", help="what --write/--submit use: greedy (weights) or subset (the best)"),
+           write: Optional[Path] = typer.Option(None, "--write", help="write the chosen members and weights as an ensemble YAML"),
+           submit: bool = typer.Option(False, "--submit", help="write, check and record the chosen blend's submission"),
+           project: Optional[Path] = ProjectOpt):
+    """What does each member add? Scores from the cached validation probabilities: each member alone, the ensemble
+    without each, every subset, greedy selection with weights, and how alike the members' errors are.
+
+    Example: ens ablate digits/final.yaml --top 5 --write ensembles/digits/selected.yaml
+    """
+    from .ablate import ablate as run_ablation
+    from .ablate import write_selection
+    from .run import blend_and_submit
+
+    if probs not in (None, "tta", "plain"):
+        raise EnsError(f"--probs {probs}: choose tta or plain")
+    if pick not in ("greedy", "subset"):
+        raise EnsError(f"--pick {pick}: choose greedy or subset")
+    proj = _project(project)
+    result = _with_progress(lambda progress, report: run_ablation(
+        proj, ensemble, overrides or [], cached_only, probs, rounds, progress, report))
+    _print_ablation(result, top)
+    if write:
+        dest = write_selection(result, overrides or [], write, pick)
+        console.print(f"wrote {proj.relative(dest)}")
+    if submit:
+        chosen, weights = result.pick(pick)
+        blend = blend_and_submit(proj, result.gathered, chosen, weights, f"{result.gathered.path.stem}-{pick}", result.probs)
+        console.print(f"submission: {proj.relative(blend.csv)} ({blend.rows} rows, checked against the sample); "
+                      f"valid {result.metric} {blend.valid_score:.4f}"
+                      + (f", test {blend.test_score:.4f}" if blend.test_score is not None else ""))
+
+
+def _delta(value: float, reference: float) -> str:
+    d = value - reference
+    return f"{d:+.4f}" if abs(d) >= 5e-5 else "0"
+
+
+def _moves(c) -> str:
+    return "" if c is None else f"{c[0]} (+{c[1]} −{c[2]})"
+
+
+def _print_ablation(r, top: int) -> None:
+    g = r.gathered
+    console.print(f"[bold]{g.path.name}[/] on {g.competition.name}: {r.metric} on {r.n_valid} validation images "
+                  f"({r.probs} probabilities); one image is {1 / r.n_valid:.4f}. 'changed' counts the images whose "
+                  "predicted label differs from the full ensemble's (+ now right, − now wrong).")
+    if g.missing:
+        console.print(f"[yellow]not cached, left out:[/] {', '.join(m.name for m in g.missing)}")
+    console.print(f"\n[bold]full ensemble: {r.full:.4f}[/] (log loss {r.full_log_loss:.4f}); each member alone, "
+                  "and the ensemble without it")
+    t = Table()
+    for col in ("member", "weight", "alone", "Δ", "changed", "without it", "Δ ", "changed "):
+        t.add_column(col, justify="left" if col == "member" else "right")
+    for o, row in zip(r.outcomes, r.members):
+        t.add_row(row.name, f"{o.member.weight:g}", f"{row.alone:.4f}", _delta(row.alone, r.full), _moves(row.alone_changed),
+                  "" if row.without is None else f"{row.without:.4f}",
+                  "" if row.without is None else _delta(row.without, r.full), _moves(row.without_changed))
+    console.print(t)
+    if r.subsets:
+        console.print(f"\n[bold]best subsets[/] (of {len(r.subsets)}, members keeping their weights)")
+        t = Table()
+        for col in ("rank", "members", r.metric, "log loss"):
+            t.add_column(col, justify="left" if col == "members" else "right")
+        for rank, (idx, s, ll) in enumerate(r.subsets[:top], start=1):
+            t.add_row(str(rank), " + ".join(r.names[i] for i in idx), f"{s:.4f}", f"{ll:.4f}")
+        console.print(t)
+    console.print(f"\n[bold]greedy selection with replacement[/] ({r.greedy_rounds} rounds, Caruana et al. 2004): "
+                  f"{r.greedy_score:.4f} (log loss {r.greedy_log_loss:.4f})")
+    t = Table()
+    t.add_column("member")
+    t.add_column("picks", justify="right")
+    t.add_column("weight", justify="right")
+    total = max(int(r.greedy_counts.sum()), 1)
+    for name, count in zip(r.names, r.greedy_counts):
+        t.add_row(name, str(int(count)), f"{count / total:.3f}")
+    console.print(t)
+    console.print("\n[bold]error correlation[/] (of 1 − p(true class)): near 1, two members fail on the same images")
+    t = Table()
+    t.add_column("")
+    for name in r.names:
+        t.add_column(name, justify="right")
+    for name, row in zip(r.names, r.correlation):
+        t.add_row(name, *[f"{v:.2f}" for v in row])
+    console.print(t)
 
 
 @app.command()

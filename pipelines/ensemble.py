@@ -41,3 +41,68 @@ GREATER_IS_BETTER = {"accuracy": True, "log_loss": False, "f1_macro": True}
 
 def score(metric: str, probs: np.ndarray, targets: np.ndarray) -> float:
     return METRICS[metric](probs, targets)
+
+
+# --------------------------------------------------------------------------------------------- ablation
+def _better(metric: str):
+    """A sort key for (score, log loss): higher is better; log loss breaks accuracy's frequent ties."""
+    sign = 1.0 if GREATER_IS_BETTER[metric] else -1.0
+    return lambda s, ll: (sign * s, -ll)
+
+
+def changed(reference: np.ndarray, other: np.ndarray, targets: np.ndarray) -> tuple[int, int, int]:
+    """How many validation images change their predicted label from `reference` to `other`: (changed, of those
+    now right, of those now wrong). A score difference rests on `gained - lost` images, nothing more."""
+    a, b = reference.argmax(1), other.argmax(1)
+    moved = a != b
+    return int(moved.sum()), int((moved & (b == targets)).sum()), int((moved & (a == targets)).sum())
+
+
+def subset_scores(probs: list[np.ndarray], weights: list[float], targets: np.ndarray, metric: str) -> list[tuple]:
+    """(member indices, score, log loss) of every non-empty subset, best first (members keep their weights)."""
+    m = len(probs)
+    stacked = np.stack(probs).astype("float64")
+    w = np.asarray(weights, dtype="float64")
+    rows = []
+    for mask in range(1, 2 ** m):
+        idx = [i for i in range(m) if mask >> i & 1]
+        if w[idx].sum() <= 0:
+            continue
+        mixed = np.tensordot(w[idx] / w[idx].sum(), stacked[idx], axes=1)
+        rows.append((tuple(idx), score(metric, mixed, targets), log_loss(mixed, targets)))
+    key = _better(metric)
+    rows.sort(key=lambda r: key(r[1], r[2]), reverse=True)
+    return rows
+
+
+def greedy_selection(probs: list[np.ndarray], targets: np.ndarray, metric: str, rounds: int = 25):
+    """Forward selection with replacement (Caruana et al., 2004; AutoGluon's ensemble selection): each round adds
+    the member that most improves the running average; the best round's counts are the weights. Round one
+    picks the best single member, so the result never scores below it on validation.
+    Returns (counts per member, score, log loss, trajectory of (score, log loss) per round)."""
+    key = _better(metric)
+    stacked = np.stack(probs).astype("float64")
+    counts, total = np.zeros(len(probs), dtype=int), np.zeros_like(stacked[0])
+    trajectory, snapshots = [], []
+    for r in range(1, rounds + 1):
+        candidates = []
+        for i in range(len(probs)):
+            mixed = (total + stacked[i]) / r
+            candidates.append((key(score(metric, mixed, targets), log_loss(mixed, targets)), i))
+        _, best = max(candidates, key=lambda c: c[0])  # ties: the earliest member
+        counts[best] += 1
+        total += stacked[best]
+        mixed = total / r
+        trajectory.append((score(metric, mixed, targets), log_loss(mixed, targets)))
+        snapshots.append(counts.copy())
+    best_round = max(range(len(trajectory)), key=lambda r: (key(*trajectory[r]), -r))
+    return snapshots[best_round], trajectory[best_round][0], trajectory[best_round][1], trajectory
+
+
+def error_correlation(probs: list[np.ndarray], targets: np.ndarray) -> np.ndarray:
+    """Pearson correlation of the members' per-image errors (1 - probability of the true class): near 1, two
+    members fail on the same images and averaging them adds little."""
+    errors = np.stack([1 - p[np.arange(len(targets)), targets] for p in probs])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        corr = np.corrcoef(errors)
+    return np.nan_to_num(np.atleast_2d(corr), nan=0.0)

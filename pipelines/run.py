@@ -115,20 +115,36 @@ def _check_aligned(outcomes: list[MemberOutcome]) -> None:
                                f"{first.key} ({outcomes[0].member.name}); `ens cache ls` shows both, delete one")
 
 
-def run_ensemble(project: Project, spec: str, overrides: list[str] = (), progress=None,
-                 on_member=lambda outcome: None) -> RunResult:
-    start = time.perf_counter()
+@dataclass
+class Gathered:
+    """An ensemble's members with their cache entries (trained where missing)."""
+
+    path: Path
+    ensemble: Ensemble
+    competition: Competition
+    data: CompetitionData
+    outcomes: list[MemberOutcome]
+    missing: list[Member] = field(default_factory=list)  # not cached, not trained (cached_only)
+    damaged: list = field(default_factory=list)
+
+
+def gather_members(project: Project, spec: str, overrides: list[str] = (), progress=None,
+                   on_member=lambda outcome: None, cached_only: bool = False) -> Gathered:
+    """Each member's cache entry, training the ones that are missing (unless `cached_only`)."""
     path, ens, comp = check_ensemble(project, spec, list(overrides))
     data = load_data(project, comp)
     cache = MemberCache(project.cache, comp.name)
     cache.sweep()
-    outcomes = []
+    outcomes, missing = [], []
     task = progress.add_task("members", total=len(ens.members)) if progress is not None else None
     for member in ens.members:
         key = member_key(member, data.fingerprint)
         if progress is not None:
             progress.update(task, description=f"member {member.name} ({member.arch})")
         entry = cache.load(key)
+        if entry is None and cached_only:
+            missing.append(member)
+            continue
         outcome = MemberOutcome(member, entry, trained=False) if entry else \
             MemberOutcome(member, _train_and_predict(member, data, cache, key, progress), trained=True)
         outcomes.append(outcome)
@@ -137,21 +153,36 @@ def run_ensemble(project: Project, spec: str, overrides: list[str] = (), progres
             progress.advance(task)
     if progress is not None:
         progress.remove_task(task)
+    if outcomes:
+        _check_aligned(outcomes)
+    return Gathered(path, ens, comp, data, outcomes, missing, list(cache.damaged))
 
-    _check_aligned(outcomes)
-    weights = [o.member.weight for o in outcomes]
+
+@dataclass
+class Blend:
+    csv: Path
+    rows: int
+    valid_score: float
+    test_score: float | None
+
+
+def blend_and_submit(project: Project, g: Gathered, outcomes: list[MemberOutcome], weights: list[float],
+                     name: str, probs: str) -> Blend:
+    """The weighted mean of `outcomes`' probabilities → a CSV checked against the sample submission, scored on
+    local answers where the competition has them, and recorded in the history."""
+    comp, data = g.competition, g.data
     targets = outcomes[0].entry.arrays["valid_targets"]
-    valid = ensemble.combine([o.entry.probs("valid", ens.probs) for o in outcomes], weights)
-    test = ensemble.combine([o.entry.probs("test", ens.probs) for o in outcomes], weights)
+    valid = ensemble.combine([o.entry.probs("valid", probs) for o in outcomes], weights)
+    test = ensemble.combine([o.entry.probs("test", probs) for o in outcomes], weights)
     valid_score = ensemble.score(comp.metric, valid, targets)
 
     out_dir = project.submissions / comp.name
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    csv_path = out_dir / f"{stamp}-{path.stem}.csv"
+    csv_path = out_dir / f"{stamp}-{name}.csv"
     for n in range(2, 1000):  # two runs in one second must not overwrite each other's file
         if not csv_path.exists():
             break
-        csv_path = out_dir / f"{stamp}-{path.stem}-{n}.csv"
+        csv_path = out_dir / f"{stamp}-{name}-{n}.csv"
     sample = data.root / comp.sample_submission
     submission.write_submission(csv_path, comp, sample, data.test_ids, test, data.vocab)
     rows = submission.check_submission(csv_path, sample, comp, data.vocab)
@@ -160,14 +191,24 @@ def run_ensemble(project: Project, spec: str, overrides: list[str] = (), progres
         solution = data.root / comp.solution
         test_score = submission.score_submission(csv_path, solution, comp)
         for o in outcomes:
-            labels = np.asarray(data.vocab)[o.entry.probs("test", ens.probs).argmax(1)]
+            labels = np.asarray(data.vocab)[o.entry.probs("test", probs).argmax(1)]
             o.test_score = submission.score_labels(data.test_ids, list(labels), solution, comp)
     submission.append_history(
-        out_dir / "history.csv", ensemble=project.relative(path),
-        members=json.dumps([o.member.name for o in outcomes]), keys=json.dumps([o.entry.key for o in outcomes]),
+        out_dir / "history.csv", ensemble=project.relative(g.path),
+        members=json.dumps({o.member.name: w for o, w in zip(outcomes, weights)}),
+        keys=json.dumps([o.entry.key for o in outcomes]),
         metric=comp.metric, valid_score=f"{valid_score:.6f}", file=project.relative(csv_path),
         sha256=submission.file_sha256(csv_path),
         destination="local answers" if test_score is not None else "not submitted: no Kaggle upload yet",
         status="scored" if test_score is not None else "", score="" if test_score is None else f"{test_score:.6f}")
-    return RunResult(path, ens, comp, outcomes, comp.metric, valid_score, csv_path, rows, test_score,
-                     damaged=list(cache.damaged), seconds=time.perf_counter() - start)
+    return Blend(csv_path, rows, valid_score, test_score)
+
+
+def run_ensemble(project: Project, spec: str, overrides: list[str] = (), progress=None,
+                 on_member=lambda outcome: None) -> RunResult:
+    start = time.perf_counter()
+    g = gather_members(project, spec, overrides, progress, on_member)
+    blend = blend_and_submit(project, g, g.outcomes, [o.member.weight for o in g.outcomes], g.path.stem,
+                             g.ensemble.probs)
+    return RunResult(g.path, g.ensemble, g.competition, g.outcomes, g.competition.metric, blend.valid_score,
+                     blend.csv, blend.rows, blend.test_score, damaged=g.damaged, seconds=time.perf_counter() - start)

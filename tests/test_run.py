@@ -37,7 +37,7 @@ def test_second_run_trains_nothing_and_writes_the_same_csv(tiny_run):
     assert second.csv != first.csv and second.csv.read_bytes() == first.csv.read_bytes()
     rows = _history(root)
     assert len(rows) >= 2 and rows[-1]["file"] == f"submissions/digits/{second.csv.name}"
-    assert json.loads(rows[-1]["members"]) == ["convnext", "effnet", "resnet"]
+    assert json.loads(rows[-1]["members"]) == {"convnext": 1.0, "effnet": 1.0, "resnet": 1.0}  # name: weight
     assert rows[-1]["destination"] == "local answers" and float(rows[-1]["score"]) == pytest.approx(second.test_score)
 
 
