@@ -39,16 +39,31 @@ def _project(root: Optional[Path]) -> Project:
 
 @app.command()
 def run(ensemble: str = typer.Argument(..., help="ensembles/<competition>/<name>.yaml, or e.g. digits/final.yaml"),
-        overrides: Optional[List[str]] = OverridesArg, project: Optional[Path] = ProjectOpt):
-    """Train what is not cached, average the members, write and check the submission.
+        overrides: Optional[List[str]] = OverridesArg,
+        no_submit: bool = typer.Option(False, "--no-submit", help="do not upload to Kaggle"),
+        no_wait: bool = typer.Option(False, "--no-wait", help="upload, but do not wait for the public score"),
+        force: bool = typer.Option(False, "--force", help="upload even a CSV identical to one already submitted"),
+        project: Optional[Path] = ProjectOpt):
+    """Train what is not cached, average the members, write and check the submission, and upload it to Kaggle
+    when the competition has a slug (then wait for its public score).
 
     Example: ens run digits/final.yaml defaults.epochs=1 members.vit.lr=0.005
     """
     from .run import run_ensemble
 
     proj = _project(project)
-    result = _with_progress(lambda progress, report: run_ensemble(proj, ensemble, overrides or [], progress, report))
+    result = _with_progress(lambda progress, report: run_ensemble(
+        proj, ensemble, overrides or [], progress, report, not no_submit, not no_wait, force))
     _print_run(result, proj)
+    _print_delivery(result.delivery)
+
+
+def _print_delivery(delivery) -> None:
+    """The Kaggle outcome: a note, or the one-line error and a non-zero exit (the CSV and its history stay)."""
+    if delivery.note:
+        console.print(f"kaggle: {escape(delivery.note)}", highlight=False, soft_wrap=True)
+    if delivery.error:
+        raise EnsError(delivery.error)
 
 
 def _with_progress(work):
@@ -104,7 +119,8 @@ def ablate(ensemble: str = typer.Argument(..., help="the ensemble YAML"),
            rounds: int = typer.Option(25, "--rounds", help="greedy selection rounds"),
            pick: str = typer.Option("greedy", "--pick", help="what --write/--submit use: greedy (weights) or subset (the best)"),
            write: Optional[Path] = typer.Option(None, "--write", help="write the chosen members and weights as an ensemble YAML"),
-           submit: bool = typer.Option(False, "--submit", help="write, check and record the chosen blend's submission"),
+           submit: bool = typer.Option(False, "--submit", help="write, check, record (and upload, as `ens run` does) the chosen blend's submission"),
+           force: bool = typer.Option(False, "--force", help="with --submit: upload even a CSV already submitted"),
            project: Optional[Path] = ProjectOpt):
     """What does each member add? Scores from the cached validation probabilities: each member alone, the ensemble
     without each, every subset, greedy selection with weights, and how alike the members' errors are.
@@ -128,10 +144,12 @@ def ablate(ensemble: str = typer.Argument(..., help="the ensemble YAML"),
         console.print(f"wrote {proj.relative(dest)}")
     if submit:
         chosen, weights = result.pick(pick)
-        blend = blend_and_submit(proj, result.gathered, chosen, weights, f"{result.gathered.path.stem}-{pick}", result.probs)
+        blend = blend_and_submit(proj, result.gathered, chosen, weights, f"{result.gathered.path.stem}-{pick}",
+                                 result.probs, force=force)
         console.print(f"submission: {proj.relative(blend.csv)} ({blend.rows} rows, checked against the sample); "
                       f"valid {result.metric} {blend.valid_score:.4f}"
                       + (f", test {blend.test_score:.4f}" if blend.test_score is not None else ""))
+        _print_delivery(blend.delivery)
 
 
 def _delta(value: float, reference: float) -> str:
@@ -232,6 +250,68 @@ def check(csv: Path = typer.Argument(..., help="a submission CSV"),
     console.print(f"{csv}: ok ({rows} rows)")
     if comp.solution:
         console.print(f"{comp.metric} on the local answers: {score_submission(csv, root / comp.solution, comp):.4f}")
+
+
+@app.command()
+def submit(csv: Path = typer.Argument(..., help="the submission CSV"),
+           competition: str = typer.Option(..., "--competition", "-c", help="the competition it is for"),
+           message: str = typer.Option(..., "--message", "-m", help="the submission's description on Kaggle"),
+           force: bool = typer.Option(False, "--force", help="upload even a CSV identical to one already submitted"),
+           no_wait: bool = typer.Option(False, "--no-wait", help="do not wait for the public score"),
+           project: Optional[Path] = ProjectOpt):
+    """Submit a CSV by hand: checked against the sample submission first, recorded in the history.
+
+    Example: ens submit submissions/paddy/20261127-120000-final.csv -c paddy -m "final, retry"
+    """
+    from .config import load_competition
+    from .data import ensure_data, list_train
+    from .submission import append_history, check_submission, deliver_to_kaggle, file_sha256
+
+    proj = _project(project)
+    comp = load_competition(proj, competition)
+    if not comp.kaggle:
+        raise EnsError(f"competitions/{comp.name}.yaml has no kaggle slug; add `kaggle: <slug>` to submit there")
+    if not csv.is_file():
+        raise EnsError(f"{csv}: no such file")
+    root = ensure_data(proj, comp)
+    rows = check_submission(csv, root / comp.sample_submission, comp, sorted(set(list_train(comp, root)[1])))
+    history = proj.submissions / comp.name / "history.csv"
+    shown = proj.relative(csv)
+    delivery = deliver_to_kaggle(comp, csv, shown, message, history, force, not no_wait)
+    if delivery.destination.startswith("not submitted: identical") and not force:
+        delivery.error = delivery.note  # asked by hand to submit: refusing is a failure, not a notice
+        delivery.note = ""
+    append_history(history, ensemble="(by hand)", file=shown, sha256=file_sha256(csv), destination=delivery.destination,
+                   ref=delivery.ref, status=delivery.status, score=delivery.score, message=message, metric=comp.metric)
+    console.print(f"{shown}: checked ({rows} rows)")
+    _print_delivery(delivery)
+
+
+@app.command()
+def submissions(competition: str = typer.Argument(..., help="a competition name"),
+                project: Optional[Path] = ProjectOpt):
+    """The submission history of a competition, pending Kaggle scores refreshed first."""
+    from .config import load_competition
+    from .submission import refresh_history
+
+    proj = _project(project)
+    comp = load_competition(proj, competition)
+    rows, warning = refresh_history(comp, proj.submissions / comp.name / "history.csv")
+    if warning:
+        err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
+    if not rows:
+        console.print(f"no submissions to {comp.name} yet")
+        return
+    table = Table(title=f"submissions/{comp.name}/history.csv")
+    for col in ("time", "ensemble", "valid", "file", "destination", "ref", "status", "score"):
+        table.add_column(col, justify="right" if col in ("valid", "score") else "left",
+                         no_wrap=col in ("time", "file", "ref"))
+    for r in rows:
+        valid = f"{float(r['valid_score']):.4f}" if r.get("valid_score") else ""
+        score = f"{float(r['score']):.5f}" if r.get("score") else ""
+        table.add_row(r["time"][:16].replace("T", " "), r.get("ensemble", ""), valid, Path(r["file"]).name,
+                      r.get("destination", ""), r.get("ref", ""), r.get("status", ""), score)
+    console.print(table)
 
 
 @cache_app.command("ls")

@@ -132,6 +132,14 @@ class ItemResize(Strict):
     method: Literal["squish", "crop", "pad"] = "squish"
 
 
+class Prepare(Strict):
+    """A resized copy of the images, built once in the cache: on machines with few CPU cores, decoding and
+    resizing full-size JPEGs every epoch makes training CPU-bound (Road to the Top: Kaggle's 2 vCPUs)."""
+
+    max_size: int = Field(ge=8)  # the longer side, in pixels (fastai's resize_images)
+    quality: int = Field(90, ge=1, le=100)  # JPEG quality of the copies
+
+
 class TTA(Strict):
     n: int = Field(4, ge=0)  # augmented passes; the plain pass is always made too
     beta: float = Field(0.25, ge=0, le=1)  # weight of the plain pass in the TTA blend (fastai's meaning)
@@ -149,6 +157,7 @@ class Member(Strict):
     lr: float = Field(2e-3, gt=0)
     batch_size: int = Field(64, ge=1)
     resize: ItemResize = ItemResize()
+    prepare: Optional[Prepare] = None  # read a resized copy of the data instead of the originals
     aug_transforms: Optional[AugTransforms] = AugTransforms()
     stages: Optional[list[tuple[Size, int]]] = None  # progressive resizing: [[size, epochs], ...], one schedule
     freeze_epochs: int = Field(1, ge=0)  # fine_tune's frozen epochs (pretrained bodies only)
@@ -168,6 +177,16 @@ class Member(Strict):
         if v is not None and any(e < 1 for _, e in v):
             raise ValueError("every stage needs at least one epoch")
         return v
+
+    @model_validator(mode="after")
+    def _prepared_copy_large_enough(self):
+        if self.prepare:
+            sizes = [self.resize.size] if self.resize.size else [s for s, _ in self.stage_plan]
+            largest = max(max(s) if isinstance(s, tuple) else s for s in sizes)
+            if largest > self.prepare.max_size:
+                raise ValueError(f"prepare.max_size {self.prepare.max_size} is below the size {largest} the member "
+                                 "reads: the copy would be upscaled; raise max_size or drop prepare")
+        return self
 
     @property
     def stage_plan(self) -> list[tuple[Size, int]]:
@@ -302,9 +321,17 @@ def deep_merge(base: dict, over: dict) -> dict:
 
 
 def apply_overrides(raw: dict, overrides: list[str], source: str = "command line") -> dict:
-    """`a.b=value` (value parsed as YAML) set into `raw`; `members.NAME.field=value` targets one member by name."""
+    """`a.b=value` (value parsed as YAML) set into `raw`; `members.NAME.field=value` targets one member by name,
+    `members.*.field=value` every member (their own values included, which `defaults.field` would not beat)."""
     raw = deep_merge(raw, {})
+    expanded = []
     for item in overrides:
+        if item.startswith("members.*."):
+            names = [m.get("name", i) for i, m in enumerate(raw.get("members") or []) if isinstance(m, dict)]
+            expanded += [f"members.{n}.{item[len('members.*.'):]}" for n in names]
+        else:
+            expanded.append(item)
+    for item in expanded:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"{source}: '{item}': an override is key=value, e.g. defaults.epochs=1 or members.NAME.lr=0.01")

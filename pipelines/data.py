@@ -11,7 +11,8 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .config import Competition, Project
@@ -101,9 +102,10 @@ def ensure_data(project: Project, comp: Competition) -> Path:
         if comp.builtin:
             BUILDERS[comp.builtin](root)
         elif comp.kaggle:
-            raise ConfigError(f"competitions/{comp.name}.yaml: data folder {project.relative(root)} is missing; "
-                              f"download it (`kaggle competitions download -c {comp.kaggle}`) and unzip it there, "
-                              "or set data_dir")
+            from . import kaggle
+
+            print(f"downloading {comp.kaggle} from Kaggle into {project.relative(root)} ...", file=sys.stderr, flush=True)
+            kaggle.download(comp.kaggle, root)
         else:
             raise ConfigError(f"competitions/{comp.name}.yaml: data folder {project.relative(root)} is missing; "
                               "put the competition's files there or set data_dir")
@@ -207,6 +209,31 @@ def load_data(project: Project, comp: Competition) -> CompetitionData:
     files = paths + test + ([comp.train.csv] if comp.train.layout == "csv" else [])
     fp = content_fingerprint(root, files, extra, project.cache / "fingerprints" / f"{comp.name}.json")
     return CompetitionData(comp, root, paths, labels, valid, test, fp)
+
+
+# --------------------------------------------------------------------------------------------- prepared copies
+def prepare_data(data: CompetitionData, prepare, cache_root: Path) -> CompetitionData:
+    """The same competition read from a copy whose images are shrunk so that the longer side is at most
+    `prepare.max_size` (smaller ones are copied as they are), built once in parallel in
+    cache/prepared/<competition>/<settings and data hash>/ and renamed into place when complete."""
+    key = hashlib.sha256(json.dumps([data.fingerprint, prepare.model_dump()], sort_keys=True).encode()).hexdigest()[:16]
+    dest = cache_root / "prepared" / data.competition.name / f"max{prepare.max_size}-{key}"
+    if not dest.is_dir():
+        from fastai.vision.utils import resize_image
+        from fastcore.parallel import parallel
+
+        tmp = dest.with_name(dest.name + f".building-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        files = [Path(p) for p in data.train_paths + data.test_paths]
+        parallel(resize_image, files, src=data.root, dest=tmp, max_size=prepare.max_size, quality=prepare.quality,
+                 n_workers=os.cpu_count() or 1, progress=False)
+        unreadable = [str(f) for f in files if not (tmp / f).is_file()]
+        if unreadable:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise EnsError(f"{len(unreadable)} images could not be read, first {data.root / unreadable[0]}; "
+                           "remove or replace them")
+        tmp.rename(dest)
+    return replace(data, root=dest)
 
 
 # --------------------------------------------------------------------------------------------- DataLoaders

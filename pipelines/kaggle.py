@@ -40,6 +40,7 @@ CREDENTIALS_HELP = ("save your API token as ~/.kaggle/kaggle.json ({\"username\"
 DOWNLOAD_TIMEOUT = 120.0  # seconds without a new downloaded byte (a big download may take longer in all)
 SUBMIT_TIMEOUT = 300.0    # seconds for the whole submission (start, upload, create)
 CALL_TIMEOUT = 60.0       # seconds for a listing or a limits call
+# $ENS_KAGGLE_TIMEOUT caps all three (see _call)
 
 _SLUG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 _PARTIAL = ".partial-"    # marks temporary siblings: .<name>.partial-<pid>-<random>
@@ -84,7 +85,7 @@ def download(slug: str, dest: Path, timeout: float = DOWNLOAD_TIMEOUT, force: bo
             raise KaggleError(f"Kaggle's download of '{slug}' gave {len(zips)} files instead of one zip archive; "
                               "retry, or download it from the competition's data page",
                               f"download gave {len(zips)} files")
-        return safe_extract(zips[0], dest)
+        return _extract(zips[0], dest, f"Kaggle's data archive of '{slug}'")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -95,20 +96,25 @@ def safe_extract(zip_path: Path, dest: Path) -> Path:
     Every entry is checked before anything is written: an absolute path, a drive letter, a `..` component, a
     symlink or a special file (device, fifo) rejects the archive with a KaggleError and nothing is extracted.
     Extraction goes to a temporary sibling renamed into place at the end, so `dest` is never half-extracted."""
-    zip_path, dest = Path(zip_path), Path(dest)
+    return _extract(Path(zip_path), Path(dest), str(zip_path))
+
+
+def _extract(zip_path: Path, dest: Path, label: str) -> Path:
+    """safe_extract, naming the archive `label` in errors."""
     try:
         archive = zipfile.ZipFile(zip_path)
     except (zipfile.BadZipFile, OSError) as e:
-        raise KaggleError(f"{zip_path}: not a readable zip archive ({type(e).__name__}); download it again",
+        raise KaggleError(f"{label} is not a readable zip archive ({type(e).__name__}); download it again",
                           "bad zip archive") from None
     with archive:
         for info in archive.infolist():
             problem = _unsafe_entry(info)
             if problem:
-                raise KaggleError(f"{zip_path}: entry '{info.filename}' {problem}; the archive was rejected and "
-                                  f"nothing was extracted into {dest} (get the data from the competition's page)",
+                raise KaggleError(f"{label}: entry '{info.filename}' {problem}; the archive was rejected and "
+                                  f"nothing was extracted into {dest} (download the data from the competition's page)",
                                   f"unsafe archive entry '{info.filename}': {problem}")
         dest.parent.mkdir(parents=True, exist_ok=True)
+        _sweep_partials(dest)
         tmp = _partial_path(dest, "unzip")
         try:
             tmp.mkdir()
@@ -116,7 +122,7 @@ def safe_extract(zip_path: Path, dest: Path) -> Path:
             for info in archive.infolist():
                 target = root.joinpath(*_parts(info.filename))
                 if not target.resolve().is_relative_to(root):  # belt and braces after _unsafe_entry
-                    raise KaggleError(f"{zip_path}: entry '{info.filename}' would land outside {dest}; the archive "
+                    raise KaggleError(f"{label}: entry '{info.filename}' would land outside {dest}; the archive "
                                       "was rejected", f"unsafe archive entry '{info.filename}'")
                 if info.is_dir():
                     target.mkdir(parents=True, exist_ok=True)
@@ -131,7 +137,7 @@ def safe_extract(zip_path: Path, dest: Path) -> Path:
         except (OSError, zipfile.BadZipFile, EOFError, RuntimeError) as e:  # disk full, corrupt member, CRC error
             shutil.rmtree(tmp, ignore_errors=True)
             detail = getattr(e, "strerror", None) or (str(e).splitlines() or [type(e).__name__])[0]
-            raise KaggleError(f"{zip_path}: extraction failed ({detail}); nothing was left in {dest}: free space "
+            raise KaggleError(f"{label}: extraction failed ({detail}); {dest} was left as it was: free disk space "
                               "or download again", f"extraction failed: {detail}") from None
     return dest
 
@@ -299,7 +305,10 @@ def _dir_size(folder: Path) -> int:
 
 def _call(op: str, args: dict, timeout: float, doing: str, slug: str, progress_dir: Path | None = None):
     """Run `op` in a child process with the real client; its result, or a KaggleError. Without `progress_dir` the
-    child is killed `timeout` s after it started; with it, after `timeout` s without the folder growing."""
+    child is killed `timeout` s after it started; with it, after `timeout` s without the folder growing.
+    $ENS_KAGGLE_TIMEOUT (seconds), when set, caps every such limit."""
+    if os.environ.get("ENS_KAGGLE_TIMEOUT"):
+        timeout = min(timeout, float(os.environ["ENS_KAGGLE_TIMEOUT"]))
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r}); "
             "from pipelines.kaggle import _child_main; _child_main()")
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
@@ -349,9 +358,9 @@ def _error(info: dict, doing: str, slug: str, timeout: float) -> KaggleError:
         return KaggleError(f"the upload failed while {doing} (Kaggle's storage refused the file): nothing was "
                            "submitted; retry later", "upload failed: nothing submitted", transient=True)
     if kind == "connection":
-        return KaggleError(f"cannot reach Kaggle while {doing} ({info.get('detail') or 'connection failed'}): check "
-                           "the network or proxy and retry", f"unreachable: {info.get('detail') or 'connection failed'}",
-                           transient=True)
+        detail = info.get("detail") or "connection failed"
+        return KaggleError(f"cannot reach Kaggle while {doing} ({detail}): check the network or proxy and retry",
+                           f"unreachable: {detail}", transient=True)
     if kind == "timeout":
         return KaggleError(f"no answer from Kaggle within {timeout:g} s while {doing}: retry later",
                            f"timeout: no answer within {timeout:g} s", transient=True)

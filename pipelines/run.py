@@ -42,6 +42,7 @@ class RunResult:
     csv: Path
     rows: int
     test_score: float | None
+    delivery: submission.Delivery
     damaged: list = field(default_factory=list)
     seconds: float = 0.0
 
@@ -63,9 +64,12 @@ def versions() -> dict:
 
 
 def _train_and_predict(member: Member, data: CompetitionData, cache: MemberCache, key: str, progress) -> Entry:
+    from .data import prepare_data
     from .predict import predict_member
     from .train import train_member
 
+    if member.prepare:
+        data = prepare_data(data, member.prepare, cache.root.parent)
     try:
         trained = train_member(member, data, progress)
     except RuntimeError as e:
@@ -164,12 +168,14 @@ class Blend:
     rows: int
     valid_score: float
     test_score: float | None
+    delivery: submission.Delivery
 
 
 def blend_and_submit(project: Project, g: Gathered, outcomes: list[MemberOutcome], weights: list[float],
-                     name: str, probs: str) -> Blend:
+                     name: str, probs: str, submit: bool = True, wait: bool = True, force: bool = False) -> Blend:
     """The weighted mean of `outcomes`' probabilities → a CSV checked against the sample submission, scored on
-    local answers where the competition has them, and recorded in the history."""
+    local answers where the competition has them, uploaded to Kaggle where it has a slug (unless `submit` is
+    off), and recorded in the history. A failed upload is recorded and returned, not raised: the CSV stays."""
     comp, data = g.competition, g.data
     targets = outcomes[0].entry.arrays["valid_targets"]
     valid = ensemble.combine([o.entry.probs("valid", probs) for o in outcomes], weights)
@@ -193,22 +199,34 @@ def blend_and_submit(project: Project, g: Gathered, outcomes: list[MemberOutcome
         for o in outcomes:
             labels = np.asarray(data.vocab)[o.entry.probs("test", probs).argmax(1)]
             o.test_score = submission.score_labels(data.test_ids, list(labels), solution, comp)
+    history = out_dir / "history.csv"
+    shown = project.relative(csv_path)
+    members = ", ".join(o.member.name + (f"×{w:g}" if w != 1 else "") for o, w in zip(outcomes, weights))
+    message = f"ens {project.relative(g.path)}: {members}; valid {comp.metric} {valid_score:.4f}"[:500]
+    if comp.kaggle and submit:
+        delivery = submission.deliver_to_kaggle(comp, csv_path, shown, message, history, force, wait)
+    elif comp.kaggle:
+        delivery = submission.Delivery("not submitted: --no-submit", note="not uploaded (--no-submit); later: "
+                                       + submission.retry_command(shown, comp.name, message))
+    elif test_score is not None:
+        delivery = submission.Delivery("local answers", status="scored", score=f"{test_score:.6f}")
+    else:
+        delivery = submission.Delivery("not submitted: the competition has no kaggle slug")
     submission.append_history(
-        out_dir / "history.csv", ensemble=project.relative(g.path),
+        history, ensemble=project.relative(g.path),
         members=json.dumps({o.member.name: w for o, w in zip(outcomes, weights)}),
-        keys=json.dumps([o.entry.key for o in outcomes]),
-        metric=comp.metric, valid_score=f"{valid_score:.6f}", file=project.relative(csv_path),
-        sha256=submission.file_sha256(csv_path),
-        destination="local answers" if test_score is not None else "not submitted: no Kaggle upload yet",
-        status="scored" if test_score is not None else "", score="" if test_score is None else f"{test_score:.6f}")
-    return Blend(csv_path, rows, valid_score, test_score)
+        keys=json.dumps([o.entry.key for o in outcomes]), metric=comp.metric, valid_score=f"{valid_score:.6f}",
+        file=shown, sha256=submission.file_sha256(csv_path), destination=delivery.destination, ref=delivery.ref,
+        status=delivery.status, score=delivery.score, message=message)
+    return Blend(csv_path, rows, valid_score, test_score, delivery)
 
 
 def run_ensemble(project: Project, spec: str, overrides: list[str] = (), progress=None,
-                 on_member=lambda outcome: None) -> RunResult:
+                 on_member=lambda outcome: None, submit: bool = True, wait: bool = True, force: bool = False) -> RunResult:
     start = time.perf_counter()
     g = gather_members(project, spec, overrides, progress, on_member)
     blend = blend_and_submit(project, g, g.outcomes, [o.member.weight for o in g.outcomes], g.path.stem,
-                             g.ensemble.probs)
+                             g.ensemble.probs, submit, wait, force)
     return RunResult(g.path, g.ensemble, g.competition, g.outcomes, g.competition.metric, blend.valid_score,
-                     blend.csv, blend.rows, blend.test_score, damaged=g.damaged, seconds=time.perf_counter() - start)
+                     blend.csv, blend.rows, blend.test_score, blend.delivery, damaged=g.damaged,
+                     seconds=time.perf_counter() - start)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import shlex
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from .config import Competition
 from .errors import EnsError
 
 HISTORY_COLUMNS = ["time", "ensemble", "members", "keys", "metric", "valid_score", "file", "sha256",
-                   "destination", "status", "score"]
+                   "destination", "ref", "status", "score", "message"]
 
 
 class SubmissionError(EnsError):
@@ -49,7 +51,7 @@ def write_submission(path: Path, comp: Competition, sample_path: Path, test_ids:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".csv.tmp")
     with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=_columns(sample_path))
+        writer = csv.DictWriter(f, fieldnames=_columns(sample_path), lineterminator="\n")
         writer.writeheader()
         for row in sample:
             writer.writerow(dict(row, **{comp.target_column: labels[index[row[comp.id_column]]]}))
@@ -107,15 +109,102 @@ def file_sha256(path: Path) -> str:
 
 
 def append_history(history: Path, **row) -> None:
-    history.parent.mkdir(parents=True, exist_ok=True)
-    new = not history.exists()
+    rows = read_history(history)
     row.setdefault("time", datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    with open(history, "a", newline="") as f:
+    write_history(history, rows + [row])
+
+
+def write_history(history: Path, rows: list[dict]) -> None:
+    """Rewrite the whole history atomically (rows refreshed from Kaggle; older files with fewer columns)."""
+    history.parent.mkdir(parents=True, exist_ok=True)
+    tmp = history.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=HISTORY_COLUMNS)
-        if new:
-            writer.writeheader()
-        writer.writerow({k: row.get(k, "") for k in HISTORY_COLUMNS})
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row.get(k) or "" for k in HISTORY_COLUMNS})
+    tmp.replace(history)
 
 
 def read_history(history: Path) -> list[dict]:
     return _read(history, "history") if history.exists() else []
+
+
+# --------------------------------------------------------------------------------------------- Kaggle
+@dataclass
+class Delivery:
+    """Where a CSV went: the history row's destination/ref/status/score, and for the user a note or an error."""
+
+    destination: str
+    ref: str = ""
+    status: str = ""
+    score: str = ""
+    note: str = ""  # one line worth telling the user
+    error: str = ""  # one line when it failed: nothing reached Kaggle, the command must exit non-zero
+
+
+def retry_command(csv_path: Path, competition: str, message: str) -> str:
+    return f"ens submit {csv_path} --competition {competition} -m {shlex.quote(message)}"
+
+
+def already_submitted(history: Path, sha256: str) -> dict | None:
+    """The history row of an earlier upload of the same bytes (one that Kaggle did not reject)."""
+    for row in reversed(read_history(history)):
+        if row.get("sha256") == sha256 and row.get("destination") == "kaggle" and row.get("status") != "error":
+            return row
+    return None
+
+
+def deliver_to_kaggle(comp: Competition, csv_path: Path, shown: str, message: str, history: Path, force: bool = False,
+                      wait: bool = True, wait_seconds: float = 600) -> Delivery:
+    """Upload a checked CSV, unless it would waste the quota: no submissions left today, or the same bytes were
+    already uploaded (unless `force`). Then, unless `wait` is off, poll (bounded, with back-off) for its score."""
+    from . import kaggle
+
+    retry = retry_command(shown, comp.name, message)
+    twin = already_submitted(history, file_sha256(csv_path))
+    if twin and not force:
+        return Delivery(f"not submitted: identical to {twin['file']} (ref {twin['ref']})",
+                        note=f"not uploaded: identical to {twin['file']}, already submitted as ref {twin['ref']} "
+                             f"({twin['status'] or 'pending'} {twin['score']}); add --force to upload it again")
+    try:
+        left = kaggle.remaining_submissions(comp.kaggle)
+        if left == 0:
+            raise kaggle.KaggleError(f"no submissions to '{comp.kaggle}' left today; Kaggle's quota resets at midnight UTC",
+                                     "no submissions left today")
+        ref = kaggle.submit(comp.kaggle, csv_path, message)
+    except kaggle.KaggleError as e:
+        return Delivery(f"not submitted: {e.reason}", error=f"{e}; the CSV is kept — retry: {retry}")
+    if not wait:
+        return Delivery("kaggle", ref, "pending", note=f"submitted as ref {ref}; `ens submissions {comp.name}` shows its score")
+    try:
+        found = kaggle.wait_for_score(comp.kaggle, ref, total_timeout=wait_seconds)
+    except kaggle.KaggleError as e:
+        return Delivery("kaggle", ref, "pending", note=f"submitted as ref {ref}, not scored yet ({e.reason}); "
+                                                         f"`ens submissions {comp.name}` refreshes it")
+    score = "" if found.get("public_score") is None else f"{found['public_score']:.6f}"
+    if found["status"] == "error":
+        return Delivery("kaggle", ref, "error", error=f"Kaggle could not score ref {ref}: "
+                                                      f"{found.get('error_description') or 'no reason given'}")
+    return Delivery("kaggle", ref, found["status"], score, note=f"submitted as ref {ref}: public score {score}")
+
+
+def refresh_history(comp: Competition, history: Path) -> tuple[list[dict], str]:
+    """The history with pending Kaggle rows updated from Kaggle's list of submissions; and a warning, if any."""
+    rows = read_history(history)
+    pending = [r for r in rows if r.get("destination") == "kaggle" and r.get("status") == "pending"]
+    if not pending or not comp.kaggle:
+        return rows, ""
+    from . import kaggle
+
+    try:
+        listed = {s["ref"]: s for s in kaggle.list_submissions(comp.kaggle)}
+    except kaggle.KaggleError as e:
+        return rows, f"could not refresh pending scores: {e}"
+    for row in pending:
+        found = listed.get(row.get("ref"))
+        if found:
+            row["status"] = found["status"]
+            row["score"] = "" if found.get("public_score") is None else f"{found['public_score']:.6f}"
+    write_history(history, rows)
+    return rows, ""

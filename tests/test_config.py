@@ -35,6 +35,12 @@ def test_overrides_defaults_and_one_member(project):
     assert (a.epochs, b.epochs, a.lr, b.lr, a.tta.n, b.size) == (3, 3, 0.005, 0.1, 0, (24, 32))
 
 
+def test_override_of_every_member_beats_their_own_values(project):
+    (project / "ensembles/digits/base.yaml").write_text(BASE)
+    _, e, _ = load_ensemble(Project(project), "digits/base.yaml", ["members.*.lr=0.3", "members.*.size=8"])
+    assert [(m.lr, m.size) for m in e.members] == [(0.3, 8), (0.3, 8)]
+
+
 def test_override_of_unknown_member_names_the_members():
     with pytest.raises(ConfigError, match="no member named 'zz'; members: a, b"):
         apply_overrides({"members": [{"name": "a"}, {"name": "b"}]}, ["members.zz.lr=1"])

@@ -131,9 +131,17 @@ def test_zip_slip_is_rejected_whole(fake_kaggle, tmp_path, kind):
         K.download(SLUG, dest)
     assert_clean(str(e.value), fake_kaggle)
     assert "rejected" in str(e.value) and "unsafe archive entry" in e.value.reason
+    assert str(e.value).startswith("Kaggle's data archive of 'digits': entry ") and ".partial-" not in str(e.value)
     assert not dest.exists() and siblings(dest.parent) == []  # nothing half-extracted, no partial folder
     assert not (tmp_path / "data" / "evil.txt").exists() and not (tmp_path / "evil.txt").exists()
     assert not (tmp_path / "abs_evil.txt").exists() and siblings(tmp_path / "outside") == []
+
+
+def test_download_of_something_else_than_a_zip(fake_kaggle, tmp_path):
+    fake_kaggle.data_zip = b"<html>not a zip</html>"
+    with pytest.raises(K.KaggleError, match="^Kaggle's data archive of 'digits' is not a readable zip archive"):
+        K.download(SLUG, tmp_path / "data" / SLUG)
+    assert siblings(tmp_path / "data") == []
 
 
 def test_safe_extract_leaves_an_existing_folder_alone_when_refusing(tmp_path):
