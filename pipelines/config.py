@@ -105,6 +105,20 @@ class Competition(Strict):
 
 
 # --------------------------------------------------------------------------------------------- members
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_bytes(text: str) -> int:
+    """'8GiB', '7.5 GB', '8000MiB' → bytes."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMG]i?B|B)?\s*", str(text), re.IGNORECASE)
+    if not m or (m.group(2) or "").upper() not in _UNITS:
+        raise ValueError(f"'{text}' is not a memory size; write e.g. 8GiB or 7.5GB")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
+
+
+
 class AugTransforms(Strict):
     """fastai's `aug_transforms` arguments, with fastai's names and defaults (a test checks they match)."""
 
@@ -168,6 +182,13 @@ class Member(Strict):
     # below: how to run, not what is computed; kept out of the cache key
     num_workers: Optional[int] = Field(None, ge=0)
     keep_model: bool = False
+    gpu_memory: str = "8GiB"  # the memory budget on CUDA: micro-batches and gradient accumulation are fitted to it
+
+    @field_validator("gpu_memory")
+    @classmethod
+    def _memory_size(cls, v):
+        parse_bytes(v)
+        return v
 
     @field_validator("stages")
     @classmethod
@@ -202,7 +223,7 @@ class Member(Strict):
         return sum(e for _, e in self.stage_plan)
 
     # fields that do not change a member's predictions
-    RUN_ONLY: ClassVar[tuple] = ("name", "weight", "num_workers", "keep_model")
+    RUN_ONLY: ClassVar[tuple] = ("name", "weight", "num_workers", "keep_model", "gpu_memory")
 
     def key_fields(self) -> dict[str, Any]:
         """What the cache key hashes: every field that changes the predictions, resolved."""
