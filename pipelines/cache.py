@@ -66,6 +66,10 @@ class MemberCache:
     def path(self, key: str) -> Path:
         return self.root / key
 
+    def partial(self, key: str) -> Path:
+        """Where an unfinished member keeps its per-epoch checkpoint (never read as an entry)."""
+        return self.root / f".partial-{key}"
+
     def _read(self, key: str) -> Entry:
         folder = self.path(key)
         try:

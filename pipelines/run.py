@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -70,8 +71,9 @@ def _train_and_predict(member: Member, data: CompetitionData, cache: MemberCache
 
     if member.prepare:
         data = prepare_data(data, member.prepare, cache.root.parent)
+    partial = cache.partial(key)  # per-epoch checkpoints of an unfinished member: a rerun resumes there
     try:
-        trained = train_member(member, data, progress)
+        trained = train_member(member, data, progress, checkpoint_dir=partial)
     except RuntimeError as e:
         if "input size" in str(e) or "Input image height" in str(e) or "Input height" in str(e):
             raise EnsError(f"member {member.name}: size {member.final_size} is too small or does not fit "
@@ -86,6 +88,8 @@ def _train_and_predict(member: Member, data: CompetitionData, cache: MemberCache
                for kind in ("plain", "tta") for name in ("accuracy", "log_loss")}
     arrays = dict(probs, valid_ids=np.array(data.valid_paths), test_ids=np.array(data.test_ids), vocab=np.array(vocab))
     extra = {}
+    if member.keep_model and (partial / "checkpoint.pth").is_file():
+        extra["checkpoint.pth"] = partial / "checkpoint.pth"
     if member.keep_model:
         import torch
 
@@ -101,12 +105,15 @@ def _train_and_predict(member: Member, data: CompetitionData, cache: MemberCache
         "metrics": metrics,
         "history": trained.history,
         "timings": {"train_seconds": round(trained.seconds, 2), "predict_seconds": round(predict_seconds, 2)},
+        "resumed_at": trained.resumed_at,
         "device": trained.device,
         "precision": trained.precision,
         "versions": versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    return cache.save(key, arrays, meta, extra)
+    entry = cache.save(key, arrays, meta, extra)
+    shutil.rmtree(partial, ignore_errors=True)  # finished: its checkpoints have served
+    return entry
 
 
 def _check_aligned(outcomes: list[MemberOutcome]) -> None:

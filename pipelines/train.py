@@ -3,8 +3,10 @@ stages, mixed precision on CUDA. Cross-cutting behaviour lives in fastai callbac
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .config import Member
 from .data import CompetitionData, dataloaders
@@ -46,15 +48,18 @@ def _callbacks():
             self.learn.dls = self.dls_per_epoch[self.epoch]
 
     class EpochLog(Callback):
-        """Keeps each epoch's losses and metrics (for reports and curves) and drives a rich progress bar."""
+        """Keeps each epoch's losses and metrics (for reports and curves), drives a rich progress bar, and
+        checkpoints every completed epoch (model, optimizer, RNGs) so that an interrupted run resumes there.
+        Epochs before `start_epoch` are being skipped by fastai's SkipToEpoch (a resumed fit): ignored."""
 
         order = 60  # after the Recorder has computed the epoch's log
 
-        def __init__(self, phase, rows, progress=None, task=None, size_of=None):
-            self.phase, self.rows, self.progress, self.task, self.size_of = phase, rows, progress, task, size_of
+        def __init__(self, phase, rows, start_epoch, save, progress=None, task=None, size_of=None):
+            self.phase, self.rows, self.start_epoch, self.save = phase, rows, start_epoch, save
+            self.progress, self.task, self.size_of = progress, task, size_of
 
         def before_epoch(self):
-            if self.progress is not None:
+            if self.progress is not None and self.epoch >= self.start_epoch:
                 self.progress.reset(self.task, total=len(self.dls.train), completed=0,
                                     description=f"  {self.phase} epoch {self.epoch + 1}/{self.n_epoch}")
 
@@ -63,10 +68,13 @@ def _callbacks():
                 self.progress.advance(self.task)
 
         def after_epoch(self):
+            if self.epoch < self.start_epoch:
+                return
             names = self.recorder.metric_names[1:-1]  # without 'epoch' and 'time'
             row = {"phase": self.phase, "epoch": self.epoch, **{n: _float(v) for n, v in zip(names, self.recorder.log[1:-1])}}
             row["size"] = self.size_of(self.epoch) if self.size_of else None
             self.rows.append(row)
+            self.save(self.phase, self.epoch + 1)
 
     return ProgressiveResize, EpochLog
 
@@ -85,10 +93,56 @@ class Trained:
     precision: str = "fp32"
     device: str = "cpu"
     seconds: float = 0.0
+    resumed_at: str | None = None  # where an interrupted run was picked up
 
 
-def train_member(member: Member, data: CompetitionData, progress=None) -> Trained:
-    """Train `member` on the competition's fixed split and return its Learner (DataLoaders at the final size)."""
+def _rng_state(stage_dls: dict) -> dict:
+    import random
+
+    import numpy as np
+    import torch
+
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+            "dls": {k: (d.train.rng.getstate(), d.valid.rng.getstate()) for k, d in stage_dls.items()}}
+
+
+def _set_rng_state(state: dict, stage_dls: dict) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    for k, (train, valid) in state["dls"].items():
+        stage_dls[k].train.rng.setstate(train)
+        stage_dls[k].valid.rng.setstate(valid)
+
+
+def load_checkpoint(folder: Path | None) -> dict | None:
+    """The last completed epoch of an interrupted run, or None (a damaged file counts as none)."""
+    import torch
+
+    path = folder / CHECKPOINT if folder else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception:  # a file cut short by a crash: start over rather than fail
+        return None
+
+
+CHECKPOINT = "checkpoint.pth"
+
+
+def train_member(member: Member, data: CompetitionData, progress=None, checkpoint_dir: Path | None = None) -> Trained:
+    """Train `member` on the competition's fixed split and return its Learner (DataLoaders at the final size).
+
+    With `checkpoint_dir`, every completed epoch is saved there (model, optimizer, RNG states, history), and a
+    checkpoint found there is resumed from: the fit restarts at the next epoch with the learning-rate schedule
+    where it was (fastai's `start_epoch`), reaching what an uninterrupted run reaches."""
+    import torch
     from fastai.callback.progress import ProgressCallback
     from fastai.vision.all import Normalize, accuracy, noop, set_seed
 
@@ -114,21 +168,50 @@ def train_member(member: Member, data: CompetitionData, progress=None) -> Traine
     ProgressiveResize, EpochLog = _callbacks()
     size_per_epoch = [s for s, e in member.stage_plan for _ in range(e)]
     resize = ProgressiveResize([stage_dls[str(s)] for s in size_per_epoch])
-    history: list = []
-    task = progress.add_task("  epoch", total=None) if progress is not None else None
-    log = lambda phase, size_of: EpochLog(phase, history, progress, task, size_of)  # noqa: E731
+    base = member.lr / 2
+    # fastai's fine_tune, spelled out: progressive resizing joins only the unfrozen fit, and each phase resumes
+    phases = [("train", member.total_epochs, dict(lr_max=member.lr), [resize], size_per_epoch.__getitem__)]
     if member.pretrained and member.freeze_epochs:
-        # fastai's fine_tune, spelled out so that progressive resizing joins only the unfrozen fit
-        learn.freeze()
-        learn.fit_one_cycle(member.freeze_epochs, slice(member.lr), pct_start=0.99,
-                            cbs=[log("frozen", lambda e: sizes[0])])
-        learn.unfreeze()
-        base = member.lr / 2
-        learn.fit_one_cycle(member.total_epochs, slice(base / 100, base), pct_start=0.3, div=5.0,
-                            cbs=[resize, log("train", size_per_epoch.__getitem__)])
-    else:
-        learn.fit_one_cycle(member.total_epochs, member.lr, cbs=[resize, log("train", size_per_epoch.__getitem__)])
+        phases = [("frozen", member.freeze_epochs, dict(lr_max=slice(member.lr), pct_start=0.99), [], lambda e: sizes[0]),
+                  ("train", member.total_epochs, dict(lr_max=slice(base / 100, base), pct_start=0.3, div=5.0),
+                   [resize], size_per_epoch.__getitem__)]
+    names = [p[0] for p in phases]
+
+    def save(phase: str, epochs_done: int) -> None:
+        if checkpoint_dir is None:
+            return
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        tmp = checkpoint_dir / f"{CHECKPOINT}.tmp{os.getpid()}"
+        torch.save({"phase": phase, "epochs_done": epochs_done, "model": learn.model.state_dict(),
+                    "opt": learn.opt.state_dict(), "rng": _rng_state(stage_dls), "history": history}, tmp)
+        os.replace(tmp, checkpoint_dir / CHECKPOINT)  # a kill mid-write leaves the previous epoch's checkpoint
+
+    ckpt = load_checkpoint(checkpoint_dir)
+    history: list = list(ckpt["history"]) if ckpt else []
+    resumed_at = None
+    task = progress.add_task("  epoch", total=None) if progress is not None else None
+    for index, (phase, n_epochs, fit_args, extra_cbs, size_of) in enumerate(phases):
+        start_epoch = 0
+        if ckpt:
+            done_index = names.index(ckpt["phase"])
+            if index < done_index or (index == done_index and ckpt["epochs_done"] >= n_epochs):
+                continue  # this phase finished before the interruption
+            if index == done_index:
+                start_epoch = ckpt["epochs_done"]
+        if len(phases) > 1:
+            learn.freeze() if phase == "frozen" else learn.unfreeze()  # noqa: B018 (an expression as a statement)
+        if ckpt and resumed_at is None:
+            learn.create_opt()
+            learn.model.load_state_dict(ckpt["model"])
+            if start_epoch:  # mid-phase: the optimizer's moments too (a new phase starts them afresh)
+                learn.opt.load_state_dict(ckpt["opt"])
+            _set_rng_state(ckpt["rng"], stage_dls)
+            resumed_at = f"{phase} epoch {start_epoch}"
+        if start_epoch and phase == "train":
+            learn.dls = resize.dls_per_epoch[start_epoch]
+        log = EpochLog(phase, history, start_epoch, save, progress, task, size_of)
+        learn.fit_one_cycle(n_epochs, **fit_args, cbs=[*extra_cbs, log], start_epoch=start_epoch)
     if task is not None:
         progress.remove_task(task)
     learn.dls = stage_dls[str(member.final_size)]
-    return Trained(learn, history, precision, device, time.perf_counter() - start)
+    return Trained(learn, history, precision, device, time.perf_counter() - start, resumed_at)

@@ -1,0 +1,78 @@
+"""Resume: a member interrupted (SIGINT, as Ctrl-C) after some epochs picks up at the next epoch with the
+schedule where it was, and reaches exactly what an uninterrupted run reaches."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import make_project
+from pipelines.config import Project
+from pipelines.run import run_ensemble
+
+pytestmark = pytest.mark.slow
+
+SCRATCH = """\
+competition: digits
+defaults: {pretrained: false, size: 32, epochs: 4, lr: 0.005, batch_size: 64, num_workers: 0, tta: {n: 1},
+           aug_transforms: {do_flip: false}}
+members:
+  - {name: resnet, arch: test_resnet}
+"""
+
+# a pretrained body (from a weights file the test writes): a frozen epoch, then the unfrozen fit
+PRETRAINED = SCRATCH.replace("pretrained: false", "pretrained: WEIGHTS, freeze_epochs: 1").replace("epochs: 4", "epochs: 3")
+
+
+def _checkpoint_epochs(root):
+    import torch
+
+    for path in (root / "cache/digits").glob(".partial-*/checkpoint.pth"):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception:
+            continue
+        return state["phase"], state["epochs_done"]
+    return None
+
+
+@pytest.mark.parametrize("kind,stop_at", [("scratch", ("train", 2)), ("pretrained", ("train", 1))])
+def test_interrupted_member_resumes_to_the_same_result(digits_data, tmp_path, kind, stop_at):
+    text = SCRATCH
+    if kind == "pretrained":
+        import timm
+        import torch
+
+        torch.manual_seed(0)
+        weights = tmp_path / "body.pth"
+        torch.save(timm.create_model("test_resnet", pretrained=False).state_dict(), weights)
+        text = PRETRAINED.replace("WEIGHTS", str(weights))
+    root = make_project(tmp_path / "p", digits_data, {"one": text})
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "run", "digits/one.yaml"], cwd=root,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and _checkpoint_epochs(root) != stop_at:
+        time.sleep(0.1)
+    assert _checkpoint_epochs(root) == stop_at, proc.communicate()[0][-2000:]
+    proc.send_signal(signal.SIGINT)  # Ctrl-C, mid-epoch
+    output = proc.communicate(timeout=60)[0]
+    assert proc.returncode != 0, output
+    assert not [p for p in (root / "cache/digits").iterdir() if not p.name.startswith(".")]  # no entry yet
+
+    resumed = run_ensemble(Project(root), "digits/one.yaml")
+    meta = resumed.members[0].entry.meta
+    assert meta["resumed_at"].startswith(f"{stop_at[0]} epoch ") and int(meta["resumed_at"].split()[-1]) >= stop_at[1]
+    assert not list((root / "cache/digits").glob(".partial-*"))  # finished: checkpoints dropped
+    epochs = [(r["phase"], r["epoch"]) for r in meta["history"]]
+    assert epochs == sorted(set(epochs), key=epochs.index) and len(epochs) == (4 if kind == "scratch" else 1 + 3)
+
+    reference = run_ensemble(Project(make_project(tmp_path / "ref", digits_data, {"one": text})), "digits/one.yaml")
+    assert reference.members[0].entry.meta["resumed_at"] is None
+    for name in ("valid_plain", "valid_tta", "test_tta"):
+        np.testing.assert_allclose(resumed.members[0].entry.arrays[name], reference.members[0].entry.arrays[name],
+                                   rtol=0, atol=1e-6)
