@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import Member
+from .util import process_alive
 
 FORMAT = 1  # bump when what an entry holds, or how a member is trained, changes meaning
 ARRAYS = ("valid_plain", "valid_tta", "test_plain", "test_tta", "valid_targets", "valid_ids", "test_ids", "vocab")
@@ -132,7 +133,7 @@ class MemberCache:
         removed = []
         for tmp in self.root.glob(".tmp-*"):
             pid = tmp.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and not _alive(int(pid)):
+            if pid.isdigit() and not process_alive(int(pid)):
                 shutil.rmtree(tmp, ignore_errors=True)
                 removed.append(tmp)
         return removed
@@ -150,13 +151,3 @@ class MemberCache:
             meta["bytes"] = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
             out.append(meta)
         return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

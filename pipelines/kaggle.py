@@ -30,6 +30,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 
 from .errors import EnsError
+from .util import process_alive
 
 RULES_URL = "https://www.kaggle.com/competitions/{slug}/rules"
 TOKEN_URL = "https://www.kaggle.com/settings/api"
@@ -224,20 +225,8 @@ def _sweep_partials(dest: Path) -> None:
         return
     for path in dest.parent.glob(f".{dest.name}{_PARTIAL}*"):
         match = re.search(r"-(\d+)-[0-9a-f]{8}$", path.name)
-        if match and not _alive(int(match.group(1))):
+        if match and not process_alive(int(match.group(1))):
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _replace_dir(tmp: Path, dest: Path) -> None:

@@ -1,0 +1,224 @@
+"""Fitting a member into a GPU memory budget, as pure logic: the micro-batch search with injected probes, the OOM
+restart rule, and the CUDA probe's bookkeeping run on CPU with a fake `torch.cuda` (nothing is trained)."""
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+
+from pipelines.config import Member
+from pipelines.errors import EnsError
+from pipelines.memory import (MemoryBudgetError, candidates, cuda_probe, halve_on_oom, optimizer_state_bytes,
+                              plan_member, plan_micro_batch, probe_size)
+
+GiB = 2**30
+
+
+def threshold(limit, per_image=1000):
+    """A probe that runs out of memory above `limit` images and otherwise peaks at `per_image` bytes per image."""
+    return lambda mb: mb * per_image if mb <= limit else None
+
+
+@pytest.mark.parametrize("effective,limit,micro,steps", [
+    (64, 64, 64, 1), (64, 63, 32, 2), (64, 5, 4, 16), (64, 1, 1, 64),
+    (96, 20, 16, 6), (96, 47, 32, 3), (48, 13, 12, 4), (100, 30, 25, 4), (100, 99, 50, 2),
+    (1000, 333, 250, 4), (1, 1, 1, 1), (6, 5, 3, 2),
+])
+def test_search_finds_largest_dividing_micro_batch(effective, limit, micro, steps):
+    plan = plan_micro_batch(effective, threshold(limit), 10 * GiB)
+    assert (plan.micro_batch, plan.accumulation_steps) == (micro, steps)
+    assert plan.exact and plan.samples_per_step == effective
+    assert plan.n_acc == effective  # fastai's GradientAccumulation counts samples
+    assert plan.peak_bytes == micro * 1000
+    assert plan.probes[-1][0] == micro or (micro, micro * 1000) in plan.probes
+
+
+def test_prime_effective_batch_uses_a_near_split_not_one():
+    # 97 is prime: exact accumulation would mean micro-batches of 1; 49 × 2 = 98 samples per step instead
+    plan = plan_micro_batch(97, threshold(60), 10 * GiB)
+    assert (plan.micro_batch, plan.accumulation_steps, plan.samples_per_step, plan.exact) == (49, 2, 98, False)
+    plan = plan_micro_batch(97, threshold(48), 10 * GiB)
+    assert (plan.micro_batch, plan.accumulation_steps, plan.samples_per_step) == (33, 3, 99)
+
+
+def test_search_exhaustively_on_small_batches():
+    """Every effective batch up to 130 and every limit: the largest candidate that fits, found in O(log B) probes,
+    never probing one size twice, never more than a factor 4 below the unconstrained best (2 for exactness)."""
+    for effective in range(1, 131):
+        cands = candidates(effective)
+        assert cands[0] == 1 and cands[-1] == effective
+        for limit in range(1, effective + 1):
+            plan = plan_micro_batch(effective, threshold(limit), 10 * GiB)
+            assert plan.micro_batch == max(c for c in cands if c <= limit)
+            tried = [mb for mb, _ in plan.probes]
+            assert len(tried) == len(set(tried))
+            assert len(tried) <= 2 * math.ceil(math.log2(effective)) + 2, (effective, limit, tried)
+            assert plan.micro_batch * 4 > limit
+            largest_divisor = max(d for d in range(1, limit + 1) if effective % d == 0)
+            assert plan.micro_batch >= largest_divisor
+            assert plan.samples_per_step - effective < plan.accumulation_steps
+
+
+@pytest.mark.parametrize("effective", [64, 256, 1024])
+def test_power_of_two_batches_take_at_most_log2_plus_one_probes(effective):
+    for limit in range(1, effective + 1, 7):
+        plan = plan_micro_batch(effective, threshold(limit), 10 * GiB)
+        assert len(plan.probes) <= int(math.log2(effective)) + 1
+
+
+def test_a_peak_above_the_budget_does_not_fit():
+    # a probe on a card larger than the budget never runs out of memory: its peak decides
+    plan = plan_micro_batch(64, lambda mb: mb * 1000, budget_bytes=20_500)
+    assert plan.micro_batch == 16 and plan.peak_bytes == 16_000
+    assert (32, 32_000) in plan.probes and (64, 64_000) in plan.probes
+
+
+def test_nothing_fits():
+    with pytest.raises(MemoryBudgetError) as e:
+        plan_micro_batch(64, threshold(0), 8 * GiB, member="vit", size=(384, 384))
+    msg = str(e.value)
+    assert isinstance(e.value, EnsError) and "\n" not in msg
+    assert "vit" in msg and "384x384" in msg and "8.00 GiB" in msg and "gpu_memory" in msg
+    assert "out of memory" in msg and "lower its size" in msg
+    with pytest.raises(MemoryBudgetError, match="peak 3.00 GiB"):  # fits the card, not the budget
+        plan_micro_batch(3, lambda mb: mb * 3 * GiB, 2 * GiB, member="vit", size=224)
+
+
+def test_probes_are_recorded_for_the_cache_metadata():
+    plan = plan_micro_batch(64, threshold(20), 10 * GiB, member="m", size=(32, 32))
+    assert plan.probes == ((64, None), (32, None), (16, 16000))
+    meta = json.loads(json.dumps(plan.as_meta()))
+    assert meta["micro_batch"] == 16 and meta["accumulation_steps"] == 4 and meta["n_acc"] == 64
+    assert meta["probes"] == [[64, None], [32, None], [16, 16000]]
+    assert plan.describe() == "16 × 4"
+
+
+def test_halve_on_oom():
+    plan = plan_micro_batch(64, threshold(16), 10 * GiB, member="vit", size=224)
+    smaller = halve_on_oom(plan)
+    assert (smaller.micro_batch, smaller.accumulation_steps, smaller.n_acc) == (8, 8, 64)
+    assert smaller.peak_bytes is None and smaller.oom_restarts == 1
+    assert halve_on_oom(smaller).oom_restarts == 2
+    odd = halve_on_oom(plan_micro_batch(100, threshold(30), 10 * GiB))  # 25 → 10, the largest divisor ≤ 12
+    assert (odd.micro_batch, odd.accumulation_steps, odd.exact) == (10, 10, True)
+    one = plan_micro_batch(64, threshold(1), 10 * GiB, member="vit", size=224)
+    with pytest.raises(MemoryBudgetError, match=r"member vit: ran out of memory at a micro-batch of 1 at size 224"):
+        halve_on_oom(one)
+
+
+def test_gradient_accumulation_callback_counts_samples():
+    from fastai.callback.training import GradientAccumulation
+
+    assert plan_micro_batch(64, threshold(64), GiB).callbacks() == []
+    (cb,) = plan_micro_batch(64, threshold(16), GiB).callbacks()
+    assert isinstance(cb, GradientAccumulation) and cb.n_acc == 64
+
+
+def test_probe_size_is_the_largest_stage():
+    m = Member(name="m", arch="test_resnet", stages=[[128, 2], [[160, 96], 1], [144, 1]])
+    assert probe_size(m) == (144, 144)
+    assert probe_size(Member(name="m", arch="a", size=[100, 300])) == (100, 300)
+
+
+# --------------------------------------------------------------------------------------------- the probe, on CPU
+class FakeCuda:
+    """torch.cuda's memory API, backed by a forward hook that pretends each image takes `per_image` bytes and
+    raises out-of-memory above `limit` images."""
+
+    class OutOfMemoryError(RuntimeError):
+        pass
+
+    def __init__(self, limit, per_image=10_000, total=16 * GiB):
+        self.limit, self.per_image, self.total = limit, per_image, total
+        self.peak, self.calls, self.fractions = 0, [], []
+
+    def hook(self, module, args):
+        mb = args[0].shape[0]
+        if mb > self.limit:
+            raise self.OutOfMemoryError("CUDA out of memory (fake)")
+        self.peak = max(self.peak, mb * self.per_image)
+
+    def empty_cache(self):
+        self.calls.append("empty_cache")
+
+    def reset_peak_memory_stats(self):
+        self.calls.append("reset")
+        self.peak = 0
+
+    def max_memory_allocated(self):
+        return self.peak
+
+    def get_device_properties(self, index):
+        return SimpleNamespace(total_memory=self.total)
+
+    def set_per_process_memory_fraction(self, fraction):
+        self.fractions.append(fraction)
+
+
+def small_net():
+    import torch.nn as nn
+
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Dropout(0.5), nn.Linear(4, 5))
+
+
+def test_cuda_probe_logic_on_cpu():
+    import torch
+
+    net = small_net()
+    fake = FakeCuda(limit=12)
+    net.register_forward_pre_hook(fake.hook)
+    net[0].weight.requires_grad_(False)  # a frozen body: the probe unfreezes it, then restores the flag
+    net.eval()
+    bn_before = net[1].running_mean.clone()
+    torch.manual_seed(0)
+    expected_next = torch.rand(3)
+    torch.manual_seed(0)
+
+    fits = cuda_probe(lambda: net, (16, 16), 4 * GiB, "fp32", cuda=fake, device="cpu")
+    extra = optimizer_state_bytes(net)
+    assert extra == 2 * 4 * sum(p.numel() for p in net.parameters())
+    assert fits(8) == 8 * 10_000 + extra
+    assert fake.fractions == [0.25]  # capped once, at budget / card
+    assert fits(64) is None  # out of memory: caught
+    assert fake.calls[-1] == "empty_cache"
+    assert fits(4) == 4 * 10_000 + extra  # the peak is reset before each probe
+
+    # the model is left as found: flags, mode, BatchNorm statistics, gradients, the random generators
+    assert net[0].weight.requires_grad is False and net[6].weight.requires_grad is True
+    assert not net.training
+    assert torch.equal(net[1].running_mean, bn_before)
+    assert all(p.grad is None for p in net.parameters())
+    assert torch.equal(torch.rand(3), expected_next)
+
+    plan = plan_micro_batch(64, fits, 4 * GiB, member="m", size=(16, 16))
+    assert (plan.micro_batch, plan.accumulation_steps) == (8, 8)  # 12 is no divisor of 64; 8 is
+
+
+def test_cuda_probe_takes_a_learner_and_autocast_precision():
+    import torch
+
+    net = small_net()
+    fake = FakeCuda(limit=100)
+    net.register_forward_pre_hook(fake.hook)
+    learner = SimpleNamespace(model=net)  # anything with a .model, as a fastai Learner
+    fits = cuda_probe(learner, 16, GiB, "bf16", cuda=fake, device="cpu", limit_memory=False)
+    assert fits(4) == 40_000 + optimizer_state_bytes(net)
+    assert fake.fractions == []
+    assert next(net.parameters()).dtype == torch.float32  # autocast, not a cast of the weights
+
+
+def test_plan_member_uses_budget_and_largest_stage():
+    seen = {}
+
+    def probe(model, size, budget, precision):
+        seen.update(size=size, budget=budget, precision=precision, model=model)
+        return threshold(24)
+
+    m = Member(name="vit", arch="test_vit", stages=[[16, 1], [48, 1]], batch_size=96, gpu_memory="6GiB")
+    plan = plan_member(m, "factory", "bf16", probe=probe)
+    assert seen == {"size": (48, 48), "budget": 6 * GiB, "precision": "bf16", "model": "factory"}
+    assert (plan.micro_batch, plan.accumulation_steps, plan.member, plan.size) == (24, 4, "vit", (48, 48))
+    with pytest.raises(MemoryBudgetError, match="member vit: .* at size 48x48 does not fit gpu_memory 6.00 GiB"):
+        plan_member(m, "factory", "bf16", probe=lambda *a: threshold(0))
