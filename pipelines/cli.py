@@ -207,6 +207,19 @@ def _print_ablation(r, top: int) -> None:
 
 
 @app.command()
+def plan(ensemble: str = typer.Argument(..., help="the ensemble YAML"),
+         overrides: Optional[List[str]] = OverridesArg, project: Optional[Path] = ProjectOpt):
+    """A dry run, nothing trained: per member, cached or not, stages, batch (micro-batch × accumulation on
+    CUDA), parameters, FLOPs per image at each stage size, and an estimated time where one was measured before.
+
+    Example: ens plan paddy/final.yaml
+    """
+    from .plan import plan_ensemble, render
+
+    render(plan_ensemble(_project(project), ensemble, overrides or []), console)
+
+
+@app.command()
 def validate(ensemble: str = typer.Argument(..., help="the ensemble YAML"),
              overrides: Optional[List[str]] = OverridesArg, project: Optional[Path] = ProjectOpt):
     """Check an ensemble (and its competition) without training: keys, types, architectures, member names."""

@@ -229,7 +229,8 @@ class Member(Strict):
         """What the cache key hashes: every field that changes the predictions, resolved."""
         d = self.model_dump(mode="json", exclude=set(self.RUN_ONLY))
         d["stages"], d["size"], d["epochs"] = [[s, e] for s, e in self.stage_plan], None, None
-        return d
+        # unset optional features leave no trace: adding one to ens does not retrain every cached member
+        return {k: v for k, v in d.items() if v is not None or k == "aug_transforms"}
 
 
 class Ensemble(Strict):

@@ -207,7 +207,8 @@ def cuda_probe(model_factory_or_learner, size, budget_bytes: int, precision: str
     probing a learner before training leaves its run reproducible.
 
     `limit_memory`: cap this process at budget/total of the card (`set_per_process_memory_fraction`) so that a
-    larger card runs out of memory where the budget would (never raised above what it is).
+    larger card runs out of memory where the budget would. The cap stays for the training that follows, which is
+    then held to the budget it was planned for. `fits.release()` drops the model when planning is done.
     `cuda` (default `torch.cuda`) and `device` are injectable, for tests on CPU.
     """
     import torch
@@ -273,6 +274,12 @@ def cuda_probe(model_factory_or_learner, size, budget_bytes: int, precision: str
                     v.copy_(buffers[k])
             cuda.empty_cache()
 
+    def release() -> None:
+        """Drop the probe's reference to the model (and the cached blocks): call once the plan is made."""
+        state.clear()
+        cuda.empty_cache()
+
+    fits.release = release
     return fits
 
 
@@ -284,42 +291,7 @@ def plan_member(member, model_factory_or_learner, precision: str, *, budget_byte
     budget = parse_bytes(member.gpu_memory) if budget_bytes is None else budget_bytes
     size = probe_size(member)
     fits = probe(model_factory_or_learner, size, budget, precision)
-    return plan_micro_batch(member.batch_size, fits, budget, member=member.name, size=size)
-
-
-# --------------------------------------------------------------------------------------------- the bare network
-def build_model(arch: str, n_classes: int, final_size):
-    """The network `models.build_learner` trains for `arch` (the same fastai body and head, the same timm size
-    arguments for ViT-style models), without DataLoaders or a Learner and with random weights: nothing is
-    downloaded. For probes and FLOP counts, where weights do not matter."""
-    import warnings
-
-    from .models import split_arch
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from fastai.vision.learner import create_timm_model, create_vision_model
-
-    kind, name = split_arch(arch)
-    if kind == "timm":
-        final = final_size
-        size_kwargs = {"img_size": final if isinstance(final, int) else tuple(final),
-                       "dynamic_img_size": True, "dynamic_img_pad": True}
-        while True:  # as build_learner: drop the size arguments this constructor does not take
-            try:
-                model, _ = create_timm_model(name, n_classes, pretrained=False, **size_kwargs)
-                return model
-            except TypeError as e:
-                rejected = [k for k in size_kwargs if f"'{k}'" in str(e)]
-                if not rejected:
-                    raise
-                del size_kwargs[rejected[0]]
-    if kind == "torchvision":
-        import torchvision.models
-
-        builder = torchvision.models.get_model_builder(name)
-    else:
-        from fastai.vision.models import xresnet
-
-        builder = getattr(xresnet, name)
-    return create_vision_model(builder, n_classes, pretrained=False)
+    try:
+        return plan_micro_batch(member.batch_size, fits, budget, member=member.name, size=size)
+    finally:
+        getattr(fits, "release", lambda: None)()

@@ -85,13 +85,48 @@ def check_arch(arch: str, where: str) -> None:
     raise ConfigError(f"{where}: unknown {kind} architecture '{name}'; {hint}")
 
 
-def _timm_size_kwargs(member) -> dict:
-    """ViT-style models are built for one input size: pass the member's, and let them take other sizes
-    (progressive resizing) and sizes that are not a multiple of the patch (the seed's ViT at 244 px) by
-    resampling the position embedding and padding the input. Other models reject these arguments."""
-    final = member.final_size
-    return {"img_size": final if isinstance(final, int) else tuple(final),
-            "dynamic_img_size": True, "dynamic_img_pad": True}
+def with_size_kwargs(create, final_size):
+    """`create(**size kwargs)`: ViT-style models are built for one input size, so they get the member's, and may
+    take other sizes (progressive resizing) and sizes that are not a multiple of the patch (the seed's ViT at
+    244 px) by resampling the position embedding and padding the input. Constructors that reject these
+    arguments (convolutional nets take any size) are called again without them."""
+    kwargs = {"img_size": final_size if isinstance(final_size, int) else tuple(final_size),
+              "dynamic_img_size": True, "dynamic_img_pad": True}
+    while True:
+        try:
+            return create(**kwargs)
+        except TypeError as e:
+            rejected = [k for k in kwargs if f"'{k}'" in str(e)]
+            if not rejected:
+                raise
+            del kwargs[rejected[0]]
+
+
+def _vision_builder(kind: str, name: str):
+    """The constructor of a torchvision or fastai architecture (fastai cuts and heads it)."""
+    if kind == "torchvision":
+        import torchvision.models
+
+        return torchvision.models.get_model_builder(name)
+    from fastai.vision.models import xresnet
+
+    return getattr(xresnet, name)
+
+
+def build_model(arch: str, n_classes: int, final_size):
+    """The network `build_learner` trains for `arch` (the same fastai body and head, the same size arguments),
+    without DataLoaders or a Learner and with random weights: nothing is downloaded. For memory probes and FLOP
+    counts, where weights do not matter."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from fastai.vision.learner import create_timm_model, create_vision_model
+
+    kind, name = split_arch(arch)
+    if kind == "timm":
+        return with_size_kwargs(lambda **kw: create_timm_model(name, n_classes, pretrained=False, **kw)[0], final_size)
+    return create_vision_model(_vision_builder(kind, name), n_classes, pretrained=False)
 
 
 def timm_weights_kwargs(pretrained) -> dict:
@@ -113,29 +148,13 @@ def build_learner(dls, member, metrics, cbs=()):
     common = dict(normalize=False, metrics=metrics, cbs=list(cbs))
     if kind == "timm":
         weights = timm_weights_kwargs(member.pretrained)
-        size_kwargs = _timm_size_kwargs(member)
-        while True:  # drop the size arguments this architecture's constructor does not take
-            try:
-                learn = vision_learner(dls, name, **common, **weights, **size_kwargs)
-                break
-            except TypeError as e:
-                rejected = [k for k in size_kwargs if f"'{k}'" in str(e)]
-                if not rejected:
-                    raise
-                del size_kwargs[rejected[0]]
+        learn = with_size_kwargs(lambda **kw: vision_learner(dls, name, **common, **weights, **kw), member.final_size)
         cfg = learn.model[0].model.pretrained_cfg
         stats = (cfg["mean"], cfg["std"]) if weights["pretrained"] and "mean" in cfg else imagenet_stats
         return learn, stats
     if isinstance(member.pretrained, str):
         raise ConfigError(f"member {member.name}: weights files are supported for timm architectures; "
                           f"use timm's name for {name} or pretrained: true/false")
-    if kind == "torchvision":
-        import torchvision.models
-
-        arch = torchvision.models.get_model_builder(name)
-    else:
-        from fastai.vision.models import xresnet
-
-        arch = getattr(xresnet, name)
+    arch = _vision_builder(kind, name)
     learn = vision_learner(dls, arch, pretrained=bool(member.pretrained), **common)
     return learn, imagenet_stats

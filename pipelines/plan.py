@@ -1,6 +1,6 @@
 """`ens plan ENSEMBLE`: a dry run. Per member: cached or to train, stages, batch (and on CUDA the micro-batch and
-accumulation that fit its `gpu_memory`), parameters, FLOPs per image, and an estimated time; nothing is trained
-and nothing is written to the project's cache.
+accumulation that fit its `gpu_memory`), parameters, FLOPs per image, and an estimated time. Nothing is trained
+and no cache entry is written (only the data fingerprint memo, as by every command that reads the data).
 
 Parameters and FLOPs are counted on the network `build_learner` trains (fastai body and head, random weights:
 nothing is downloaded), with torch's FlopCounterMode on a forward pass of one image at each stage size, and
@@ -94,7 +94,7 @@ class ModelStats:
         if entry["params"] is None or missing:
             build = self._build
             if build is None:
-                from .memory import build_model as build
+                from .models import build_model as build
             model = build(arch, n_classes, final_size)
             self.built += 1
             entry["params"] = sum(p.numel() for p in model.parameters())
@@ -252,9 +252,10 @@ def plan_ensemble(project: Project, spec: str, overrides: list[str] = (), *, dev
                   memo: Optional[Path] = None, build: Optional[Callable] = None) -> Plan:
     """What `ens run` would do, without training. The keyword arguments are for tests: `device` ("cpu"/"cuda",
     default detected), `probe` (memory.cuda_probe's signature, default the real one), `memo` (the FLOP memo
-    file), `build` (memory.build_model's signature)."""
+    file), `build` (models.build_model's signature)."""
     from .data import load_data
-    from .memory import build_model, cuda_probe, plan_member
+    from .memory import cuda_probe, plan_member
+    from .models import build_model
     from .run import check_ensemble
     from .train import resolve_precision
 

@@ -106,6 +106,7 @@ def _train_and_predict(member: Member, data: CompetitionData, cache: MemberCache
         "history": trained.history,
         "timings": {"train_seconds": round(trained.seconds, 2), "predict_seconds": round(predict_seconds, 2)},
         "resumed_at": trained.resumed_at,
+        "memory": trained.memory,
         "device": trained.device,
         "precision": trained.precision,
         "versions": versions(),

@@ -4,6 +4,7 @@ stages, mixed precision on CUDA. Cross-cutting behaviour lives in fastai callbac
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,6 +95,7 @@ class Trained:
     device: str = "cpu"
     seconds: float = 0.0
     resumed_at: str | None = None  # where an interrupted run was picked up
+    memory: dict | None = None  # on CUDA: micro-batch, accumulation, peak memory, OOM restarts
 
 
 def _rng_state(stage_dls: dict) -> dict:
@@ -136,24 +138,58 @@ def load_checkpoint(folder: Path | None) -> dict | None:
 CHECKPOINT = "checkpoint.pth"
 
 
-def train_member(member: Member, data: CompetitionData, progress=None, checkpoint_dir: Path | None = None) -> Trained:
+def memory_plan(member: Member, data: CompetitionData, device: str, precision: str):
+    """On CUDA, the largest micro-batch that fits the member's `gpu_memory` budget (probed with a real forward
+    and backward pass) and the gradient accumulation that keeps its effective batch; None on the CPU."""
+    if device != "cuda":
+        return None
+    from .memory import plan_member
+    from .models import build_model
+
+    return plan_member(member, lambda: build_model(member.arch, len(data.vocab), member.final_size), precision)
+
+
+def train_member(member: Member, data: CompetitionData, progress=None, checkpoint_dir: Path | None = None,
+                 cbs=()) -> Trained:
     """Train `member` on the competition's fixed split and return its Learner (DataLoaders at the final size).
 
     With `checkpoint_dir`, every completed epoch is saved there (model, optimizer, RNG states, history), and a
     checkpoint found there is resumed from: the fit restarts at the next epoch with the learning-rate schedule
-    where it was (fastai's `start_epoch`), reaching what an uninterrupted run reaches."""
+    where it was (fastai's `start_epoch`), reaching what an uninterrupted run reaches. On CUDA the batch is
+    split into micro-batches that fit the memory budget; an out-of-memory error restarts from the last completed
+    epoch with half the micro-batch (and twice the accumulation). `cbs` join every fit."""
+    import torch
+
+    from .memory import halve_on_oom
+
+    device, precision = device_precision(member.precision)
+    plan = memory_plan(member, data, device, precision)
+    say = progress.console.print if progress is not None else (lambda text: print(text, file=sys.stderr))
+    while True:
+        try:
+            return _fit(member, data, progress, checkpoint_dir, cbs, device, precision, plan)
+        except torch.cuda.OutOfMemoryError:
+            if plan is None:
+                raise
+            torch.cuda.empty_cache()
+            plan = halve_on_oom(plan)  # raises when the micro-batch is already 1
+            say(f"[yellow]out of memory[/]: {member.name} restarts from its last completed epoch with micro-batch "
+                f"{plan.describe()}")
+
+
+def _fit(member, data, progress, checkpoint_dir, cbs, device, precision, plan) -> Trained:
     import torch
     from fastai.callback.progress import ProgressCallback
     from fastai.vision.all import Normalize, accuracy, noop, set_seed
 
     start = time.perf_counter()
-    device, precision = device_precision(member.precision)
     set_seed(member.seed, reproducible=True)  # also seeds the DataLoaders' own RNG, drawn when they are built
     sizes = []
     for size, _ in member.stage_plan:
         if size not in sizes:
             sizes.append(size)
-    stage_dls = {str(s): dataloaders(data, member, s) for s in sizes}
+    loader_member = member if plan is None else member.model_copy(update={"batch_size": plan.micro_batch})
+    stage_dls = {str(s): dataloaders(data, loader_member, s) for s in sizes}
     first = stage_dls[str(sizes[0])]
     learn, stats = build_learner(first, member, metrics=[accuracy])
     for dls in stage_dls.values():  # the statistics are known only once the model (and its weights) is
@@ -210,8 +246,10 @@ def train_member(member: Member, data: CompetitionData, progress=None, checkpoin
         if start_epoch and phase == "train":
             learn.dls = resize.dls_per_epoch[start_epoch]
         log = EpochLog(phase, history, start_epoch, save, progress, task, size_of)
-        learn.fit_one_cycle(n_epochs, **fit_args, cbs=[*extra_cbs, log], start_epoch=start_epoch)
+        accumulate = plan.callbacks() if plan is not None else []
+        learn.fit_one_cycle(n_epochs, **fit_args, cbs=[*extra_cbs, *accumulate, *cbs, log], start_epoch=start_epoch)
     if task is not None:
         progress.remove_task(task)
     learn.dls = stage_dls[str(member.final_size)]
-    return Trained(learn, history, precision, device, time.perf_counter() - start, resumed_at)
+    memory = plan.as_meta() if plan is not None else None
+    return Trained(learn, history, precision, device, time.perf_counter() - start, resumed_at, memory)

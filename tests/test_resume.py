@@ -76,3 +76,40 @@ def test_interrupted_member_resumes_to_the_same_result(digits_data, tmp_path, ki
     for name in ("valid_plain", "valid_tta", "test_tta"):
         np.testing.assert_allclose(resumed.members[0].entry.arrays[name], reference.members[0].entry.arrays[name],
                                    rtol=0, atol=1e-6)
+
+
+def test_out_of_memory_restarts_from_the_last_epoch_with_half_the_micro_batch(project, monkeypatch, tmp_path):
+    """The CUDA path's logic on the CPU: a planned micro-batch (no probe possible here) and an out-of-memory
+    error injected in the third epoch; training resumes from epoch two's checkpoint with micro-batch 32 × 2."""
+    import torch
+    from fastai.callback.core import Callback
+
+    from pipelines import train
+    from pipelines.config import Member, load_competition
+    from pipelines.data import load_data
+    from pipelines.memory import MicroBatchPlan
+
+    class OutOfMemoryOnce(Callback):
+        raised = False
+
+        def before_batch(self):
+            if self.epoch == 2 and self.training and not OutOfMemoryOnce.raised:
+                OutOfMemoryOnce.raised = True
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+
+    seen = []
+
+    class MicroBatches(Callback):
+        def before_batch(self):
+            if self.training:
+                seen.append((self.epoch, len(self.xb[0])))
+
+    monkeypatch.setattr(train, "memory_plan", lambda *a: MicroBatchPlan(64, 64, 1 << 30, 8 << 30, member="m"))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    data = load_data(Project(project), load_competition(Project(project), "digits"))
+    member = Member(name="m", arch="test_resnet", pretrained=False, size=32, epochs=4, batch_size=64, num_workers=0)
+    trained = train.train_member(member, data, checkpoint_dir=tmp_path / "ckpt", cbs=[OutOfMemoryOnce(), MicroBatches()])
+    assert trained.memory["micro_batch"] == 32 and trained.memory["oom_restarts"] == 1
+    assert trained.resumed_at == "train epoch 2"
+    assert [r["epoch"] for r in trained.history] == [0, 1, 2, 3]
+    assert {bs for e, bs in seen if e < 2} == {64} and max(bs for e, bs in seen if e >= 2) == 32

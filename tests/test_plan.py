@@ -1,0 +1,161 @@
+"""`ens plan`: a dry run on the digits competition: cached flags, parameters and FLOPs of the networks the
+learners would train, time estimates from cached members, and nothing trained or written to the cache."""
+
+import json
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from conftest import make_project
+from pipelines.config import Project, load_ensemble
+from pipelines.errors import EnsError
+from pipelines.plan import plan_ensemble, render
+
+
+@pytest.fixture(scope="module")
+def memo(tmp_path_factory) -> Path:
+    """One FLOP memo for the module (never ~/.cache/ens): the first plan builds the networks, the rest read it."""
+    return tmp_path_factory.mktemp("flops") / "flops.json"
+
+
+def entries(root: Path) -> list[str]:
+    folder = root / "cache" / "digits"
+    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    import pipelines.train
+
+    def refuse(*a, **k):
+        raise AssertionError("ens plan trained a member")
+
+    monkeypatch.setattr(pipelines.train, "train_member", refuse)
+
+
+def text(plan) -> str:
+    console = Console(record=True, width=200)
+    render(plan, console)
+    return console.export_text()
+
+
+def test_params_match_the_learners_network(project, memo, no_training):
+    from fastai.vision.all import set_seed
+
+    from pipelines.data import dataloaders, load_data
+    from pipelines.models import build_learner
+
+    proj = Project(project)
+    over = ["members.convnext.arch=test_vit", "defaults.size=40"]  # a ViT's position embedding follows its size
+    plan = plan_ensemble(proj, "digits/tiny", over, device="cpu", memo=memo)
+    _, ens, comp = load_ensemble(proj, "digits/tiny", over)
+    data = load_data(proj, comp)
+    set_seed(0)
+    for member, mp in zip(ens.members, plan.members):
+        learn, _ = build_learner(dataloaders(data, member, member.final_size), member, metrics=[])
+        assert mp.params == sum(p.numel() for p in learn.model.parameters()), member.arch
+        assert mp.flops["40"] > 0
+    assert not plan.members[0].cached and plan.device == "cpu"
+    assert (plan.n_train, plan.n_valid, plan.n_test) == (1152, 286, 359)
+
+
+def test_flops_scale_with_the_square_of_the_size(project, memo, no_training):
+    plan = plan_ensemble(Project(project), "digits/tiny", ["defaults.stages=[[32, 1], [64, 1]]"], device="cpu",
+                         memo=memo)
+    for m in plan.members:
+        assert m.stages == [(32, 1), (64, 1)]
+        ratio = m.flops["64"] / m.flops["32"]
+        assert 3.5 < ratio < 4.2, (m.arch, ratio)  # convolutions: 4x the pixels; the head does not grow
+
+
+def test_a_second_plan_builds_nothing(project, memo, no_training):
+    plan_ensemble(Project(project), "digits/tiny", device="cpu", memo=memo)
+
+    def refuse(*a):
+        raise AssertionError("built a network the memo holds")
+
+    again = plan_ensemble(Project(project), "digits/tiny", device="cpu", memo=memo, build=refuse)
+    assert again.models_built == 0 and all(m.params > 0 for m in again.members)
+    stored = json.loads(memo.read_text())
+    assert "test_resnet|32|10" in stored
+
+
+def test_fresh_project_has_nothing_cached_and_no_estimate(project, memo, no_training):
+    plan = plan_ensemble(Project(project), "digits/tiny", device="cpu", memo=memo)
+    assert [m.name for m in plan.to_train] == ["convnext", "effnet", "resnet"]
+    assert all(m.est_seconds is None for m in plan.members) and plan.est_seconds is None
+    out = text(plan)
+    assert "to train" in out and "no estimate: nothing of digits was trained on cpu yet" in out
+    assert entries(project) == []
+
+
+def test_tiny_run_is_all_cached_and_nothing_is_trained(tiny_run, memo, no_training):
+    root, result = tiny_run
+    before = entries(root)
+    plan = plan_ensemble(Project(root), "digits/tiny", device="cpu", memo=memo)
+    assert [m.cached for m in plan.members] == [True, True, True]
+    assert [m.key for m in plan.members] == [o.entry.key for o in result.members]
+    assert plan.to_train == [] and plan.est_seconds == 0
+    assert "3 cached, 0 to train" in text(plan)
+    assert entries(root) == before
+
+
+def test_changed_lr_is_not_cached_and_is_estimated(tiny_run, memo, no_training):
+    root, result = tiny_run
+    before = entries(root)
+    plan = plan_ensemble(Project(root), "digits/tiny", ["members.resnet.lr=0.01"], device="cpu", memo=memo)
+    assert [m.cached for m in plan.members] == [True, True, False]
+    resnet = plan.members[2]
+    # the same arch and the same work as the cached resnet: the estimate is its measured time
+    timings = next(o.entry.meta["timings"] for o in result.members if o.member.name == "resnet")
+    assert resnet.est_train_seconds == pytest.approx(timings["train_seconds"])
+    assert resnet.est_predict_seconds == pytest.approx(timings["predict_seconds"])
+    assert "test_resnet" in resnet.est_basis
+    assert plan.est_seconds == pytest.approx(resnet.est_seconds)
+    # twice the epochs at twice the size: about 8x the work, by FLOPs
+    longer = plan_ensemble(Project(root), "digits/tiny", ["members.resnet.stages=[[64, 2]]"], device="cpu", memo=memo)
+    ratio = longer.members[2].est_train_seconds / timings["train_seconds"]
+    assert 7 < ratio < 8.4
+    out = text(plan)
+    assert "2 cached, 1 to train; estimated" in out and "from 3 cached members on cpu" in out
+    # another device has no measurements
+    assert plan_ensemble(Project(root), "digits/tiny", ["members.resnet.lr=0.01"], device="cuda", memo=memo,
+                         probe=lambda *a: (lambda mb: mb)).est_seconds is None
+    assert entries(root) == before
+
+
+def test_cuda_plans_micro_batches_with_the_injected_probe(project, memo, no_training):
+    calls = []
+
+    def probe(factory, size, budget, precision):
+        calls.append((size, budget, precision))
+        return lambda mb: mb * 1000 if mb <= 16 else None
+
+    over = ["members.resnet.gpu_memory=500B"]  # not even one image fits
+    plan = plan_ensemble(Project(project), "digits/tiny", over, device="cuda", bf16_supported=True, probe=probe,
+                         memo=memo)
+    convnext, effnet, resnet = plan.members
+    assert calls[0] == ((32, 32), 8 * 2**30, "bf16")
+    assert (convnext.memory.micro_batch, convnext.memory.accumulation_steps, convnext.memory.n_acc) == (16, 4, 64)
+    assert resnet.memory is None and "member resnet: even a micro-batch of 1" in resnet.problem
+    out = text(plan)
+    assert "64 = 16 × 4" in out and "does not fit" in out
+
+
+def test_a_size_too_small_is_a_problem_not_a_crash(project, memo, no_training):
+    plan = plan_ensemble(Project(project), "digits/tiny", ["defaults.stages=[[16, 1], [32, 1]]"], device="cpu",
+                         memo=memo)
+    convnext = plan.members[0]
+    assert convnext.flops["16"] is None and "size 16 is too small for test_convnext" in convnext.problem
+    assert plan.members[2].problem is None
+
+
+def test_plan_downloads_nothing(tmp_path, digits_data):
+    root = make_project(tmp_path / "p", digits_data)
+    (root / "competitions" / "remote.yaml").write_text("kaggle: some-competition\n")
+    (root / "ensembles" / "remote").mkdir(parents=True)
+    (root / "ensembles" / "remote" / "a.yaml").write_text(
+        "competition: remote\nmembers: [{name: a, arch: test_resnet, pretrained: false}]\n")
+    with pytest.raises(EnsError, match=r"data folder cache/data/remote is missing; `ens plan` downloads nothing"):
+        plan_ensemble(Project(root), "remote/a", device="cpu")
