@@ -66,9 +66,16 @@ def _print_delivery(delivery) -> None:
         raise EnsError(delivery.error)
 
 
+def _progress():
+    """The progress display of long verbs: members, epochs, batches, trials (transient: gone when done)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    return Progress(*columns, console=console, transient=True)
+
+
 def _with_progress(work):
     """Run `work(progress, report)` under a rich progress display; `report` prints one line per member."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     def report(outcome):
         m, metrics = outcome.member, outcome.entry.meta["metrics"]
@@ -76,10 +83,9 @@ def _with_progress(work):
         console.print(f"[green]✓[/] {m.name} ({m.arch}) {how}: valid accuracy {metrics['plain_accuracy']:.4f}, "
                       f"TTA {metrics['tta_accuracy']:.4f}")
 
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
+    with _progress() as progress:
         result = work(progress, report)
-    for key, reason in result.damaged:
+    for key, reason in getattr(result, "damaged", ()):  # cache entries found damaged on the way
         err.print(f"[yellow]warning:[/] cache entry {key} was damaged ({reason}); moved to .damaged/ and recomputed")
     return result
 
@@ -217,6 +223,141 @@ def plan(ensemble: str = typer.Argument(..., help="the ensemble YAML"),
     from .plan import plan_ensemble, render
 
     render(plan_ensemble(_project(project), ensemble, overrides or []), console)
+
+
+@app.command("bench")
+def bench_command(ensemble: str = typer.Argument(..., help="the ensemble YAML (members with keep_model: true)"),
+                  overrides: Optional[List[str]] = OverridesArg,
+                  batch: int = typer.Option(32, "--batch", help="the batched inference's batch size"),
+                  project: Optional[Path] = ProjectOpt):
+    """Model benchmarks (seed 002): per member, validation accuracy and loss, inference time per image (batch of 1
+    and batched) on this device, parameters, in-memory and on-disk size. A table, and a CSV beside the submissions.
+
+    Example: ens bench digits/final.yaml defaults.keep_model=true
+    """
+    from .evaluate import bench, write_bench_csv
+
+    proj = _project(project)
+    rows, device = bench(proj, ensemble, overrides or [], batch)
+    table = Table(title=f"{ensemble} on {device}")
+    for col in ("member", "arch", "size", "valid acc", "valid loss", "ms/img (1)", f"ms/img ({batch})", "params",
+                "memory MB", "disk MB"):
+        table.add_column(col, justify="left" if col in ("member", "arch") else "right")
+    for r in rows:
+        table.add_row(r.name, r.arch, str(r.size), f"{r.valid_accuracy:.4f}", f"{r.valid_loss:.4f}",
+                      f"{r.ms_per_image_batch1:.3f}", f"{r.ms_per_image_batched:.3f}", f"{r.params:,}",
+                      f"{r.memory_mb:.2f}", f"{r.disk_mb:.2f}")
+    console.print(table)
+    competition = _competition_of(proj, ensemble, overrides)
+    dest = write_bench_csv(rows, proj.submissions / competition / f"bench-{Path(ensemble).stem}.csv")
+    console.print(f"wrote {proj.relative(dest)}")
+
+
+def _competition_of(proj: Project, ensemble: str, overrides) -> str:
+    from .config import load_ensemble
+
+    return load_ensemble(proj, ensemble, overrides or [])[2].name
+
+
+@app.command("eval")
+def eval_command(ensemble: str = typer.Argument(..., help="the ensemble YAML (members with keep_model: true)"),
+                 overrides: Optional[List[str]] = OverridesArg,
+                 on: Path = typer.Option(..., "--on", help="a labelled image folder: <class>/*.jpg, the competition's classes"),
+                 project: Optional[Path] = ProjectOpt):
+    """Cross-dataset evaluation (seed 002: CIFAR-10 → CINIC-10): the kept members (with TTA) and the ensemble on
+    another labelled folder, next to their validation scores.
+
+    Example: ens eval digits/final.yaml defaults.keep_model=true --on ~/data/other-digits
+    """
+    from .evaluate import evaluate_on
+
+    proj = _project(project)
+    results, n, g = evaluate_on(proj, ensemble, on, overrides or [])
+    table = Table(title=f"{g.path.name} on {on} ({n} images) — and on validation")
+    table.add_column("model")
+    for name in dict.fromkeys(k for r in results.values() for k in r):
+        table.add_column(f"{name} there", justify="right")
+        table.add_column("validation", justify="right")
+    for model, scores in results.items():
+        cells = []
+        for name in dict.fromkeys(k for r in results.values() for k in r):
+            there, valid = scores.get(name, (None, None))
+            cells += ["" if there is None else f"{there:.4f}", "" if valid is None else f"{valid:.4f}"]
+        table.add_row(model, *cells)
+    console.print(table)
+
+
+@app.command()
+def models(pattern: Optional[str] = typer.Argument(None, help="an fnmatch pattern, e.g. 'convnext*' or 'ens:*'"),
+           pretrained: bool = typer.Option(False, "--pretrained", help="only names with pretrained weights (timm tags)"),
+           limit: int = typer.Option(60, "--limit", help="show at most this many (0: all)")):
+    """What can be named as a member's arch: ens's own from-scratch nets (seeds 000, 003, 004), timm's models
+    (deprecated aliases included), torchvision's and fastai's.
+
+    Example: ens models 'convnext_small*' --pretrained
+    """
+    from .models import list_models
+
+    rows = list_models(pattern, pretrained)
+    table = Table(title=f"{len(rows)} architectures" + (f" matching {pattern!r}" if pattern else ""))
+    for col in ("name (as written in YAML)", "library", "note"):
+        table.add_column(col, no_wrap=col != "note")
+    for name, library, note in rows[: limit or None]:
+        table.add_row(name, library, note)
+    console.print(table)
+    if limit and len(rows) > limit:
+        console.print(f"... {len(rows) - limit} more: narrow the pattern or pass --limit 0")
+
+
+@app.command()
+def tune(ensemble: str = typer.Argument(..., help="the ensemble YAML"),
+         member: str = typer.Argument(..., help="the member to tune (its `tune:` declares the search)"),
+         overrides: Optional[List[str]] = OverridesArg,
+         trials: Optional[int] = typer.Option(None, "--trials", help="finished trials wanted in all (default tune.trials); "
+                                              "trials already in the study count"),
+         write: Optional[Path] = typer.Option(None, "--write", help="write the ensemble with the best values as YAML"),
+         project: Optional[Path] = ProjectOpt):
+    """Hyperparameter search for one member with Optuna (TPE, median pruning): `tune.trials` trials of `tune.epochs`
+    epochs on `tune.fraction` of the training images, scored on the validation images. Resumes an interrupted search.
+
+    Example: ens tune digits/final.yaml resnet --trials 20 --write ensembles/digits/tuned.yaml
+    """
+    from .tune import render, tune_member, write_best
+
+    proj = _project(project)
+
+    def report(row):
+        value = "" if row.value is None else f" {row.value:.4f}"
+        console.print(f"[green]✓[/] trial {row.number} {row.state}{value} ({row.epochs} epochs)")
+
+    with _progress() as progress:
+        result = tune_member(proj, ensemble, member, overrides or [], trials, progress, on_trial=report)
+    render(result, console)
+    if write:
+        console.print(f"wrote {proj.relative(write_best(result, write))}")
+
+
+@app.command()
+def report(ensemble: str = typer.Argument(..., help="the ensemble YAML"),
+           overrides: Optional[List[str]] = OverridesArg,
+           cached_only: bool = typer.Option(False, "--cached-only", help="use the cached members only; train nothing"),
+           out: Optional[Path] = typer.Option(None, "--out", help="where to write the HTML (default: beside the submissions)"),
+           project: Optional[Path] = ProjectOpt):
+    """The ensemble as pictures, one self-contained HTML file: members at a glance, training curves, confusion
+    matrices and per-class scores, the ablation, member similarity, the submission history, the most confidently
+    wrong validation images.
+
+    Example: ens report digits/final.yaml
+    """
+    import time
+
+    from .report import build_report
+
+    proj = _project(project)
+    start = time.perf_counter()
+    path = _with_progress(lambda progress, report_member: build_report(
+        proj, ensemble, overrides or [], cached_only, out, progress=progress, on_member=report_member))
+    console.print(f"wrote {proj.relative(path)} in {time.perf_counter() - start:.1f}s (open it in a browser)")
 
 
 @app.command()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Optional, Union
+from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -95,10 +95,20 @@ class Competition(Strict):
     sample_submission: str = "sample_submission.csv"
     id_column: str = "image_id"
     target_column: str = "label"
-    metric: Literal["accuracy", "log_loss", "f1_macro"] = "accuracy"
+    # what the target column holds: the predicted label, or the probability of `positive_class` (real/fake
+    # competitions are often scored on a probability)
+    submission_kind: Literal["label", "probability"] = "label"
+    positive_class: Optional[str] = None
+    metric: Literal["accuracy", "log_loss", "f1_macro", "roc_auc"] = "accuracy"
     split: Split = Split()
     solution: Optional[str] = None  # local answers (id and target columns), for competitions scored here
     kaggle: Optional[str] = None  # competition slug
+
+    @model_validator(mode="after")
+    def _probability_needs_a_class(self):
+        if self.submission_kind == "probability" and not self.positive_class:
+            raise ValueError("submission_kind 'probability' needs positive_class: the class whose probability is submitted")
+        return self
 
     def data_path(self, project: Project) -> Path:
         return project.root / (self.data_dir or f"cache/data/{self.name}")
@@ -162,6 +172,122 @@ class TTA(Strict):
 Size = Union[int, tuple[int, int]]
 
 
+class TuneRange(Strict):
+    """A numeric search range: integers when low and high (and step) are integers, else floats."""
+
+    low: Union[int, float]
+    high: Union[int, float]
+    log: bool = False  # sample on a log scale (needs low > 0)
+    step: Union[int, float, None] = None  # a grid step (not with log)
+
+    @model_validator(mode="after")
+    def _sound(self):
+        if not self.low < self.high:
+            raise ValueError(f"low {self.low} must be below high {self.high}")
+        if self.log and self.step is not None:
+            raise ValueError("log and step do not combine; drop one")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0 (got {self.low})")
+        if self.step is not None and self.step <= 0:
+            raise ValueError(f"step must be positive (got {self.step})")
+        return self
+
+    @property
+    def is_int(self) -> bool:
+        ints = [v for v in (self.low, self.high, self.step) if v is not None]
+        return all(isinstance(v, int) and not isinstance(v, bool) for v in ints)
+
+
+class Tune(Strict):
+    """`ens tune`'s search: `trials` trials of `epochs` epochs on a stratified `fraction` of the training images
+    (the validation images stay the competition's); `space` maps member field paths (`lr`,
+    `aug_transforms.max_rotate`) to a list of choices or a {low, high, log?, step?} range."""
+
+    trials: int = Field(10, ge=1)
+    epochs: int = Field(2, ge=1)
+    fraction: float = Field(0.25, gt=0, le=1)
+    pruner: Literal["median", "none"] = "median"  # stop trials below the median of earlier ones at the same epoch
+    space: dict[str, Union[TuneRange, list[Any]]] = Field(min_length=1)
+
+    @field_validator("space", mode="before")
+    @classmethod
+    def _entries(cls, v):
+        if not isinstance(v, dict):
+            return v  # pydantic says what is wrong
+        out = {}
+        for key, spec in v.items():
+            if isinstance(spec, list) and spec:
+                out[key] = spec
+            elif isinstance(spec, dict):
+                try:
+                    out[key] = TuneRange.model_validate(spec)
+                except ValidationError as e:
+                    first = e.errors()[0]
+                    problem = (f"unknown key '{first['loc'][0]}' (a range takes low, high, log, step)"
+                               if first["type"] == "extra_forbidden" else
+                               f"{'.'.join(map(str, first['loc']))} {first['msg']}".strip().removeprefix("Value error, "))
+                    raise ValueError(f"space key '{key}': {problem}") from None
+            else:
+                raise ValueError(f"space key '{key}': give a list of choices or a range {{low, high, log?, step?}}, "
+                                 f"not {spec!r}")
+        return out
+
+
+# member fields a search may not vary: trials set epochs (and drop stages) themselves; the rest change no result
+TUNE_FIXED = ("name", "tune", "epochs", "stages", "weight", "num_workers", "keep_model", "gpu_memory")
+
+
+def member_field(path: str):
+    """The pydantic FieldInfo a dotted member field path (`aug_transforms.max_rotate`) names, or None."""
+    model, info = Member, None
+    for part in path.split("."):
+        if model is None or part not in model.model_fields:
+            return None
+        info = model.model_fields[part]
+        model = next((t for t in (info.annotation, *getattr(info.annotation, "__args__", ()))
+                      if isinstance(t, type) and issubclass(t, BaseModel)), None)
+    return info
+
+
+def _member_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
+    out = []
+    for name, info in model.model_fields.items():
+        out.append(prefix + name)
+        sub = next((t for t in (info.annotation, *getattr(info.annotation, "__args__", ()))
+                    if isinstance(t, type) and issubclass(t, BaseModel)), None)
+        if sub is not None:
+            out += _member_paths(sub, f"{prefix}{name}.")
+    return out
+
+
+def check_tune_space(tune: Tune) -> None:
+    """Every space key a member field that a trial may vary, every bound and choice a value that field takes."""
+    from pydantic import TypeAdapter
+
+    for key, spec in tune.space.items():
+        info = member_field(key)
+        if info is None:
+            close = difflib.get_close_matches(key, _member_paths(Member), n=1)
+            hint = f"did you mean '{close[0]}'?" if close else "name a member field, e.g. lr or aug_transforms.max_rotate"
+            raise ValueError(f"space key '{key}' is not a member field; {hint}")
+        if key.split(".")[0] in TUNE_FIXED:
+            raise ValueError(f"space key '{key}' cannot be tuned (trials run tune.epochs epochs; "
+                             f"{', '.join(TUNE_FIXED)} are fixed)")
+        field_type = TypeAdapter(Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation)
+        if isinstance(spec, TuneRange):
+            if info.annotation is int and not spec.is_int:
+                raise ValueError(f"space key '{key}' takes integers; give low and high (and step) as integers")
+            values = [spec.low, spec.high]
+        else:
+            values = spec
+        for v in values:
+            try:
+                field_type.validate_python(v)
+            except ValidationError as e:
+                problem = e.errors()[0]["msg"].removeprefix("Value error, ")
+                raise ValueError(f"space key '{key}': {v!r} is not a value of that field ({problem})") from None
+
+
 class Member(Strict):
     name: str
     arch: str
@@ -183,6 +309,21 @@ class Member(Strict):
     num_workers: Optional[int] = Field(None, ge=0)
     keep_model: bool = False
     gpu_memory: str = "8GiB"  # the memory budget on CUDA: micro-batches and gradient accumulation are fitted to it
+    tune: Optional[Tune] = None  # `ens tune`'s search space and budget
+
+    @field_validator("tune", mode="wrap")
+    @classmethod
+    def _tune_space(cls, v, handler):
+        tune = handler(v)
+        if tune is not None:
+            check_tune_space(tune)
+        return tune
+
+    @model_validator(mode="after")
+    def _tuned_augmentation_exists(self):
+        if self.tune and self.aug_transforms is None and any(k.startswith("aug_transforms.") for k in self.tune.space):
+            raise ValueError("tune.space varies aug_transforms fields but aug_transforms is null; set aug_transforms")
+        return self
 
     @field_validator("gpu_memory")
     @classmethod
@@ -223,7 +364,7 @@ class Member(Strict):
         return sum(e for _, e in self.stage_plan)
 
     # fields that do not change a member's predictions
-    RUN_ONLY: ClassVar[tuple] = ("name", "weight", "num_workers", "keep_model", "gpu_memory")
+    RUN_ONLY: ClassVar[tuple] = ("name", "weight", "num_workers", "keep_model", "gpu_memory", "tune")
 
     def key_fields(self) -> dict[str, Any]:
         """What the cache key hashes: every field that changes the predictions, resolved."""

@@ -211,6 +211,27 @@ def load_data(project: Project, comp: Competition) -> CompetitionData:
     return CompetitionData(comp, root, paths, labels, valid, test, fp)
 
 
+def train_fraction(data: CompetitionData, fraction: float, seed: int = 42) -> CompetitionData:
+    """The same competition with a stratified `fraction` of its training images (at least one per class) and all
+    of its validation images: per class, the images ranked by a seeded hash of their path, the first taken (like
+    the validation split, no library's RNG). For quick trials (`ens tune`); the fingerprint says which subset."""
+    if fraction >= 1:
+        return data
+    groups: dict[str, list[int]] = {}
+    for i, (label, valid) in enumerate(zip(data.train_labels, data.is_valid)):
+        if not valid:
+            groups.setdefault(label, []).append(i)
+    keep = {i for i, v in enumerate(data.is_valid) if v}
+    for members in groups.values():
+        ranked = sorted(members, key=lambda i: hashlib.sha256(f"fraction:{seed}:{data.train_paths[i]}".encode()).digest())
+        keep.update(ranked[: max(1, int(round(len(ranked) * fraction)))])
+    rows = sorted(keep)
+    fingerprint = hashlib.sha256(f"{data.fingerprint}:fraction:{fraction}:{seed}".encode()).hexdigest()
+    return replace(data, train_paths=[data.train_paths[i] for i in rows],
+                   train_labels=[data.train_labels[i] for i in rows], is_valid=[data.is_valid[i] for i in rows],
+                   fingerprint=fingerprint)
+
+
 # --------------------------------------------------------------------------------------------- prepared copies
 def prepare_data(data: CompetitionData, prepare, cache_root: Path) -> CompetitionData:
     """The same competition read from a copy whose images are shrunk so that the longer side is at most

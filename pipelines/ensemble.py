@@ -35,8 +35,35 @@ def f1_macro(probs: np.ndarray, targets: np.ndarray) -> float:
     return float(f1_score(targets, probs.argmax(1), average="macro", labels=np.arange(probs.shape[1])))
 
 
-METRICS = {"accuracy": accuracy, "log_loss": log_loss, "f1_macro": f1_macro}
-GREATER_IS_BETTER = {"accuracy": True, "log_loss": False, "f1_macro": True}
+def roc_auc(probs: np.ndarray, targets: np.ndarray) -> float:
+    """Two classes: the AUC of the second class's probability (symmetric: the first's gives the same);
+    more: the one-vs-rest macro average. NaN when the targets hold a single class."""
+    from sklearn.metrics import roc_auc_score
+
+    if len(np.unique(targets)) < 2:
+        return float("nan")
+    if probs.shape[1] == 2:
+        return float(roc_auc_score(targets == 1, probs[:, 1]))
+    return float(roc_auc_score(targets, probs, multi_class="ovr", labels=np.arange(probs.shape[1])))
+
+
+METRICS = {"accuracy": accuracy, "log_loss": log_loss, "f1_macro": f1_macro, "roc_auc": roc_auc}
+GREATER_IS_BETTER = {"accuracy": True, "log_loss": False, "f1_macro": True, "roc_auc": True}
+
+
+def per_class(probs: np.ndarray, targets: np.ndarray, vocab: list[str]) -> dict:
+    """Precision, recall, F1 and support per class, and the confusion matrix (rows: true, columns: predicted) —
+    what the seeds report for every model. Plain numpy: it runs on every member and every ensemble."""
+    n = len(vocab)
+    confusion = np.zeros((n, n), dtype=int)
+    np.add.at(confusion, (targets, probs.argmax(1)), 1)
+    hits = np.diag(confusion).astype(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.nan_to_num(hits / confusion.sum(0))
+        recall = np.nan_to_num(hits / confusion.sum(1))
+        f1 = np.nan_to_num(2 * precision * recall / (precision + recall))
+    return {"classes": list(vocab), "precision": precision.round(6).tolist(), "recall": recall.round(6).tolist(),
+            "f1": f1.round(6).tolist(), "support": confusion.sum(1).tolist(), "confusion": confusion.tolist()}
 
 
 def score(metric: str, probs: np.ndarray, targets: np.ndarray) -> float:

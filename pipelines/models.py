@@ -1,27 +1,47 @@
 """Architecture names → models: timm names (deprecated aliases such as `convnext_small_in22k` included),
-torchvision names as `torchvision:NAME`, fastai's own as `fastai:NAME`.
+torchvision names as `torchvision:NAME`, fastai's own as `fastai:NAME`, and this project's from-scratch nets
+(`nets.py`: the seeds' LeNet-5, AlexNet-with-one-batch-norm and CIFAR CNN) as `ens:NAME`.
+
+Naming rule: a prefix (`timm:`, `torchvision:`, `fastai:`, `ens:`) says which library; a plain name is timm's,
+unless timm has no model of that name and `nets.py` has one, then it is ens's (`lenet5` = `ens:lenet5`). timm
+wins a clash, so a timm name never changes meaning; `ens:` always means ens's own. The `ens:` nets have no
+pretrained weights: they need `pretrained: false` (a one-line ConfigError otherwise), are trained with
+`fit_one_cycle` like any from-scratch body, and their inputs are normalised with ImageNet's statistics.
 
 The list of known names is memoised per library version in ~/.cache/ens/, so checking a config does not pay timm's
-import (seconds); the learner itself is built only where training happens.
+import (seconds); the learner itself is built only where training happens. `list_models` (`ens models`) reads
+the same memo.
 """
 
 from __future__ import annotations
 
 import difflib
+import fnmatch
 import json
 import os
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from . import nets
 from .errors import ConfigError
 
-PREFIXES = ("timm", "torchvision", "fastai")
+PREFIXES = ("timm", "torchvision", "fastai", "ens")
 
 
 def split_arch(arch: str) -> tuple[str, str]:
-    """('timm' | 'torchvision' | 'fastai', name); plain names are timm's."""
+    """('timm' | 'torchvision' | 'fastai' | 'ens', name); plain names are timm's, but for a name only `nets.py`
+    knows (timm's memoised list is read for those names only)."""
     kind, sep, name = arch.partition(":")
-    return (kind, name) if sep and kind in PREFIXES else ("timm", arch)
+    if sep and kind in PREFIXES:
+        return kind, name
+    if arch in nets.NETS and not _timm_knows(arch):
+        return "ens", arch
+    return "timm", arch
+
+
+def _timm_knows(name: str) -> bool:
+    known = known_architectures()["timm"]
+    return name in known or name.split(".")[0] in known
 
 
 def _version(package: str) -> str:
@@ -31,7 +51,7 @@ def _version(package: str) -> str:
         return "none"
 
 
-def _list_architectures() -> dict[str, list[str]]:
+def _list_architectures() -> dict:
     import warnings
 
     with warnings.catch_warnings():  # import-time deprecation chatter from torch.jit
@@ -40,10 +60,11 @@ def _list_architectures() -> dict[str, list[str]]:
         import torchvision.models
         from fastai.vision.models import xresnet
 
-    timm_names = set(timm.list_models()) | set(timm.list_models(pretrained=True))
-    timm_names |= set(timm.models.get_deprecated_models())
+    deprecated = dict(timm.models.get_deprecated_models())
+    timm_names = set(timm.list_models()) | set(timm.list_models(pretrained=True)) | set(deprecated)
     return {
-        "timm": sorted(timm_names),
+        "timm": sorted(timm_names),  # architectures, their pretrained tags ('convnext_small.fb_in22k'), aliases
+        "timm_deprecated": deprecated,  # alias → current name (with its tag)
         "torchvision": sorted(torchvision.models.list_models(module=torchvision.models)),
         "fastai": sorted(n for n in xresnet.__all__ if n.startswith(("xresnet", "xse_", "xsenet"))),
     }
@@ -53,12 +74,14 @@ def user_cache() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "ens"
 
 
-def known_architectures() -> dict[str, list[str]]:
-    """Every nameable architecture, by library; memoised per library versions in ~/.cache/ens/ (it depends on the
-    installed libraries, not on the project)."""
-    memo = user_cache() / f"archs-timm{_version('timm')}-tv{_version('torchvision')}-fastai{_version('fastai')}.json"
+def _memo() -> dict:
+    """The libraries' names, memoised per library versions in ~/.cache/ens/ (they depend on the installed
+    libraries, not on the project)."""
+    memo = user_cache() / f"archs2-timm{_version('timm')}-tv{_version('torchvision')}-fastai{_version('fastai')}.json"
     try:
-        return json.loads(memo.read_text())
+        names = json.loads(memo.read_text())
+        if isinstance(names, dict) and all(k in names for k in ("timm", "timm_deprecated", "torchvision", "fastai")):
+            return names
     except (OSError, ValueError):
         pass
     names = _list_architectures()
@@ -69,20 +92,36 @@ def known_architectures() -> dict[str, list[str]]:
     return names
 
 
-def check_arch(arch: str, where: str) -> None:
-    """Raise a one-line ConfigError naming close matches when `arch` is not a known name."""
+def known_architectures() -> dict[str, list[str]]:
+    """Every nameable architecture, by library ('timm', 'torchvision', 'fastai', 'ens'); the libraries' lists
+    memoised (`_memo`), ens's own from `nets.py`."""
+    memo = _memo()
+    return {kind: memo[kind] for kind in ("timm", "torchvision", "fastai")} | {"ens": nets.names()}
+
+
+def check_arch(arch: str, where: str, pretrained=None) -> None:
+    """Raise a one-line ConfigError naming close matches when `arch` is not a known name; with the member's
+    `pretrained`, also when it asks weights of one of ens's from-scratch nets."""
     kind, name = split_arch(arch)
-    known = known_architectures()[kind]
-    if name in known:
+    all_known = known_architectures()
+    known = all_known[kind]
+    if name in known or (kind == "timm" and name.split(".")[0] in known):  # timm tags: 'convnext_small.fb_in22k'
+        if kind == "ens" and pretrained not in (None, False):
+            raise ConfigError(from_scratch_error(arch, where.removesuffix(".arch") + ".pretrained", pretrained))
         return
-    base = name.split(".")[0]  # timm pretrained tags: 'convnext_small.fb_in22k'
-    if kind == "timm" and base in known:
-        return
-    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
-    prefix = "" if kind == "timm" else f"{kind}:"
-    hint = f"did you mean {', '.join(prefix + c for c in close)}?" if close else \
-        "`python -c \"import timm; print(timm.list_models('convnext*'))\"` lists timm's names"
+    # candidates, as they would be written: a plain name may also be one of ens's nets
+    pool = {(c if kind == "timm" else f"{kind}:{c}"): c for c in known}
+    if kind == "timm":
+        pool |= {f"ens:{c}": c for c in all_known["ens"]}
+    close = difflib.get_close_matches(name, list(pool.values()), n=3, cutoff=0.6)
+    written = [w for c in close for w, bare in pool.items() if bare == c]
+    hint = f"did you mean {', '.join(dict.fromkeys(written))}?" if close else "`ens models PATTERN` lists the names"
     raise ConfigError(f"{where}: unknown {kind} architecture '{name}'; {hint}")
+
+
+def from_scratch_error(arch: str, where: str, pretrained) -> str:
+    return (f"{where}: {arch} is one of ens's own nets, trained from scratch, with no pretrained weights to load "
+            f"(pretrained: {pretrained!r}); set pretrained: false (in the member or in defaults)")
 
 
 def with_size_kwargs(create, final_size):
@@ -124,6 +163,8 @@ def build_model(arch: str, n_classes: int, final_size):
         from fastai.vision.learner import create_timm_model, create_vision_model
 
     kind, name = split_arch(arch)
+    if kind == "ens":
+        return nets.build(name, n_classes)
     if kind == "timm":
         return with_size_kwargs(lambda **kw: create_timm_model(name, n_classes, pretrained=False, **kw)[0], final_size)
     return create_vision_model(_vision_builder(kind, name), n_classes, pretrained=False)
@@ -141,10 +182,16 @@ def timm_weights_kwargs(pretrained) -> dict:
 
 def build_learner(dls, member, metrics, cbs=()):
     """A fastai Learner for `member` on `dls`, and the (mean, std) its inputs must be normalised with:
-    the pretrained weights' own statistics, or ImageNet's for from-scratch bodies (fastai adds none then)."""
-    from fastai.vision.all import imagenet_stats, vision_learner
+    the pretrained weights' own statistics, or ImageNet's for from-scratch bodies (fastai adds none then).
+    ens's own nets (`nets.py`) get a plain fastai Learner split into body and head, like vision_learner's."""
+    from fastai.vision.all import Learner, imagenet_stats, vision_learner
 
     kind, name = split_arch(member.arch)
+    if kind == "ens":
+        if member.pretrained is not False:
+            raise ConfigError(from_scratch_error(member.arch, f"member {member.name}: pretrained", member.pretrained))
+        learn = Learner(dls, nets.build(name, dls.c), metrics=metrics, cbs=list(cbs), splitter=nets.body_head_split)
+        return learn, imagenet_stats
     common = dict(normalize=False, metrics=metrics, cbs=list(cbs))
     if kind == "timm":
         weights = timm_weights_kwargs(member.pretrained)
@@ -158,3 +205,60 @@ def build_learner(dls, member, metrics, cbs=()):
     arch = _vision_builder(kind, name)
     learn = vision_learner(dls, arch, pretrained=bool(member.pretrained), **common)
     return learn, imagenet_stats
+
+
+def list_models(pattern: str | None = None, pretrained_only: bool = False) -> list[tuple[str, str, str]]:
+    """(name as written in a YAML `arch:`, library, note) of the nameable architectures matching `pattern`, for
+    `ens models`: ens's own nets first, then timm's, torchvision's and fastai's. From the memoised lists (timm is
+    not imported when they are memoised).
+
+    `pattern` is an fnmatch pattern, case-insensitive (`convnext*`, `*in22k*`); one without wildcards matches
+    anywhere in the name (`convnext` = `*convnext*`); a library prefix restricts to that library
+    (`ens:*`, `torchvision:resnet*`). Names are matched without their prefix; timm's pretrained tags too
+    (`convnext_small.fb_in22k`). `pretrained_only`: only names with pretrained weights, that is timm's
+    tagged names (`convnext_small.fb_in22k`) and the deprecated aliases of one, each its own row; otherwise
+    one row per architecture, its note counting its pretrained tags."""
+    library = None
+    if pattern and ":" in pattern:
+        prefix, _, rest = pattern.partition(":")
+        if prefix.lower() in PREFIXES:
+            library, pattern = prefix.lower(), rest
+    pattern = (pattern or "*").lower()
+    if not any(c in pattern for c in "*?["):
+        pattern = f"*{pattern}*"
+
+    def match(name: str) -> bool:
+        return fnmatch.fnmatchcase(name.lower(), pattern)
+
+    rows: list[tuple[str, str, str]] = []
+    if library in (None, "ens") and not pretrained_only:
+        rows += [(f"ens:{n}", "ens", nets.NOTES.get(n, "from scratch")) for n in nets.names() if match(n)]
+    if library in (None, "timm"):
+        memo = _memo()
+        deprecated = memo["timm_deprecated"]
+        tags: dict[str, list[str]] = {}
+        for n in memo["timm"]:
+            if "." in n:
+                tags.setdefault(n.split(".")[0], []).append(n)
+        if pretrained_only:
+            for n in memo["timm"]:
+                if "." in n and match(n):
+                    rows.append((n, "timm", "pretrained"))
+                elif n in deprecated and "." in deprecated[n] and deprecated[n] in memo["timm"] and match(n):
+                    rows.append((n, "timm", f"deprecated alias of {deprecated[n]}"))
+        else:
+            for n in memo["timm"]:
+                if "." in n or not match(n):
+                    continue
+                if n in deprecated:
+                    note = f"deprecated alias of {deprecated[n]}"
+                else:
+                    k = len(tags.get(n, ()))
+                    note = f"{k} pretrained tag{'s' if k != 1 else ''}" if k else "no pretrained weights"
+                rows.append((n, "timm", note))
+    if not pretrained_only:
+        memo = _memo() if library in (None, "torchvision", "fastai") else {}
+        for lib in ("torchvision", "fastai"):
+            if library in (None, lib):
+                rows += [(f"{lib}:{n}", lib, "") for n in memo[lib] if match(n)]
+    return rows

@@ -56,7 +56,7 @@ def check_ensemble(project: Project, spec: str, overrides: list[str]) -> tuple[P
     """Load and validate everything a run needs before any time is spent: YAML, architectures."""
     path, ens, comp = load_ensemble(project, spec, overrides)
     for i, member in enumerate(ens.members):
-        check_arch(member.arch, f"{project.relative(path)}: members[{i}].arch")
+        check_arch(member.arch, f"{project.relative(path)}: members[{i}].arch", member.pretrained)
     return path, ens, comp
 
 
@@ -84,8 +84,10 @@ def _train_and_predict(member: Member, data: CompetitionData, cache: MemberCache
     if vocab != data.vocab:
         raise RuntimeError(f"the learner's vocab {vocab} differs from the competition's {data.vocab}")
     targets = probs["valid_targets"]
+    names = dict.fromkeys(("accuracy", "log_loss", data.competition.metric))
     metrics = {f"{kind}_{name}": ensemble.score(name, probs[f"valid_{kind}"], targets)
-               for kind in ("plain", "tta") for name in ("accuracy", "log_loss")}
+               for kind in ("plain", "tta") for name in names}
+    per_class = {kind: ensemble.per_class(probs[f"valid_{kind}"], targets, vocab) for kind in ("plain", "tta")}
     arrays = dict(probs, valid_ids=np.array(data.valid_paths), test_ids=np.array(data.test_ids), vocab=np.array(vocab))
     extra = {}
     if member.keep_model and (partial / "checkpoint.pth").is_file():
@@ -103,10 +105,12 @@ def _train_and_predict(member: Member, data: CompetitionData, cache: MemberCache
         "key_fields": member.key_fields(),
         "data_fingerprint": data.fingerprint,
         "metrics": metrics,
+        "per_class": per_class,
         "history": trained.history,
         "timings": {"train_seconds": round(trained.seconds, 2), "predict_seconds": round(predict_seconds, 2)},
         "resumed_at": trained.resumed_at,
         "memory": trained.memory,
+        "normalize": trained.normalize,
         "device": trained.device,
         "precision": trained.precision,
         "versions": versions(),
@@ -205,8 +209,12 @@ def blend_and_submit(project: Project, g: Gathered, outcomes: list[MemberOutcome
         solution = data.root / comp.solution
         test_score = submission.score_submission(csv_path, solution, comp)
         for o in outcomes:
-            labels = np.asarray(data.vocab)[o.entry.probs("test", probs).argmax(1)]
-            o.test_score = submission.score_labels(data.test_ids, list(labels), solution, comp)
+            values = submission.submission_values(comp, o.entry.probs("test", probs), data.vocab)
+            o.test_score = submission.score_values(data.test_ids, values, solution, comp)
+    validation = {"metric": comp.metric, "score": valid_score, "probs": probs, "n_images": int(len(targets)),
+                  "members": {o.member.name: w for o, w in zip(outcomes, weights)},
+                  "per_class": ensemble.per_class(valid, targets, data.vocab)}
+    csv_path.with_suffix(".validation.json").write_text(json.dumps(validation, indent=1))
     history = out_dir / "history.csv"
     shown = project.relative(csv_path)
     members = ", ".join(o.member.name + (f"×{w:g}" if w != 1 else "") for o, w in zip(outcomes, weights))

@@ -38,30 +38,52 @@ def _columns(path: Path) -> list[str]:
         return next(csv.reader(f), [])
 
 
+def submission_values(comp: Competition, test_probs: np.ndarray, vocab: list[str]) -> list[str]:
+    """What the target column holds for each test image: the predicted label, or the probability of the
+    competition's positive class."""
+    if comp.submission_kind == "probability":
+        if comp.positive_class not in vocab:
+            raise EnsError(f"competitions/{comp.name}.yaml: positive_class '{comp.positive_class}' is not one of the "
+                           f"classes {vocab}; fix positive_class")
+        return [f"{p:.6f}" for p in test_probs[:, vocab.index(comp.positive_class)]]
+    return list(np.asarray(vocab)[test_probs.argmax(1)])
+
+
 def write_submission(path: Path, comp: Competition, sample_path: Path, test_ids: list[str],
                      test_probs: np.ndarray, vocab: list[str]) -> Path:
-    """Labels from `test_probs` written in the sample submission's row order and columns."""
+    """The submission in the sample submission's row order and columns."""
     index = {image_id: i for i, image_id in enumerate(test_ids)}
     sample = _read(sample_path, "sample submission")
     missing = next((r[comp.id_column] for r in sample if r[comp.id_column] not in index), None)
     if missing is not None:
         raise EnsError(f"{sample_path}: id '{missing}' has no image in {comp.test_images}/; "
                        "check test_images and test_id in the competition YAML")
-    labels = np.asarray(vocab)[test_probs.argmax(1)]
+    values = submission_values(comp, test_probs, vocab)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".csv.tmp")
     with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=_columns(sample_path), lineterminator="\n")
         writer.writeheader()
         for row in sample:
-            writer.writerow(dict(row, **{comp.target_column: labels[index[row[comp.id_column]]]}))
+            writer.writerow(dict(row, **{comp.target_column: values[index[row[comp.id_column]]]}))
     tmp.replace(path)
     return path
 
 
+def _bad_value(comp: Competition, value: str, labels: set) -> str | None:
+    if comp.submission_kind == "label":
+        return None if value in labels else f"label '{value}' is not one of the competition's classes"
+    try:
+        p = float(value)
+    except ValueError:
+        p = -1.0
+    return None if 0.0 <= p <= 1.0 else f"'{value}' is not a probability between 0 and 1"
+
+
 def check_submission(path: Path, sample_path: Path, comp: Competition, labels: list[str]) -> int:
     """Raise SubmissionError naming the first bad row unless `path` has the sample's columns, exactly its ids
-    (each once) and only known labels. Returns the number of rows. Row numbers count the header as row 1."""
+    (each once) and only known labels (or probabilities, for a probability competition). Returns the number of
+    rows. Row numbers count the header as row 1."""
     columns, sample_columns = _columns(path), _columns(sample_path)
     if columns != sample_columns:
         raise SubmissionError(f"{path}: columns {columns} differ from the sample submission's {sample_columns}")
@@ -69,13 +91,14 @@ def check_submission(path: Path, sample_path: Path, comp: Competition, labels: l
     expected = {r[comp.id_column] for r in _read(sample_path, "sample submission")}
     known, seen = set(labels), set()
     for n, row in enumerate(rows, start=2):
-        image_id, label = row[comp.id_column], row[comp.target_column]
+        image_id, value = row[comp.id_column], row[comp.target_column]
         if image_id not in expected:
             raise SubmissionError(f"{path}: row {n}: id '{image_id}' is not in the sample submission")
         if image_id in seen:
             raise SubmissionError(f"{path}: row {n}: id '{image_id}' appears twice")
-        if label not in known:
-            raise SubmissionError(f"{path}: row {n}: label '{label}' is not one of the competition's classes")
+        problem = _bad_value(comp, value, known)
+        if problem:
+            raise SubmissionError(f"{path}: row {n}: {problem}")
         seen.add(image_id)
     if len(seen) < len(expected):
         first = next(r[comp.id_column] for r in _read(sample_path, "sample submission") if r[comp.id_column] not in seen)
@@ -87,20 +110,36 @@ def check_submission(path: Path, sample_path: Path, comp: Competition, labels: l
 def score_submission(path: Path, solution_path: Path, comp: Competition) -> float | None:
     """The competition's metric on the known answers, as Kaggle would score the file."""
     rows = _read(path, "submission")
-    return score_labels([r[comp.id_column] for r in rows], [r[comp.target_column] for r in rows], solution_path, comp)
+    return score_values([r[comp.id_column] for r in rows], [r[comp.target_column] for r in rows], solution_path, comp)
 
 
-def score_labels(ids: list[str], predicted: list[str], solution_path: Path, comp: Competition) -> float | None:
-    """The metric of predicted labels against the answers; None for metrics that need probabilities (a label
-    file cannot be scored on log loss)."""
+def score_values(ids: list[str], values: list[str], solution_path: Path, comp: Competition) -> float | None:
+    """The metric of submitted values (labels, or positive-class probabilities) against the answers; None where
+    the metric cannot be computed from them (log loss or ROC AUC of bare labels)."""
     truth = {r[comp.id_column]: r[comp.target_column] for r in _read(solution_path, "solution")}
     actual = [truth[i] for i in ids]
+    if comp.submission_kind == "probability":
+        from sklearn.metrics import roc_auc_score
+
+        p = np.asarray(values, dtype=float)
+        y = np.asarray([a == comp.positive_class for a in actual])
+        if comp.metric == "roc_auc":
+            return float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else None
+        if comp.metric == "log_loss":
+            q = np.clip(p, 1e-15, 1 - 1e-15)
+            return float(-np.mean(np.where(y, np.log(q), np.log(1 - q))))
+        predicted = p >= 0.5
+        if comp.metric == "accuracy":
+            return float(np.mean(predicted == y))
+        from sklearn.metrics import f1_score
+
+        return float(f1_score(y, predicted, average="macro"))
     if comp.metric == "accuracy":
-        return float(np.mean([p == a for p, a in zip(predicted, actual)]))
+        return float(np.mean([p == a for p, a in zip(values, actual)]))
     if comp.metric == "f1_macro":
         from sklearn.metrics import f1_score
 
-        return float(f1_score(actual, predicted, average="macro"))
+        return float(f1_score(actual, values, average="macro"))
     return None
 
 

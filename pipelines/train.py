@@ -96,6 +96,7 @@ class Trained:
     seconds: float = 0.0
     resumed_at: str | None = None  # where an interrupted run was picked up
     memory: dict | None = None  # on CUDA: micro-batch, accumulation, peak memory, OOM restarts
+    normalize: tuple | None = None  # the (mean, std) inputs were normalised with: needed to reuse kept weights
 
 
 def _rng_state(stage_dls: dict) -> dict:
@@ -252,4 +253,5 @@ def _fit(member, data, progress, checkpoint_dir, cbs, device, precision, plan) -
         progress.remove_task(task)
     learn.dls = stage_dls[str(member.final_size)]
     memory = plan.as_meta() if plan is not None else None
-    return Trained(learn, history, precision, device, time.perf_counter() - start, resumed_at, memory)
+    normalize = tuple([float(x) for x in v] for v in stats)
+    return Trained(learn, history, precision, device, time.perf_counter() - start, resumed_at, memory, normalize)

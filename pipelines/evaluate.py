@@ -1,0 +1,153 @@
+"""Kept member models put back to work: `ens bench` (seed 002's model benchmarks) and `ens eval --on FOLDER`
+(seed 002 trained on CIFAR-10 and evaluated on CINIC-10). Both need members trained with `keep_model: true`."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import ensemble
+from .config import Member, Project
+from .errors import EnsError
+from .run import MemberOutcome, gather_members
+
+
+def gather_kept(project: Project, spec: str, overrides, what: str):
+    """The ensemble's members with their weights kept; a clear error before any training when some member has
+    none and will not keep any (`keep_model: false`)."""
+    g = gather_members(project, spec, overrides, cached_only=True)
+    lacking = [o.member.name for o in g.outcomes if not (o.entry.path / "model.pth").is_file()]
+    lacking += [m.name for m in g.missing if not m.keep_model]
+    if lacking:
+        raise EnsError(f"{what} needs the members' weights, and {', '.join(lacking)} kept none: set keep_model: true "
+                       "(e.g. `defaults.keep_model=true` on the command line); such members are then retrained once")
+    return gather_members(project, spec, overrides) if g.missing else g
+
+
+def kept_learner(outcome: MemberOutcome, data):
+    """The member's Learner with its kept weights (built without downloading anything), at its final size."""
+    import torch
+    from fastai.vision.all import Normalize, noop
+
+    from .data import dataloaders
+    from .models import build_learner
+
+    member = Member.model_validate(outcome.entry.meta["member"])
+    bare = member.model_copy(update={"pretrained": False})  # the weights come from the entry
+    dls = dataloaders(data, bare.model_copy(update={"num_workers": 0}), member.final_size)
+    learn, _ = build_learner(dls, bare, metrics=[])
+    dls.add_tfms([Normalize.from_stats(*outcome.entry.meta["normalize"])], "after_batch")
+    learn.model.load_state_dict(torch.load(outcome.entry.path / "model.pth", map_location="cpu"))
+    learn.remove_cbs([cb for cb in learn.cbs if type(cb).__name__ == "ProgressCallback"])
+    learn.logger = noop
+    return learn.to_fp32()
+
+
+@dataclass
+class BenchRow:
+    name: str
+    arch: str
+    size: object
+    valid_accuracy: float
+    valid_loss: float
+    ms_per_image_batch1: float
+    ms_per_image_batched: float
+    params: int
+    memory_mb: float
+    disk_mb: float
+
+
+def _ms_per_image(model, x, repeats: int) -> float:
+    import torch
+
+    with torch.inference_mode():
+        model(x)  # warm-up
+        start = time.perf_counter()
+        for _ in range(repeats):
+            model(x)
+    return (time.perf_counter() - start) / repeats / len(x) * 1000
+
+
+def bench(project: Project, spec: str, overrides=(), batch: int = 32, repeats: int = 5) -> tuple[list[BenchRow], str]:
+    """Per member: validation accuracy and loss (from the cache), inference time per image with a batch of 1
+    and batched on this machine's device, parameters, in-memory and on-disk size of the weights."""
+    import torch
+
+    from .train import device_precision
+
+    g = gather_kept(project, spec, overrides, "ens bench")
+    device = device_precision("fp32")[0]
+    rows = []
+    for o in g.outcomes:
+        learn = kept_learner(o, g.data)
+        model = learn.model.eval().to(device)
+        h, w = (o.member.final_size,) * 2 if isinstance(o.member.final_size, int) else o.member.final_size
+        one, many = torch.randn(1, 3, h, w, device=device), torch.randn(batch, 3, h, w, device=device)
+        tensors = list(model.parameters()) + list(model.buffers())
+        metrics = o.entry.meta["metrics"]
+        rows.append(BenchRow(o.member.name, o.member.arch, o.member.final_size, metrics["plain_accuracy"],
+                             metrics["plain_log_loss"], _ms_per_image(model, one, repeats * 4),
+                             _ms_per_image(model, many, repeats), sum(p.numel() for p in model.parameters()),
+                             sum(t.numel() * t.element_size() for t in tensors) / 1e6,
+                             (o.entry.path / "model.pth").stat().st_size / 1e6))
+    return rows, device
+
+
+def write_bench_csv(rows: list[BenchRow], dest: Path) -> Path:
+    import csv
+    from dataclasses import asdict, fields
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[x.name for x in fields(BenchRow)])
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in rows)
+    return dest
+
+
+def labelled_folder(folder: Path, vocab: list[str], extensions) -> tuple[list[Path], np.ndarray]:
+    """Images of `folder/<class>/*`, with their class indices in the competition's vocab."""
+    if not folder.is_dir():
+        raise EnsError(f"{folder}: no such folder; give a folder of class subfolders (<class>/*.jpg)")
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    unknown = [c for c in classes if c not in vocab]
+    if unknown:
+        raise EnsError(f"{folder}: class folder '{unknown[0]}' is not a class of the competition "
+                       f"({', '.join(vocab)}); rename or remove it")
+    items = sorted((p, vocab.index(p.parent.name)) for c in classes for p in (folder / c).iterdir()
+                   if p.is_file() and p.suffix.lower() in extensions)
+    if not items:
+        raise EnsError(f"{folder}: no images in its class folders")
+    paths, targets = zip(*items)
+    return list(paths), np.array(targets)
+
+
+def evaluate_on(project: Project, spec: str, folder: Path, overrides=()):
+    """Each kept member (plain and with its TTA) and the ensemble on another labelled folder with the same
+    classes: {name: {metric: (on folder, on validation)}} and the number of images."""
+    from .predict import tta_probs
+
+    g = gather_kept(project, spec, overrides, "ens eval")
+    metric = g.competition.metric
+    paths, targets = labelled_folder(Path(folder), g.data.vocab, g.competition.image_extensions)
+    results, probs, weights = {}, [], []
+    for o in g.outcomes:
+        learn = kept_learner(o, g.data)
+        plain, tta = tta_probs(learn, learn.dls.test_dl(paths), o.member)
+        meta = o.entry.meta["metrics"]
+        results[o.member.name] = {
+            "accuracy": (ensemble.accuracy(plain, targets), meta["plain_accuracy"]),
+            "TTA accuracy": (ensemble.accuracy(tta, targets), meta["tta_accuracy"]),
+            f"TTA {metric}": (ensemble.score(metric, tta, targets), meta.get(f"tta_{metric}")),
+        }
+        probs.append(tta if g.ensemble.probs == "tta" else plain)
+        weights.append(o.member.weight)
+    mixed = ensemble.combine(probs, weights)
+    valid = ensemble.combine([o.entry.probs("valid", g.ensemble.probs) for o in g.outcomes], weights)
+    vt = g.outcomes[0].entry.arrays["valid_targets"]
+    results["ensemble"] = {"accuracy": (ensemble.accuracy(mixed, targets), ensemble.accuracy(valid, vt)),
+                           f"TTA {metric}": (ensemble.score(metric, mixed, targets), ensemble.score(metric, valid, vt))}
+    return results, len(paths), g

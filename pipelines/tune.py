@@ -1,0 +1,379 @@
+"""`ens tune ENSEMBLE MEMBER`: a hyperparameter search for one member with Optuna.
+
+The member's `tune:` (its own or from `defaults:`) declares the budget and the space: `trials` trials of `epochs`
+epochs each, on a stratified `fraction` of the training images; every trial is scored with the competition's
+metric on the competition's fixed validation images (plain predictions, no TTA), after every epoch, and a median
+pruner stops trials that trail the earlier ones. TPE (Bayesian optimisation) proposes the values.
+
+The study lives in SQLite in the cache (`cache/<competition>/.tune/<ensemble>-<member>.db`), named by a hash of
+everything that defines a trial but the sampled values: an interrupted search resumes where it stopped, and
+asking for more trials runs only the new ones. Trials write no cache entries.
+
+optuna, torch and fastai are imported inside the functions that use them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from .config import Competition, Ensemble, Member, Project, Tune, TuneRange, apply_overrides, read_yaml
+from .data import CompetitionData, load_data, prepare_data, train_fraction
+from .errors import ConfigError, EnsError
+
+
+class InvalidTrial(Exception):
+    """The sampled values make no valid member (e.g. a size above `prepare.max_size`): the trial fails, the
+    search goes on."""
+
+
+@dataclass
+class TrialRow:
+    number: int
+    state: str  # complete | pruned | failed | running
+    params: dict[str, Any]  # member field path → value
+    value: float | None  # the objective (complete trials); for pruned ones the last reported value
+    epochs: int  # epochs scored
+    seconds: float | None = None
+    error: str | None = None
+
+
+@dataclass
+class TuneResult:
+    ensemble_path: Path
+    overrides: list[str]
+    ensemble: Ensemble
+    competition: Competition
+    member: Member  # as the YAML declares it (with overrides)
+    tune: Tune
+    metric: str
+    direction: str  # maximize | minimize
+    storage: Path
+    study_name: str
+    trials: list[TrialRow]
+    ran: int  # trials run by this call (the others were found in the study)
+    target: int  # finished trials wanted (complete + pruned)
+    n_train: int
+    n_valid: int
+    seconds: float = 0.0
+
+    @property
+    def best(self) -> TrialRow | None:
+        done = [t for t in self.trials if t.state == "complete" and t.value is not None]
+        if not done:
+            return None
+        sign = 1 if self.direction == "maximize" else -1
+        return max(done, key=lambda t: (sign * t.value, -t.number))
+
+
+# --------------------------------------------------------------------------------------------- members of trials
+def _set_path(d: dict, path: str, value) -> None:
+    parts = path.split(".")
+    for part in parts[:-1]:
+        if not isinstance(d.get(part), dict):
+            d[part] = {}
+        d = d[part]
+    d[parts[-1]] = value
+
+
+def trial_member(member: Member, tune: Tune, params: dict[str, Any]) -> Member:
+    """The member a trial trains: the sampled values set, `tune.epochs` epochs at the member's final size (its
+    progressive-resizing stages dropped), no `tune`. Raises InvalidTrial when the values make no valid member."""
+    from pydantic import ValidationError
+
+    d = member.model_dump(exclude={"tune"})
+    d.update(epochs=tune.epochs, stages=None, size=member.final_size)
+    for key, value in params.items():
+        _set_path(d, key, value)
+    try:
+        return Member.model_validate(d)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(map(str, first["loc"]))
+        raise InvalidTrial(f"{where + ': ' if where else ''}{first['msg'].removeprefix('Value error, ')}") from None
+
+
+def trial_data(full: CompetitionData, member: Member, tune: Tune, cache_root: Path, seed: int) -> CompetitionData:
+    """The images a trial reads: `tune.fraction` of the training images (stratified, seeded), every validation
+    image; from the member's prepared copy where it has `prepare:` (the copy `ens run` uses too)."""
+    if member.prepare:
+        full = prepare_data(full, member.prepare, cache_root)
+    return train_fraction(full, tune.fraction, seed)
+
+
+def _study_name(ensemble_path: Path, member: Member, tune: Tune, data: CompetitionData, metric: str) -> str:
+    """Everything that defines a trial but its sampled values: a change makes a new study (old trials would not
+    compare); the number of trials and the pruner do not (more trials resume the study)."""
+    fields = trial_member(member, tune, {}).key_fields()
+    for key in tune.space:  # the tuned fields' own values in the YAML play no part
+        node, parts = fields, key.split(".")
+        for part in parts[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(parts[-1], None)
+    space = {k: (v.model_dump() if isinstance(v, TuneRange) else v) for k, v in tune.space.items()}
+    blob = json.dumps({"member": fields, "space": space, "epochs": tune.epochs, "fraction": tune.fraction,
+                       "data": data.fingerprint, "metric": metric}, sort_keys=True, default=str)
+    return f"{ensemble_path.stem}-{member.name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
+# --------------------------------------------------------------------------------------------- sampling
+def _encoded(choices: list) -> list:
+    """Optuna's categorical choices must be scalars: lists and mappings (a size [h, w]) go in as JSON."""
+    return [json.dumps(c) if isinstance(c, (list, dict)) else c for c in choices]
+
+
+def _decode(tune: Tune, params: dict) -> dict:
+    out = {}
+    for key, value in params.items():
+        spec = tune.space.get(key)
+        if isinstance(spec, list) and isinstance(value, str) and value in _encoded(spec) and value not in spec:
+            value = spec[_encoded(spec).index(value)]
+        out[key] = value
+    return out
+
+
+def _suggest(trial, tune: Tune) -> dict:
+    params = {}
+    for key, spec in tune.space.items():
+        if isinstance(spec, list):
+            params[key] = trial.suggest_categorical(key, _encoded(spec))
+        elif spec.is_int:
+            params[key] = trial.suggest_int(key, spec.low, spec.high, step=spec.step or 1, log=spec.log)
+        else:
+            params[key] = trial.suggest_float(key, spec.low, spec.high, step=spec.step, log=spec.log)
+    return _decode(tune, params)
+
+
+# --------------------------------------------------------------------------------------------- the callback
+def _reporter(trial, metric: str, steps: int):
+    """A fastai callback scoring the validation predictions with the competition's metric after every epoch,
+    reporting the score to the trial, and raising optuna.TrialPruned when the pruner says so (never after the
+    last epoch: a finished trial is complete)."""
+    import torch
+    from fastai.callback.core import Callback
+    from optuna import TrialPruned
+
+    from .ensemble import score
+
+    class ReportToTrial(Callback):
+        order = 70  # after the Recorder (50) and train.py's EpochLog (60)
+
+        def __init__(self):
+            self.step, self.values = 0, []
+
+        def before_validate(self):
+            self.preds, self.targets = [], []
+
+        def after_batch(self):
+            if not self.training:
+                self.preds.append(self.pred.detach().float().cpu())
+                self.targets.append(self.yb[0].detach().cpu())
+
+        def after_epoch(self):
+            if not self.preds:
+                return
+            probs = torch.softmax(torch.cat(self.preds), dim=1).numpy()
+            value = score(metric, probs, torch.cat(self.targets).numpy())
+            self.values.append(value)
+            trial.report(value, self.step)
+            self.step += 1
+            if self.step < steps and trial.should_prune():
+                raise TrialPruned(f"pruned after epoch {self.step} at {metric} {value:.4f}")
+
+    return ReportToTrial()
+
+
+# --------------------------------------------------------------------------------------------- the search
+_STATES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running", "WAITING": "waiting"}
+
+
+def _row(frozen, tune: Tune) -> TrialRow:
+    values = frozen.intermediate_values
+    value = frozen.value if frozen.value is not None else (values[max(values)] if values else None)
+    return TrialRow(frozen.number, _STATES.get(frozen.state.name, frozen.state.name.lower()),
+                    _decode(tune, frozen.params), value, len(values), frozen.user_attrs.get("seconds"),
+                    frozen.user_attrs.get("error"))
+
+
+def find_member(ens: Ensemble, name: str, where: str) -> Member:
+    names = [m.name for m in ens.members]
+    if name not in names:
+        raise ConfigError(f"{where}: no member named '{name}'; members: {', '.join(names)}")
+    member = ens.members[names.index(name)]
+    if member.tune is None:
+        raise ConfigError(f"{where}: member '{name}' has no tune: section; add one to the member or to defaults, "
+                          "e.g. tune: {trials: 10, epochs: 2, fraction: 0.25, "
+                          "space: {lr: {low: 1.0e-4, high: 1.0e-2, log: true}}}")
+    return member
+
+
+def tune_member(project: Project, spec: str, member_name: str, overrides=(), n_trials: int | None = None,
+                progress=None, *, pruner=None, on_trial: Callable[[TrialRow], None] | None = None) -> TuneResult:
+    """Search the member's `tune.space`: run trials until `n_trials` (default `tune.trials`) have finished
+    (complete or pruned) in the study, counting those of earlier calls. `pruner` replaces the one `tune.pruner`
+    names (an optuna pruner); `on_trial` is called with each finished trial's row."""
+    import optuna
+
+    from .ensemble import GREATER_IS_BETTER
+    from .models import check_arch
+    from .run import check_ensemble
+    from .train import train_member
+
+    start = time.perf_counter()
+    path, ens, comp = check_ensemble(project, spec, list(overrides))
+    shown = project.relative(path)
+    member = find_member(ens, member_name, shown)
+    tune = member.tune
+    if "arch" in tune.space and isinstance(tune.space["arch"], list):
+        for arch in tune.space["arch"]:
+            check_arch(str(arch), f"{shown}: {member_name}.tune.space.arch")
+    target = n_trials if n_trials is not None else tune.trials
+    if target < 1:
+        raise ConfigError(f"--trials {target}: ask for at least one trial")
+
+    full = load_data(project, comp)
+    base = train_fraction(full, tune.fraction, member.seed)
+    metric = comp.metric
+    direction = "maximize" if GREATER_IS_BETTER[metric] else "minimize"
+    storage_path = project.cache / comp.name / ".tune" / f"{path.stem}-{member.name}.db"
+    storage_path.parent.mkdir(parents=True, exist_ok=True)
+    study_name = _study_name(path, member, tune, base, metric)
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # ens reports the trials itself
+    # a heartbeat lets a later call mark the trials of a killed process failed instead of running forever
+    with warnings.catch_warnings():  # the heartbeat is "experimental" (since optuna 2.9)
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        storage = optuna.storages.RDBStorage(f"sqlite:///{storage_path}", heartbeat_interval=60, grace_period=180)
+    study = optuna.create_study(storage=storage, study_name=study_name, direction=direction, load_if_exists=True)
+    finished = ("COMPLETE", "PRUNED")
+    done = sum(t.state.name in finished for t in study.trials)
+    failed_before = sum(t.state.name == "FAIL" for t in study.trials)
+    todo = max(0, target - done)
+    # seeded by the member's seed, offset by the trials already made: a resumed search draws new values
+    study.sampler = optuna.samplers.TPESampler(seed=member.seed + len(study.trials),
+                                               n_startup_trials=min(10, max(2, target // 3)))
+    if pruner is None:
+        pruner = (optuna.pruners.MedianPruner(n_startup_trials=min(5, max(2, target // 3)))
+                  if tune.pruner == "median" else optuna.pruners.NopPruner())
+    study.pruner = pruner
+
+    def objective(trial) -> float:
+        params = _suggest(trial, tune)
+        try:
+            m = trial_member(member, tune, params)
+        except InvalidTrial as e:
+            trial.set_user_attr("error", str(e))
+            raise
+        if progress is not None:
+            progress.update(task, description=f"trial {trial.number}: "
+                            + ", ".join(f"{k}={_fmt(v)}" for k, v in params.items()))
+        data = trial_data(full, m, tune, project.cache, member.seed)
+        reporter = _reporter(trial, metric, m.epochs + (m.freeze_epochs if m.pretrained else 0))
+        before = set(progress.task_ids) if progress is not None else set()
+        t0 = time.perf_counter()
+        try:
+            train_member(m, data, progress, cbs=[reporter])
+        finally:
+            trial.set_user_attr("seconds", round(time.perf_counter() - t0, 2))
+            if progress is not None:  # a pruned trial's epoch bar is left behind by train_member
+                for task_id in set(progress.task_ids) - before:
+                    progress.remove_task(task_id)
+        return reporter.values[-1]
+
+    def finished_trial(study_, frozen) -> None:
+        if progress is not None:
+            progress.advance(task)
+        if on_trial is not None:
+            on_trial(_row(frozen, tune))
+
+    task = progress.add_task(f"tuning {member.name}", total=todo) if progress is not None else None
+    try:
+        if todo:
+            # a trial that fails (invalid values) does not count: run until `todo` trials have finished
+            while sum(t.state.name in finished for t in study.trials) < target:
+                study.optimize(objective, n_trials=1, catch=(InvalidTrial,), callbacks=[finished_trial])
+                failed = [t for t in study.trials if t.state.name == "FAIL"]
+                if len(failed) - failed_before > max(3, todo):
+                    raise EnsError(f"{len(failed) - failed_before} trials of {member.name} made no valid member, last: "
+                                   f"{failed[-1].user_attrs.get('error')}; fix {shown}'s tune.space")
+    finally:
+        if progress is not None:
+            progress.remove_task(task)
+    rows = [_row(t, tune) for t in study.trials]
+    ran = sum(1 for t in study.trials if t.state.name in finished) - done
+    n_valid = sum(base.is_valid)
+    return TuneResult(path, list(overrides), ens, comp, member, tune, metric, direction, storage_path, study_name,
+                      rows, ran, target, len(base.is_valid) - n_valid, n_valid, time.perf_counter() - start)
+
+
+# --------------------------------------------------------------------------------------------- output
+def write_best(result: TuneResult, dest: Path) -> Path:
+    """The source ensemble (with the overrides) with the tuned member's fields set to the best trial's values."""
+    best = result.best
+    if best is None:
+        raise EnsError(f"no trial of {result.member.name} has completed; nothing to write (run more trials)")
+    raw = apply_overrides(read_yaml(result.ensemble_path), list(result.overrides))
+    index = [m.name for m in result.ensemble.members].index(result.member.name)
+    target = raw["members"][index]
+    for key, value in best.params.items():
+        _set_path(target, key, list(value) if isinstance(value, tuple) else value)
+    t = result.tune
+    header = (f"# written by `ens tune` from {result.ensemble_path.name}: member {result.member.name} has trial "
+              f"{best.number}'s values, validation {result.metric} {best.value:.4f} after {t.epochs} epochs on "
+              f"{t.fraction:.0%} of the training images\n")
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(header + yaml.safe_dump(raw, sort_keys=False))
+    return dest
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+
+
+def render(result: TuneResult, console) -> None:
+    """The trials as a rich table, the best marked, and a line naming the best values."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    t, best = result.tune, result.best
+    table = Table(title=f"{result.ensemble_path.name}: tuning {result.member.name} ({result.member.arch}) on "
+                        f"{result.competition.name}")
+    keys = list(t.space)
+    table.add_column("trial", justify="right")
+    table.add_column("state")
+    for key in keys:
+        table.add_column(key, justify="right")
+    table.add_column(f"valid {result.metric}", justify="right")
+    table.add_column("epochs", justify="right")
+    table.add_column("time", justify="right")
+    for row in result.trials:
+        is_best = best is not None and row.number == best.number
+        state = row.state if row.state != "failed" or not row.error else f"failed: {row.error}"
+        value = "" if row.value is None else f"{row.value:.4f}"
+        if row.state == "pruned" and value:
+            value = f"[dim]{value}[/]"
+        table.add_row(f"{'★ ' if is_best else ''}{row.number}", escape(state),
+                      *(_fmt(row.params[k]) if k in row.params else "" for k in keys), value, str(row.epochs),
+                      "" if row.seconds is None else f"{row.seconds:.1f}s", style="bold green" if is_best else None)
+    console.print(table)
+    counts = {s: sum(r.state == s for r in result.trials) for s in ("complete", "pruned", "failed")}
+    console.print(f"{len(result.trials)} trials ({counts['complete']} complete, {counts['pruned']} pruned, "
+                  f"{counts['failed']} failed), {result.ran} run now; {t.epochs} epochs each on {result.n_train} "
+                  f"training images ({t.fraction:.0%}), scored on {result.n_valid} validation images; "
+                  f"study {result.study_name} in {result.storage.name}", highlight=False)
+    if best is None:
+        console.print("[yellow]no trial has completed yet[/]")
+    else:
+        values = ", ".join(f"{k}={_fmt(v)}" for k, v in best.params.items())
+        console.print(f"[bold]best: trial {best.number}, valid {result.metric} {best.value:.4f}[/]: {escape(values)}")
