@@ -28,7 +28,7 @@ test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q tests
 
 bench: $(VENV)/.installed
-	for script in benchmarks/*.py; do $(BIN)/python $$script || exit 1; done
+	$(BIN)/python benchmarks/run_all.py
 
 clean-cache:
 	rm -rf cache/digits cache/data/digits cache/fingerprints

@@ -32,7 +32,7 @@ def images_per_second(data, member) -> float:
     return n / (time.perf_counter() - start)
 
 
-def main(per_class: int = 50, repeats: int = 3) -> None:
+def main(per_class: int = 50, repeats: int = 3) -> list[str]:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data_root = make_paddy_like(tmp / "paddy", per_class=per_class, n_test=8)
@@ -45,24 +45,24 @@ def main(per_class: int = 50, repeats: int = 3) -> None:
         # measured (decoding and resizing in the workers), so they are off
         member = Member(name="m", arch="resnet18", size=224, batch_size=32, num_workers=2, aug_transforms=None)
         copies = {}
+        built = {}
         for max_size in (256, 480):
             start = time.perf_counter()
             copies[max_size] = prepare_data(data, Prepare(max_size=max_size), project.cache)
-            print(f"prepared copy max_size={max_size}: built in {time.perf_counter() - start:.1f} s "
-                  f"({len(data.train_paths) + len(data.test_paths)} images, once)")
+            built[max_size] = time.perf_counter() - start
         rates = {"raw": [], 256: [], 480: []}
         for _ in range(repeats):
             rates["raw"].append(images_per_second(data, member))
             for max_size, copy in copies.items():
                 rates[max_size].append(images_per_second(copy, member))
         raw = statistics.median(rates["raw"])
-        print(f"raw 480x640 JPEGs: {raw:.0f} images/s (median of {repeats})")
-        for max_size in copies:
-            rate = statistics.median(rates[max_size])
-            print(f"prepared max_size={max_size}: {rate:.0f} images/s; ratio {rate / raw:.2f}x"
-                  + (" (goal >= 4x)" if max_size == 256 else ""))
         shutil.rmtree(tmp / "project", ignore_errors=True)
+        n = len(data.train_paths) + len(data.test_paths)
+        return [f"| 6. data: 480x640 JPEGs for a 224 px member, prepared copy max_size={m} / raw "
+                f"(copy built once in {built[m]:.1f} s for {n} images) | {statistics.median(rates[m]):.0f} / {raw:.0f} "
+                f"images/s | **{statistics.median(rates[m]) / raw:.2f}** | {'>= 4' if m == 256 else ''} |"
+                for m in copies]
 
 
 if __name__ == "__main__":
-    main()
+    print("\n".join(main()))

@@ -1,0 +1,46 @@
+"""Shared by the benchmark scripts: a throw-away digits project, timing of commands, medians."""
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ENS = [sys.executable, "-m", "pipelines.cli"]
+ENV = dict(os.environ, HF_HUB_OFFLINE="1")
+
+
+def digits_project(ensembles: dict[str, str]) -> Path:
+    """A temporary project on the repo's digits data (built once in the repo's cache)."""
+    subprocess.run(ENS + ["data", "digits"], cwd=REPO, check=True, capture_output=True, env=ENV)
+    root = Path(tempfile.mkdtemp(prefix="ens-bench-"))
+    (root / "competitions").mkdir()
+    text = (REPO / "competitions/digits.yaml").read_text()
+    (root / "competitions/digits.yaml").write_text(text + f"\ndata_dir: {REPO / 'cache/data/digits'}\n")
+    for name, body in ensembles.items():
+        path = root / "ensembles/digits" / f"{name}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(body)
+    return root
+
+
+def timed(cmd: list[str], cwd: Path) -> tuple[float, str]:
+    start = time.perf_counter()
+    out = subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True, env=ENV)
+    return time.perf_counter() - start, out.stdout
+
+
+def median(values) -> float:
+    return statistics.median(values)
+
+
+ONE_MEMBER = """\
+competition: digits
+defaults: {pretrained: false, size: 32, epochs: 4, lr: 0.005, batch_size: 64, num_workers: 0,
+           aug_transforms: {do_flip: false, max_rotate: 10, max_warp: 0.1, max_lighting: 0.2}, tta: {n: 4, beta: 0.25}}
+members:
+  - {name: resnet, arch: test_resnet}
+"""
