@@ -44,7 +44,8 @@ def _timm_knows(name: str) -> bool:
     return name in known or name.split(".")[0] in known
 
 
-def _version(package: str) -> str:
+def package_version(package: str) -> str:
+    """The installed version of `package`, or 'none' (for memo file names: a new version makes a new memo)."""
     try:
         return version(package)
     except PackageNotFoundError:
@@ -77,7 +78,8 @@ def user_cache() -> Path:
 def _memo() -> dict:
     """The libraries' names, memoised per library versions in ~/.cache/ens/ (they depend on the installed
     libraries, not on the project)."""
-    memo = user_cache() / f"archs2-timm{_version('timm')}-tv{_version('torchvision')}-fastai{_version('fastai')}.json"
+    versions = f"timm{package_version('timm')}-tv{package_version('torchvision')}-fastai{package_version('fastai')}"
+    memo = user_cache() / f"archs2-{versions}.json"
     try:
         names = json.loads(memo.read_text())
         if isinstance(names, dict) and all(k in names for k in ("timm", "timm_deprecated", "torchvision", "fastai")):

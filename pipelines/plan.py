@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -30,7 +29,7 @@ from .cache import MemberCache, member_key
 from .config import Competition, Ensemble, Member, Project
 from .errors import EnsError
 from .memory import MemoryBudgetError, MicroBatchPlan, _size_text
-from .models import user_cache
+from .models import package_version, user_cache
 
 
 def _hw(size) -> tuple[int, int]:
@@ -42,16 +41,10 @@ def _text(size) -> str:
 
 
 # --------------------------------------------------------------------------------------------- params and FLOPs
-def _version(package: str) -> str:
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return "none"
-
-
 def flops_memo_path() -> Path:
-    return user_cache() / (f"flops-torch{_version('torch')}-timm{_version('timm')}-tv{_version('torchvision')}"
-                           f"-fastai{_version('fastai')}.json")
+    versions = "-".join(f"{short}{package_version(p)}" for short, p in
+                        (("torch", "torch"), ("timm", "timm"), ("tv", "torchvision"), ("fastai", "fastai")))
+    return user_cache() / f"flops-{versions}.json"
 
 
 def count_flops(model, size) -> int:
