@@ -7,10 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from . import ensemble
-from .config import Project, apply_overrides, read_yaml
+from .config import Project, apply_overrides, read_yaml, write_ensemble
 from .errors import EnsError
 from .run import Gathered, MemberOutcome, gather_members
 
@@ -100,6 +99,4 @@ def write_selection(result: Ablation, overrides: list[str], dest: Path, how: str
     score = result.greedy_score if how == "greedy" else result.subsets[0][1]
     header = (f"# written by `ens ablate` from {g.path.name}: {how} selection, validation {result.metric} "
               f"{score:.4f} on {result.n_valid} images ({result.probs} probabilities)\n")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text(header + yaml.safe_dump(raw, sort_keys=False))
-    return dest
+    return write_ensemble(dest, raw, header)

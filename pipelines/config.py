@@ -520,6 +520,14 @@ def apply_overrides(raw: dict, overrides: list[str], source: str = "command line
     return raw
 
 
+def write_ensemble(dest: Path, raw: dict, header: str) -> Path:
+    """An ensemble YAML written by a verb (`ablate --write`, `tune --write`): a comment saying how, then `raw`."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(header + yaml.safe_dump(raw, sort_keys=False))
+    return dest
+
+
 def load_ensemble(project: Project, spec: str, overrides: list[str] = ()) -> tuple[Path, Ensemble, Competition]:
     path = resolve_ensemble_path(project, spec)
     shown = project.relative(path)

@@ -314,18 +314,17 @@ def _curves(ctx: _Context) -> str:
 
 # --------------------------------------------------------------------------------------------- per class
 def _classes(ctx: _Context) -> str:
-    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+    from . import ensemble
 
-    labels = np.arange(len(ctx.vocab))
     models = [("ensemble", ctx.full)] + list(zip(ctx.names, ctx.valid))
     out = [f'<p class="note">On the {ctx.result.n_valid} validation images ({_e(ctx.result.probs)} probabilities); '
            "rows are the true class, columns the predicted one.</p>"]
     blocks = []
     for name, p in models:
-        pred = p.argmax(1)
-        cm = confusion_matrix(ctx.targets, pred, labels=labels)
-        prec, rec, f1, support = precision_recall_fscore_support(ctx.targets, pred, labels=labels, zero_division=0)
-        acc = float((pred == ctx.targets).mean())
+        scores = ensemble.per_class(p, ctx.targets, ctx.vocab)  # what the cache and .validation.json keep
+        cm = np.array(scores["confusion"])
+        prec, rec, f1, support = (np.array(scores[k]) for k in ("precision", "recall", "f1", "support"))
+        acc = ensemble.accuracy(p, ctx.targets)
         blocks.append(f'<div class="card"><h3>{_e(name)} <span class="note">accuracy {acc:.4f}, macro F1 '
                       f'{f1.mean():.4f}</span></h3>')
         blocks.append(_png(_confusion_figure(cm, ctx.vocab, name), f"confusion matrix of {name}"))

@@ -22,9 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
-
-from .config import Competition, Ensemble, Member, Project, Tune, TuneRange, apply_overrides, read_yaml
+from .config import (Competition, Ensemble, Member, Project, Tune, TuneRange, apply_overrides, read_yaml,
+                     write_ensemble)
 from .data import CompetitionData, load_data, prepare_data, train_fraction
 from .errors import ConfigError, EnsError
 
@@ -329,10 +328,7 @@ def write_best(result: TuneResult, dest: Path) -> Path:
     header = (f"# written by `ens tune` from {result.ensemble_path.name}: member {result.member.name} has trial "
               f"{best.number}'s values, validation {result.metric} {best.value:.4f} after {t.epochs} epochs on "
               f"{t.fraction:.0%} of the training images\n")
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text(header + yaml.safe_dump(raw, sort_keys=False))
-    return dest
+    return write_ensemble(dest, raw, header)
 
 
 def _fmt(v) -> str:
