@@ -9,7 +9,7 @@ from datetime import date
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["overhead", "efficiency", "warm_rerun", "ablation", "tta_cost", "data_loading"]
+SCRIPTS = ["overhead", "efficiency", "warm_rerun", "ablation", "tta_cost", "data_loading", "bench_batching"]
 
 
 def machine() -> str:

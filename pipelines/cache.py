@@ -6,6 +6,7 @@ Knows nothing of fastai: `ens cache ls` and ablation read it without importing t
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -17,10 +18,15 @@ from pathlib import Path
 import numpy as np
 
 from .config import Member
+from .errors import EnsError
 from .util import process_alive
 
-FORMAT = 1  # bump when what an entry holds, or how a member is trained, changes meaning
+# bump when what an entry holds, or how a member is trained, changes meaning. 2: keys canonical (equivalent
+# configs share one), training and prediction keys split, weights kept, TTA seeded, stage size governs without
+# augmentation, fine-tuning unfreezes with freeze_epochs 0
+FORMAT = 2
 ARRAYS = ("valid_plain", "valid_tta", "test_plain", "test_tta", "valid_targets", "valid_ids", "test_ids", "vocab")
+WARN_VERSIONS = ("torch", "timm", "fastai")  # a cached entry made with another major.minor of these is flagged
 
 
 def _sha256(path: Path) -> str:
@@ -28,14 +34,51 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def member_key(member: Member, data_fingerprint: str) -> str:
-    """A hash of everything that changes the member's predictions, and nothing else: not its name, its weight in
-    the average, its position in the list, or how many loader workers it uses."""
-    fields = member.key_fields()
+def _hash(blob: dict) -> str:
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def train_key(member: Member, data_fingerprint: str) -> str:
+    """A hash of everything that changes the member's trained weights, canonical (`Member.train_fields`), and
+    nothing else: not its name, its weight in the average, its position, its loader workers or its TTA. The
+    architecture is resolved (timm aliases, and the default pretrained tag and weight source of an untagged
+    name), the precision is what it resolves to on this machine, a weights file counts by its content."""
+    from .device import key_precision
+    from .models import resolved_arch
+
+    fields = member.train_fields()
+    fields["arch"] = resolved_arch(member.arch, member.pretrained)
+    fields["precision"] = key_precision(member.precision)
     if isinstance(member.pretrained, str):  # the weights' content counts, not where the file lies
         fields["pretrained"] = "sha256:" + _sha256(Path(member.pretrained).expanduser())
-    blob = json.dumps({"format": FORMAT, "member": fields, "data": data_fingerprint}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+    return _hash({"format": FORMAT, "member": fields, "data": data_fingerprint})
+
+
+def prediction_key(train: str, member: Member) -> str:
+    """The cache entry of `member`'s probabilities: its training key and its TTA."""
+    return _hash({"format": FORMAT, "train": train, "tta": member.tta_fields()})
+
+
+def member_key(member: Member, data_fingerprint: str) -> str:
+    """The key of the member's cache entry (its probabilities): `prediction_key(train_key(...))`."""
+    return prediction_key(train_key(member, data_fingerprint), member)
+
+
+def version_drift(meta: dict) -> list[str]:
+    """'torch 2.4 → 2.14' for each library in WARN_VERSIONS whose major.minor differs from the one that made
+    the entry (its probabilities stay valid, but a retrain would not reproduce them exactly)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for name in WARN_VERSIONS:
+        then = (meta.get("versions") or {}).get(name)
+        try:
+            now = version(name)
+        except PackageNotFoundError:
+            continue
+        if then and then.split(".")[:2] != now.split(".")[:2]:
+            out.append(f"{name} {then} → {now}")
+    return out
 
 
 @dataclass
@@ -52,13 +95,46 @@ class Entry:
     def probs(self, split: str, kind: str) -> np.ndarray:
         return self.arrays[f"{split}_{kind}"]
 
+    @property
+    def train_key(self) -> str | None:
+        return self.meta.get("train_key")
+
+    @property
+    def model_path(self) -> Path | None:
+        """The kept weights these probabilities were predicted with, where they were kept."""
+        path = self.path.parent / "models" / str(self.train_key) / MODEL
+        return path if self.train_key and path.is_file() else None
+
+
+MODEL = "model.pth"
+
 
 class DamagedEntry(Exception):
     pass
 
 
+def disk_full(e: OSError) -> bool:
+    return e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full_error(folder: Path, what: str) -> EnsError:
+    return EnsError(f"the disk is full while writing {what} in {folder}: free some space there (`df -h {folder}`) "
+                    "and run again; nothing finished was lost")
+
+
+def tta_blend(aug: np.ndarray, plain: np.ndarray, beta: float) -> np.ndarray:
+    """fastai's `lerp(aug, plain, beta)`, computed by ens alone so that a blend derived later for another beta
+    from the kept arrays equals one made at prediction time."""
+    aug, plain = aug.astype("float64"), plain.astype("float64")
+    return (aug + beta * (plain - aug)).astype("float32")
+
+
 class MemberCache:
-    """cache/<competition>/<key>/ for one competition."""
+    """cache/<competition>/ for one competition:
+    <key>/               an entry: probabilities (probs.npz) and meta.json, keyed by the prediction key;
+    models/<train key>/  the kept weights (model.pth) and their meta.json, keyed by the training key;
+    .partial-<train key>/ the per-epoch checkpoint of a member being trained;
+    .locks/<train key>.lock  held while a member is trained or predicted, so two runs never do it twice at once."""
 
     def __init__(self, cache_root: Path, competition: str):
         self.root = cache_root / competition
@@ -67,9 +143,15 @@ class MemberCache:
     def path(self, key: str) -> Path:
         return self.root / key
 
-    def partial(self, key: str) -> Path:
+    def partial(self, train: str) -> Path:
         """Where an unfinished member keeps its per-epoch checkpoint (never read as an entry)."""
-        return self.root / f".partial-{key}"
+        return self.root / f".partial-{train}"
+
+    def lock(self, train: str) -> Path:
+        return self.root / ".locks" / f"{train}.lock"
+
+    def model_dir(self, train: str) -> Path:
+        return self.root / "models" / train
 
     def _read(self, key: str) -> Entry:
         folder = self.path(key)
@@ -91,6 +173,12 @@ class MemberCache:
             raise DamagedEntry(f"probs.npz lacks {', '.join(missing)}")
         return Entry(key, folder, meta, arrays)
 
+    def _move_aside(self, folder: Path, key: str, reason: str) -> None:
+        self.damaged.append((key, reason))
+        aside = self.root / ".damaged" / f"{folder.name}-{int(time.time())}"
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(folder, aside)
+
     def load(self, key: str) -> Entry | None:
         """The complete entry, or None when there is none; a damaged one is moved aside (kept for inspection)."""
         if not self.path(key).is_dir():
@@ -98,51 +186,96 @@ class MemberCache:
         try:
             return self._read(key)
         except (DamagedEntry, OSError, ValueError) as e:
-            reason = str(e) or type(e).__name__
-            self.damaged.append((key, reason))
-            aside = self.root / ".damaged" / f"{key}-{int(time.time())}"
-            aside.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(self.path(key), aside)
+            self._move_aside(self.path(key), key, str(e) or type(e).__name__)
             return None
 
-    def save(self, key: str, arrays: dict, meta: dict, extra_files: dict[str, Path] | None = None) -> Entry:
-        """Write into a private temporary folder, then rename it into place: a run killed at any moment leaves
-        either no entry or a complete one (plus a stray temporary folder, swept on the next run)."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".tmp-{key}-{os.getpid()}"
+    def _write_dir(self, dest: Path, write, what: str) -> None:
+        """`write(tmp)` fills a private temporary folder that is then renamed to `dest`: a run killed at any moment
+        leaves either nothing or a complete folder (plus a stray temporary one, swept on the next run). A full disk
+        leaves nothing either, and says so in one line."""
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.parent / f".tmp-{dest.name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        np.savez(tmp / "probs.npz", **arrays)
-        files = {"probs.npz": _sha256(tmp / "probs.npz")}
-        for name, source in (extra_files or {}).items():
-            shutil.move(str(source), tmp / name)
-            files[name] = _sha256(tmp / name)
-        meta = dict(meta, key=key, files=files)
-        with open(tmp / "meta.json", "w") as f:
-            json.dump(meta, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
         try:
-            os.rename(tmp, self.path(key))
-        except OSError:  # another run finished the same member first: its entry is as good as ours
+            tmp.mkdir()
+            write(tmp)
+        except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
+            if disk_full(e):
+                raise disk_full_error(dest.parent, what) from None
+            raise
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        try:
+            os.rename(tmp, dest)
+        except OSError:  # another run finished the same thing first: its copy is as good as ours
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def save(self, key: str, arrays: dict, meta: dict) -> Entry:
+        """Write an entry atomically (see `_write_dir`) and read it back, checked."""
+
+        def write(tmp: Path) -> None:
+            np.savez(tmp / "probs.npz", **arrays)
+            _write_json(tmp / "meta.json", dict(meta, key=key, files={"probs.npz": _sha256(tmp / "probs.npz")}))
+
+        self._write_dir(self.path(key), write, f"the cache entry {key}")
         return self._read(key)
 
+    # ------------------------------------------------------------------------------------------- kept weights
+    def save_model(self, train: str, state_dict, meta: dict) -> Path:
+        """Keep a trained member's weights (and how to rebuild it) under models/<train key>/."""
+
+        def write(tmp: Path) -> None:
+            import torch
+
+            torch.save(state_dict, tmp / MODEL)
+            _write_json(tmp / "meta.json", dict(meta, train_key=train, files={MODEL: _sha256(tmp / MODEL)}))
+
+        self._write_dir(self.model_dir(train), write, f"the weights of {train}")
+        return self.model_dir(train) / MODEL
+
+    def model_meta(self, train: str, verify: bool = True) -> dict | None:
+        """The meta.json of kept weights (checked against model.pth's checksum with `verify`), or None; damaged
+        weights are moved aside."""
+        folder = self.model_dir(train)
+        if not folder.is_dir():
+            return None
+        try:
+            meta = json.loads((folder / "meta.json").read_text())
+            if verify and _sha256(folder / MODEL) != meta["files"][MODEL]:
+                raise DamagedEntry(f"{MODEL} does not match its checksum")
+            return meta
+        except (DamagedEntry, OSError, ValueError, KeyError) as e:
+            self._move_aside(folder, f"models/{train}", str(e) or type(e).__name__)
+            return None
+
+    def tta_sibling(self, train: str, passes: int) -> Entry | None:
+        """An entry of the same weights whose TTA made the same augmented passes (another beta, say): its
+        arrays give any other blend without predicting again."""
+        for meta in self.entries():
+            if meta.get("train_key") == train and (meta.get("key_fields") or {}).get("tta", {}).get("n") == passes:
+                entry = self.load(meta["key"])
+                if entry is not None and (passes == 0 or "valid_aug" in entry.arrays):
+                    return entry
+        return None
+
     def sweep(self) -> list[Path]:
-        """Remove temporary folders left by runs that are no longer alive."""
+        """Remove temporary folders and files left by runs that are no longer alive."""
         removed = []
-        for tmp in self.root.glob(".tmp-*"):
-            pid = tmp.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and not process_alive(int(pid)):
-                shutil.rmtree(tmp, ignore_errors=True)
-                removed.append(tmp)
+        for folder in (self.root, self.root / "models"):
+            for tmp in folder.glob(".tmp-*") if folder.is_dir() else ():
+                pid = tmp.name.rsplit("-", 1)[-1]
+                if pid.isdigit() and not process_alive(int(pid)):
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    removed.append(tmp)
         return removed
 
     def entries(self) -> list[dict]:
         """meta.json of every entry (unverified: listing must stay instant)."""
         out = []
         for folder in sorted(self.root.iterdir()) if self.root.is_dir() else []:
-            if folder.name.startswith(".") or not folder.is_dir():
+            if folder.name.startswith(".") or folder.name == "models" or not folder.is_dir():
                 continue
             try:
                 meta = json.loads((folder / "meta.json").read_text())
@@ -151,3 +284,10 @@ class MemberCache:
             meta["bytes"] = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
             out.append(meta)
         return out
+
+
+def _write_json(path: Path, data: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())

@@ -20,8 +20,11 @@ from .config import PROJECT_ENV, Project
 from .errors import EnsError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Kaggle image-classification ensembles from YAML: train members (cached), average their TTA "
-                       "probabilities, write a checked submission.")
+                  help="Ensembles of image classifiers for image-classification competitions (Kaggle's, or your own "
+                       "labelled folders; one label per image, or one class's probability), described in YAML: each "
+                       "member trained once and cached, their test-time-augmented predictions averaged into a "
+                       "submission CSV checked against the competition's sample submission, and uploaded to Kaggle "
+                       "when the competition names one.")
 cache_app = typer.Typer(no_args_is_help=True, help="Inspect the member cache.")
 app.add_typer(cache_app, name="cache")
 console = Console(width=None if sys.stdout.isatty() else 160)  # logs: room for the tables
@@ -37,15 +40,17 @@ def _project(root: Optional[Path]) -> Project:
     return Project.find(root)
 
 
-@app.command()
+@app.command(short_help="Train what is not cached, write and check the submission CSV, upload it to Kaggle.")
 def run(ensemble: str = typer.Argument(..., help="ensembles/<competition>/<name>.yaml, or e.g. digits/final.yaml"),
         overrides: Optional[List[str]] = OverridesArg,
         no_submit: bool = typer.Option(False, "--no-submit", help="do not upload to Kaggle"),
         no_wait: bool = typer.Option(False, "--no-wait", help="upload, but do not wait for the public score"),
-        force: bool = typer.Option(False, "--force", help="upload even a CSV identical to one already submitted"),
+        force: bool = typer.Option(False, "--force", help="upload even a CSV identical to one already submitted "
+                                   "(or whose upload's outcome is unknown)"),
         project: Optional[Path] = ProjectOpt):
-    """Train what is not cached, average the members, write and check the submission, and upload it to Kaggle
-    when the competition has a slug (then wait for its public score).
+    """Train an ensemble and write its submission: members not in the cache are trained, their predictions
+    averaged, the CSV written and checked against the sample submission (and scored at once where the answers are
+    known locally), then uploaded to Kaggle when the competition has a `kaggle:` slug, waiting for the public score.
 
     Example: ens run digits/final.yaml defaults.epochs=1 members.vit.lr=0.005
     """
@@ -79,7 +84,9 @@ def _with_progress(work):
 
     def report(outcome):
         m, metrics = outcome.member, outcome.entry.meta["metrics"]
-        how = f"trained in {outcome.entry.meta['timings']['train_seconds']:.1f}s" if outcome.trained else "cached"
+        how = _how(outcome)
+        if outcome.trained:
+            how += f" in {outcome.entry.meta['timings']['train_seconds']:.1f}s"
         console.print(f"[green]✓[/] {m.name} ({m.arch}) {how}: valid accuracy {metrics['plain_accuracy']:.4f}, "
                       f"TTA {metrics['tta_accuracy']:.4f}")
 
@@ -87,7 +94,27 @@ def _with_progress(work):
         result = work(progress, report)
     for key, reason in getattr(result, "damaged", ()):  # cache entries found damaged on the way
         err.print(f"[yellow]warning:[/] cache entry {key} was damaged ({reason}); moved to .damaged/ and recomputed")
+    for line in getattr(result, "warnings", None) or getattr(getattr(result, "gathered", None), "warnings", ()):
+        err.print(f"[yellow]warning:[/] {escape(line)}", soft_wrap=True)
     return result
+
+
+def _sources(outcomes) -> list[tuple[str, int]]:
+    """How many members were trained (resumed), cached, predicted, derived: 'trained' and 'cached' always."""
+    from collections import Counter
+
+    counts = Counter(o.how for o in outcomes)
+    return [(how, counts[how]) for how in ("trained", "resumed", "predicted", "derived", "cached")
+            if counts[how] or how in ("trained", "cached")]
+
+
+def _how(outcome) -> str:
+    """Where a member's probabilities came from, for the results: cached, trained, resumed (where), predicted
+    (from kept weights: a new TTA), derived (another TTA beta from cached arrays)."""
+    how = outcome.how
+    if how == "resumed":
+        how += f" ({outcome.entry.meta.get('resumed_at')})"
+    return how
 
 
 def _print_run(result, proj: Project) -> None:
@@ -101,7 +128,7 @@ def _print_run(result, proj: Project) -> None:
         seconds = sum(meta["timings"].values())
         test = [f"{o.test_score:.4f}"] if scored else []
         table.add_row(m.name, m.arch, str(m.final_size), str(m.total_epochs), f"{meta['metrics']['plain_accuracy']:.4f}",
-                      f"{meta['metrics']['tta_accuracy']:.4f}", *test, f"{seconds:.1f}s", "trained" if o.trained else "cached")
+                      f"{meta['metrics']['tta_accuracy']:.4f}", *test, f"{seconds:.1f}s", _how(o))
     if scored:
         table.add_section()
         table.add_row("ensemble", f"{'weighted ' if len({o.member.weight for o in result.members}) > 1 else ''}mean",
@@ -109,14 +136,14 @@ def _print_run(result, proj: Project) -> None:
                       f"{result.test_score:.4f}", f"{result.seconds:.1f}s", "")
     console.print(table)
     console.print(f"ensemble valid {result.metric}: [bold]{result.valid_score:.4f}[/] "
-                  f"({len(result.trained)} trained, {len(result.members) - len(result.trained)} cached, "
+                  f"({', '.join(f'{n} {how}' for how, n in _sources(result.members))}, "
                   f"{result.seconds:.1f}s)")
     console.print(f"submission: {proj.relative(result.csv)} ({result.rows} rows, checked against the sample)")
     if result.test_score is not None:
         console.print(f"test {result.metric} on the local answers: [bold]{result.test_score:.4f}[/]")
 
 
-@app.command()
+@app.command(short_help="What each member adds, from cached validation predictions (no training); pick a subset.")
 def ablate(ensemble: str = typer.Argument(..., help="the ensemble YAML"),
            overrides: Optional[List[str]] = OverridesArg,
            cached_only: bool = typer.Option(False, "--cached-only", help="use the cached members only; train nothing"),
@@ -212,7 +239,7 @@ def _print_ablation(r, top: int) -> None:
     console.print(t)
 
 
-@app.command()
+@app.command(short_help="A dry run: per member, cached or to train, batch, parameters, FLOPs and an estimated time.")
 def plan(ensemble: str = typer.Argument(..., help="the ensemble YAML"),
          overrides: Optional[List[str]] = OverridesArg, project: Optional[Path] = ProjectOpt):
     """A dry run, nothing trained: per member, cached or not, stages, batch (micro-batch × accumulation on
@@ -225,13 +252,15 @@ def plan(ensemble: str = typer.Argument(..., help="the ensemble YAML"),
     render(plan_ensemble(_project(project), ensemble, overrides or []), console)
 
 
-@app.command("bench")
+@app.command("bench", short_help="Each kept member's speed and size: ms per image (batch 1 and batched), parameters.")
 def bench_command(ensemble: str = typer.Argument(..., help="the ensemble YAML (members with keep_model: true)"),
                   overrides: Optional[List[str]] = OverridesArg,
                   batch: int = typer.Option(32, "--batch", help="the batched inference's batch size"),
                   project: Optional[Path] = ProjectOpt):
-    """Model benchmarks (seed 002): per member, validation accuracy and loss, inference time per image (batch of 1
-    and batched) on this device, parameters, in-memory and on-disk size. A table, and a CSV beside the submissions.
+    """How fast and how big each member is, for choosing members when inference time or size counts: validation
+    accuracy and loss, inference time per image on this machine (one image at a time, and batched), parameters,
+    in-memory and on-disk size. Needs members trained with keep_model: true. A table, and a CSV beside the
+    submissions.
 
     Example: ens bench digits/final.yaml defaults.keep_model=true
     """
@@ -259,13 +288,14 @@ def _competition_of(proj: Project, ensemble: str, overrides) -> str:
     return load_ensemble(proj, ensemble, overrides or [])[2].name
 
 
-@app.command("eval")
+@app.command("eval", short_help="Kept members and the ensemble scored on another labelled folder of the same classes.")
 def eval_command(ensemble: str = typer.Argument(..., help="the ensemble YAML (members with keep_model: true)"),
                  overrides: Optional[List[str]] = OverridesArg,
                  on: Path = typer.Option(..., "--on", help="a labelled image folder: <class>/*.jpg, the competition's classes"),
                  project: Optional[Path] = ProjectOpt):
-    """Cross-dataset evaluation (seed 002: CIFAR-10 → CINIC-10): the kept members (with TTA) and the ensemble on
-    another labelled folder, next to their validation scores.
+    """Does the ensemble hold up beyond the competition's images? The kept members (with their test-time
+    augmentation) and the ensemble scored on another labelled folder of the competition's classes (images from
+    another source), next to their validation scores. Needs members trained with keep_model: true.
 
     Example: ens eval digits/final.yaml defaults.keep_model=true --on ~/data/other-digits
     """
@@ -287,11 +317,12 @@ def eval_command(ensemble: str = typer.Argument(..., help="the ensemble YAML (me
     console.print(table)
 
 
-@app.command()
+@app.command(short_help="What a member's arch can be: ens's own small nets, timm's, torchvision's, fastai's.")
 def models(pattern: Optional[str] = typer.Argument(None, help="an fnmatch pattern, e.g. 'convnext*' or 'ens:*'"),
            pretrained: bool = typer.Option(False, "--pretrained", help="only names with pretrained weights (timm tags)"),
            limit: int = typer.Option(60, "--limit", help="show at most this many (0: all)")):
-    """What can be named as a member's arch: ens's own from-scratch nets (seeds 000, 003, 004), timm's models
+    """What can be written as a member's `arch`: ens's own small nets trained from scratch (`ens:lenet5`,
+    `ens:alexnet_bn`, `ens:cifar_cnn`: for small images such as 32 px digits or CIFAR-sized photos), timm's models
     (deprecated aliases included), torchvision's and fastai's.
 
     Example: ens models 'convnext_small*' --pretrained
@@ -309,7 +340,7 @@ def models(pattern: Optional[str] = typer.Argument(None, help="an fnmatch patter
         console.print(f"... {len(rows) - limit} more: narrow the pattern or pass --limit 0")
 
 
-@app.command()
+@app.command(short_help="Search one member's hyperparameters with Optuna; --write the best values into an ensemble.")
 def tune(ensemble: str = typer.Argument(..., help="the ensemble YAML"),
          member: str = typer.Argument(..., help="the member to tune (its `tune:` declares the search)"),
          overrides: Optional[List[str]] = OverridesArg,
@@ -337,7 +368,7 @@ def tune(ensemble: str = typer.Argument(..., help="the ensemble YAML"),
         console.print(f"wrote {proj.relative(write_best(result, write))}")
 
 
-@app.command()
+@app.command(short_help="One self-contained HTML report: curves, confusion matrices, ablation, history, mistakes.")
 def report(ensemble: str = typer.Argument(..., help="the ensemble YAML"),
            overrides: Optional[List[str]] = OverridesArg,
            cached_only: bool = typer.Option(False, "--cached-only", help="use the cached members only; train nothing"),
@@ -360,7 +391,7 @@ def report(ensemble: str = typer.Argument(..., help="the ensemble YAML"),
     console.print(f"wrote {proj.relative(path)} in {time.perf_counter() - start:.1f}s (open it in a browser)")
 
 
-@app.command()
+@app.command(short_help="Check an ensemble YAML and its competition without training anything.")
 def validate(ensemble: str = typer.Argument(..., help="the ensemble YAML"),
              overrides: Optional[List[str]] = OverridesArg, project: Optional[Path] = ProjectOpt):
     """Check an ensemble (and its competition) without training: keys, types, architectures, member names."""
@@ -372,7 +403,7 @@ def validate(ensemble: str = typer.Argument(..., help="the ensemble YAML"),
                   f"({', '.join(m.name for m in ens.members)})")
 
 
-@app.command()
+@app.command(short_help="Make a competition's data ready (downloaded from Kaggle, or built) and show its split.")
 def data(competition: str = typer.Argument(..., help="a competition name (competitions/NAME.yaml)"),
          project: Optional[Path] = ProjectOpt):
     """Make a competition's data ready (the embedded ones are built) and show its split."""
@@ -387,7 +418,7 @@ def data(competition: str = typer.Argument(..., help="a competition name (compet
                   f"{len(d.vocab)} classes; fingerprint {d.fingerprint[:12]}")
 
 
-@app.command()
+@app.command(short_help="Check a submission CSV against the sample submission (and score it on local answers).")
 def check(csv: Path = typer.Argument(..., help="a submission CSV"),
           competition: str = typer.Option(..., "--competition", "-c", help="the competition it is for"),
           project: Optional[Path] = ProjectOpt):
@@ -406,20 +437,23 @@ def check(csv: Path = typer.Argument(..., help="a submission CSV"),
         console.print(f"{comp.metric} on the local answers: {score_submission(csv, root / comp.solution, comp):.4f}")
 
 
-@app.command()
+@app.command(short_help="Upload a CSV to Kaggle by hand: checked first, not sent twice, recorded in the history.")
 def submit(csv: Path = typer.Argument(..., help="the submission CSV"),
            competition: str = typer.Option(..., "--competition", "-c", help="the competition it is for"),
            message: str = typer.Option(..., "--message", "-m", help="the submission's description on Kaggle"),
-           force: bool = typer.Option(False, "--force", help="upload even a CSV identical to one already submitted"),
+           force: bool = typer.Option(False, "--force", help="upload even a CSV identical to one already submitted "
+                                      "(or whose upload's outcome is unknown: check `ens submissions` first)"),
            no_wait: bool = typer.Option(False, "--no-wait", help="do not wait for the public score"),
            project: Optional[Path] = ProjectOpt):
-    """Submit a CSV by hand: checked against the sample submission first, recorded in the history.
+    """Upload a CSV to a Kaggle competition by hand (one whose YAML has a `kaggle:` slug): checked against the
+    sample submission first, not sent again when the same bytes already were (or may have been) unless --force,
+    recorded in the history; then waits for the public score.
 
     Example: ens submit submissions/paddy/20261127-120000-final.csv -c paddy -m "final, retry"
     """
     from .config import load_competition
     from .data import ensure_data, list_train
-    from .submission import append_history, check_submission, deliver_to_kaggle, file_sha256
+    from .submission import check_submission, deliver_to_kaggle
 
     proj = _project(project)
     comp = load_competition(proj, competition)
@@ -431,20 +465,22 @@ def submit(csv: Path = typer.Argument(..., help="the submission CSV"),
     rows = check_submission(csv, root / comp.sample_submission, comp, sorted(set(list_train(comp, root)[1])))
     history = proj.submissions / comp.name / "history.csv"
     shown = proj.relative(csv)
-    delivery = deliver_to_kaggle(comp, csv, shown, message, history, force, not no_wait)
+    console.print(f"{shown}: checked ({rows} rows)")
+    delivery = deliver_to_kaggle(comp, csv, shown, message, history, force, not no_wait,
+                                 record={"ensemble": "(by hand)", "metric": comp.metric})  # records the history row
     if delivery.destination.startswith("not submitted: identical") and not force:
         delivery.error = delivery.note  # asked by hand to submit: refusing is a failure, not a notice
         delivery.note = ""
-    append_history(history, ensemble="(by hand)", file=shown, sha256=file_sha256(csv), destination=delivery.destination,
-                   ref=delivery.ref, status=delivery.status, score=delivery.score, message=message, metric=comp.metric)
-    console.print(f"{shown}: checked ({rows} rows)")
     _print_delivery(delivery)
 
 
-@app.command()
+@app.command(short_help="A competition's submission history, pending Kaggle scores looked up first.")
 def submissions(competition: str = typer.Argument(..., help="a competition name"),
                 project: Optional[Path] = ProjectOpt):
-    """The submission history of a competition, pending Kaggle scores refreshed first."""
+    """A competition's submission history: when, which ensemble, validation score, file, where it went, Kaggle's
+    ref, status and public score. Kaggle is asked first about pending scores and about uploads of unknown outcome
+    (cut off before Kaggle answered: found on Kaggle's list by file name and message, or named with the command
+    to resend them)."""
     from .config import load_competition
     from .submission import refresh_history
 

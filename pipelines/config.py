@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WrapValidator, field_validator, model_validator
 
 from .errors import ConfigError
 
@@ -92,6 +92,9 @@ class Competition(Strict):
     test_images: str = "test_images"
     test_id: Literal["name", "stem"] = "name"  # a test image's id in the submission: file name or name sans suffix
     image_extensions: list[str] = [".jpg", ".jpeg", ".png"]
+    # training images PIL cannot decode (truncated, not an image): stop (`error`), or train without them (`skip`);
+    # a damaged test image is always an error (the submission needs every id)
+    damaged_images: Literal["error", "skip"] = "error"
     sample_submission: str = "sample_submission.csv"
     id_column: str = "image_id"
     target_column: str = "label"
@@ -129,30 +132,62 @@ def parse_bytes(text: str) -> int:
 
 
 
-class AugTransforms(Strict):
-    """fastai's `aug_transforms` arguments, with fastai's names and defaults (a test checks they match)."""
+def _size(value, handler):
+    """A size: a positive int, or [height, width] of positive ints (checked here: PIL or torch would fail with a
+    traceback mid-run, after the time is spent)."""
+    bad = ValueError("a size is a positive number of pixels, an int or [height, width] of ints (e.g. 224 or "
+                     "[224, 288]); fix the value")
+    if isinstance(value, bool) or (isinstance(value, (list, tuple)) and any(isinstance(v, bool) for v in value)):
+        raise bad
+    try:
+        size = handler(value)
+    except ValidationError:
+        raise bad from None
+    if min(size if isinstance(size, tuple) else (size,)) < 1:
+        raise bad
+    return size
 
-    mult: float = 1.0
+
+Size = Annotated[Union[int, tuple[int, int]], WrapValidator(_size)]
+
+
+class AugTransforms(Strict):
+    """fastai's `aug_transforms` arguments, with fastai's names and defaults (a test checks they match), limited
+    to the ranges where fastai's transforms mean something (its Brightness takes the logit of 0.5·(1 ± lighting),
+    its Zoom divides by the zoom and asserts min ≤ max, its Warp's magnitude is a fraction of the half-size)."""
+
+    mult: float = Field(1.0, ge=0)  # multiplies max_rotate, max_lighting and max_warp
     do_flip: bool = True
     flip_vert: bool = False
-    max_rotate: float = 10.0
-    min_zoom: float = 1.0
-    max_zoom: float = 1.1
-    max_lighting: float = 0.2
-    max_warp: float = 0.2
-    p_affine: float = 0.75
-    p_lighting: float = 0.75
+    max_rotate: float = Field(10.0, ge=0, le=180)  # degrees, either way
+    min_zoom: float = Field(1.0, gt=0)
+    max_zoom: float = Field(1.1, ge=1)
+    max_lighting: float = Field(0.2, ge=0, lt=1)
+    max_warp: float = Field(0.2, ge=0, lt=1)
+    p_affine: float = Field(0.75, ge=0, le=1)
+    p_lighting: float = Field(0.75, ge=0, le=1)
     mode: Literal["bilinear", "nearest", "bicubic"] = "bilinear"
     pad_mode: Literal["zeros", "border", "reflection"] = "reflection"
     align_corners: bool = True
     batch: bool = False
-    min_scale: float = 1.0
+    min_scale: float = Field(1.0, gt=0, le=1)  # of the image area (RandomResizedCropGPU); 1: no random crop
+
+    @model_validator(mode="after")
+    def _meaningful(self):
+        if self.min_zoom > self.max_zoom:
+            raise ValueError(f"min_zoom {self.min_zoom:g} is above max_zoom {self.max_zoom:g}; "
+                             "lower min_zoom or raise max_zoom")
+        for name in ("max_lighting", "max_warp"):  # fastai multiplies them by `mult` before use
+            if getattr(self, name) * self.mult >= 1:
+                raise ValueError(f"{name} × mult = {getattr(self, name):g} × {self.mult:g} must stay below 1 "
+                                 f"(fastai uses the product); lower {name} or mult")
+        return self
 
 
 class ItemResize(Strict):
     """The per-image resize before batching (fastai's item_tfms `Resize`); size defaults to the member's size."""
 
-    size: Union[int, tuple[int, int], None] = None
+    size: Optional[Size] = None
     method: Literal["squish", "crop", "pad"] = "squish"
 
 
@@ -167,9 +202,6 @@ class Prepare(Strict):
 class TTA(Strict):
     n: int = Field(4, ge=0)  # augmented passes; the plain pass is always made too
     beta: float = Field(0.25, ge=0, le=1)  # weight of the plain pass in the TTA blend (fastai's meaning)
-
-
-Size = Union[int, tuple[int, int]]
 
 
 class TuneRange(Strict):
@@ -234,7 +266,7 @@ class Tune(Strict):
 
 
 # member fields a search may not vary: trials set epochs (and drop stages) themselves; the rest change no result
-TUNE_FIXED = ("name", "tune", "epochs", "stages", "weight", "num_workers", "keep_model", "gpu_memory")
+TUNE_FIXED = ("name", "tune", "epochs", "stages", "weight", "num_workers", "keep_model", "gpu_memory", "deterministic")
 
 
 def member_field(path: str):
@@ -307,8 +339,12 @@ class Member(Strict):
     weight: float = Field(1.0, ge=0)  # weight in the ensemble average
     # below: how to run, not what is computed; kept out of the cache key
     num_workers: Optional[int] = Field(None, ge=0)
-    keep_model: bool = False
-    gpu_memory: str = "8GiB"  # the memory budget on CUDA: micro-batches and gradient accumulation are fitted to it
+    keep_model: bool = True  # keep the trained weights (cache/<c>/models/): a TTA change then costs prediction only
+    gpu_memory: str = "7GiB"  # the memory budget on CUDA: micro-batches and gradient accumulation are fitted to it
+    # (7 GiB: what an "8 GB" card offers once the CUDA context has its share; see README, "an 8 GB GPU")
+    # bit-exact reruns (true) or cudnn.benchmark's speed (false); None: exact on the CPU, fast on CUDA. It changes
+    # the last bits of the results, not what is learned, so it is kept out of the cache key (RUN_ONLY)
+    deterministic: Optional[bool] = None
     tune: Optional[Tune] = None  # `ens tune`'s search space and budget
 
     @field_validator("tune", mode="wrap")
@@ -324,6 +360,19 @@ class Member(Strict):
         if self.tune and self.aug_transforms is None and any(k.startswith("aug_transforms.") for k in self.tune.space):
             raise ValueError("tune.space varies aug_transforms fields but aug_transforms is null; set aug_transforms")
         return self
+
+    @field_validator("pretrained")
+    @classmethod
+    def _weights_file_exists(cls, v, info):
+        # checked where a YAML is loaded (load_ensemble asks for it): a member read back from a cache entry
+        # (`ens eval` on kept weights) needs no weights file
+        if isinstance(v, str) and (info.context or {}).get("check_files"):
+            path = Path(v).expanduser()  # as models.timm_weights_kwargs reads it: relative to the current folder
+            if not path.is_file():
+                state = "is a folder" if path.is_dir() else "does not exist"
+                raise ValueError(f"weights file {v} {state} (looked for {path.absolute()}); give an existing "
+                                 "weights file (relative to the current folder, or ~/...), or true or false")
+        return v
 
     @field_validator("gpu_memory")
     @classmethod
@@ -364,14 +413,47 @@ class Member(Strict):
         return sum(e for _, e in self.stage_plan)
 
     # fields that do not change a member's predictions
-    RUN_ONLY: ClassVar[tuple] = ("name", "weight", "num_workers", "keep_model", "gpu_memory", "tune")
+    RUN_ONLY: ClassVar[tuple] = ("name", "weight", "num_workers", "keep_model", "gpu_memory", "tune",
+                                 "deterministic")
 
-    def key_fields(self) -> dict[str, Any]:
-        """What the cache key hashes: every field that changes the predictions, resolved."""
-        d = self.model_dump(mode="json", exclude=set(self.RUN_ONLY))
-        d["stages"], d["size"], d["epochs"] = [[s, e] for s, e in self.stage_plan], None, None
+    @property
+    def tta_passes(self) -> int:
+        """The augmented TTA passes worth making: none when they would all equal the plain pass (no batch
+        augmentation, and an item resize that is not a random crop)."""
+        if self.aug_transforms is None and self.resize.method != "crop":
+            return 0
+        return self.tta.n
+
+    def train_fields(self) -> dict[str, Any]:
+        """What changes the trained weights, canonical: equivalent spellings give equal dicts (a square [h, h]
+        size is h; `resize.size` that changes nothing is dropped; `freeze_epochs` of a from-scratch body too).
+        The architecture name, the precision and a weights file are resolved by `cache.train_key`."""
+        d = self.model_dump(mode="json", exclude={*self.RUN_ONLY, "tta"})
+        d["stages"], d["size"], d["epochs"] = [[_square(s), e] for s, e in self.stage_plan], None, None
+        presize = _square(self.resize.size) if self.resize.size is not None else None
+        if self.aug_transforms is None or all(presize == s for s, _ in d["stages"]):
+            presize = None  # without batch augmentation the stage size governs (`data.dataloaders`)
+        d["resize"] = {"size": presize, "method": self.resize.method}
+        if self.pretrained is False:
+            d["freeze_epochs"] = None
         # unset optional features leave no trace: adding one to ens does not retrain every cached member
         return {k: v for k, v in d.items() if v is not None or k == "aug_transforms"}
+
+    def tta_fields(self) -> dict[str, Any]:
+        """What changes the predictions of given weights: the augmented passes (beta only when there are any)."""
+        n = self.tta_passes
+        return {"n": n, "beta": self.tta.beta if n else None}
+
+    def key_fields(self) -> dict[str, Any]:
+        """Everything that changes the predictions, canonical (meta.json keeps it; `cache.member_key` hashes it)."""
+        return self.train_fields() | {"tta": self.tta_fields()}
+
+
+def _square(size):
+    """224 for 224 and for [224, 224]; [h, w] otherwise."""
+    if isinstance(size, (tuple, list)):
+        return size[0] if size[0] == size[1] else [size[0], size[1]]
+    return size
 
 
 class Ensemble(Strict):
@@ -392,15 +474,34 @@ class Ensemble(Strict):
 
 
 # --------------------------------------------------------------------------------------------- loading
+def _yaml_problem(e: yaml.YAMLError, text: str) -> tuple[str, str]:
+    """(' line N', problem) of a parser error, on one line: the parser's own message spans lines (a context block
+    with its mark, then the problem with its mark, each quoting the source line)."""
+    if isinstance(e, yaml.reader.ReaderError):  # a character YAML does not allow: no line mark, a position
+        line = text.count("\n", 0, e.position) + 1 if isinstance(e.position, int) else None
+        what = (f"character #x{e.character:04x}" if isinstance(e.character, int) else f"byte {e.character!r}")
+        return (f" line {line}" if line else ""), f"unacceptable {what}: {e.reason}"
+    mark, context = getattr(e, "problem_mark", None), getattr(e, "context", None)
+    problem = getattr(e, "problem", None) or str(e)
+    if context:
+        start = getattr(e, "context_mark", None)
+        problem += f" {context}" + (f" started at line {start.line + 1}" if start and mark and start.line != mark.line else "")
+    return (f" line {mark.line + 1}" if mark else ""), " ".join(problem.split())
+
+
 def read_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+        data = yaml.safe_load(text)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
+    except UnicodeDecodeError as e:
+        line = e.object.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{path}: line {line}: not UTF-8 text (byte {e.object[e.start:e.start + 1]!r}); "
+                          "save the file as UTF-8") from None
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}:{where}: not valid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
+        where, problem = _yaml_problem(e, text)
+        raise ConfigError(f"{path}:{where}: not valid YAML ({problem}); fix the syntax") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(data).__name__}")
     return data
@@ -440,7 +541,9 @@ def one_line_error(path: Path, err: ValidationError, model: type[BaseModel], ren
     """The first pydantic error as `file: field.path: problem; fix`."""
     first = err.errors()[0]
     loc = rename(tuple(first["loc"]))
-    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    # one value in defaults fails once per member: count it once
+    distinct = len({(rename(tuple(e["loc"])), e["msg"]) for e in err.errors()})
+    more = f" (and {distinct - 1} more)" if distinct > 1 else ""
     if first["type"] == "extra_forbidden":
         known = _fields_at(model, tuple(first["loc"]))
         close = difflib.get_close_matches(str(loc[-1]), known, n=1)
@@ -548,7 +651,7 @@ def load_ensemble(project: Project, spec: str, overrides: list[str] = ()) -> tup
         return loc
 
     try:
-        ensemble = Ensemble.model_validate(merged)
+        ensemble = Ensemble.model_validate(merged, context={"check_files": True})
     except ValidationError as e:
         raise one_line_error(shown, e, Ensemble, blame_defaults) from None
     competition = load_competition(project, ensemble.competition)

@@ -7,16 +7,19 @@ fastai is imported only inside `dataloaders`: listing and fingerprinting stay ch
 from __future__ import annotations
 
 import csv
+import glob
 import hashlib
 import json
 import os
 import shutil
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .config import Competition, Project
 from .errors import ConfigError, EnsError
+from .util import file_lock, lock_file_for, sweep_dead, unique_suffix
 
 
 @dataclass(frozen=True)
@@ -45,8 +48,7 @@ class CompetitionData:
 
     @property
     def test_ids(self) -> list[str]:
-        stem = self.competition.test_id == "stem"
-        return [Path(p).stem if stem else Path(p).name for p in self.test_paths]
+        return submission_ids(self.competition, self.test_paths)
 
 
 # --------------------------------------------------------------------------------------------- the digits build
@@ -95,12 +97,29 @@ def build_digits(dest: Path, test_fraction: float = 0.2) -> None:
 BUILDERS = {"digits": build_digits}
 
 
+@contextmanager
+def building(dest: Path, leftovers: list[str], lock: Path | None = None):
+    """One builder of `dest` at a time, across processes: hold a lock file (`lock`, by default `.<name>.lock`
+    beside `dest`; released by the kernel if the holder dies), saying on stderr when another run holds it, and
+    sweep first what dead processes left in dest's folder (`leftovers`: util.sweep_dead patterns). Re-check
+    `dest` inside: another run may have built it while this one waited."""
+    def say():
+        print(f"waiting for another ens run building {dest} ...", file=sys.stderr, flush=True)
+
+    with file_lock(lock or dest.parent / f".{dest.name}.lock", on_wait=say):
+        sweep_dead(dest.parent, leftovers)
+        yield
+
+
 def ensure_data(project: Project, comp: Competition) -> Path:
-    """The competition's data folder: built first if the competition is embedded, else it must exist."""
+    """The competition's data folder: built first if the competition is embedded (by one run at a time; the
+    others wait and use it), downloaded if it is on Kaggle, else it must exist."""
     root = comp.data_path(project)
     if not root.is_dir():
         if comp.builtin:
-            BUILDERS[comp.builtin](root)
+            with building(root, [f"{glob.escape(root.name)}.building-{{pid}}"], lock_file_for(root)):
+                if not root.is_dir():
+                    BUILDERS[comp.builtin](root)
         elif comp.kaggle:
             from . import kaggle
 
@@ -192,23 +211,148 @@ def content_fingerprint(root: Path, relative_paths: list[str], extra: str, memo_
     for rel in relative_paths:
         content.update(f"{rel}\0{_file_digest(root / rel)}\n".encode())
     content = content.hexdigest()
-    memo_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = memo_file.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"stat": stat_sig, "content": content}))
-    os.replace(tmp, memo_file)
+    _write_memo(memo_file, {"stat": stat_sig, "content": content})
     return content
 
 
+def _write_memo(memo_file: Path, value) -> None:
+    """`value` as JSON into `memo_file`, atomically (a temporary sibling renamed over it; a dead writer's
+    temporary is swept by the next one)."""
+    memo_file.parent.mkdir(parents=True, exist_ok=True)
+    sweep_dead(memo_file.parent, [f"{glob.escape(memo_file.name)}.tmp{{pid}}-*", f"{glob.escape(memo_file.stem)}.tmp{{pid}}"])
+    tmp = memo_file.with_name(memo_file.name + unique_suffix())
+    tmp.write_text(json.dumps(value))
+    os.replace(tmp, memo_file)
+
+
 def load_data(project: Project, comp: Competition) -> CompetitionData:
+    """The competition's images, labels, split and fingerprint, checked before any time is spent on them: every
+    sample-submission id has a test image, and every image decodes (verified once per data fingerprint)."""
     root = ensure_data(project, comp)
     paths, labels = list_train(comp, root)
     split = comp.split
     valid = validation_mask(paths, labels, split.valid_pct, split.seed, split.stratified)
     test = list_test(comp, root)
+    check_sample_ids(comp, root, test)
     extra = json.dumps([labels, valid, comp.train.model_dump(), comp.test_images])
     files = paths + test + ([comp.train.csv] if comp.train.layout == "csv" else [])
-    fp = content_fingerprint(root, files, extra, project.cache / "fingerprints" / f"{comp.name}.json")
+    fingerprints = project.cache / "fingerprints"
+    fp = content_fingerprint(root, files, extra, fingerprints / f"{comp.name}.json")
+    damaged = verified_images(root, paths + test, fp, fingerprints / f"{comp.name}.images.json")
+    bad_test = [p for p in test if p in damaged]
+    if bad_test:
+        raise EnsError(f"competitions/{comp.name}.yaml: {_count(bad_test, 'test image')} cannot be decoded: "
+                       f"{_listing(project, root, bad_test, damaged)}; the submission needs a prediction for every "
+                       "test image: replace them with intact copies (fetch the competition's data again)")
+    bad_train = [p for p in paths if p in damaged]
+    if bad_train:
+        listing = _listing(project, root, bad_train, damaged)
+        if comp.damaged_images == "error":
+            raise EnsError(f"competitions/{comp.name}.yaml: {_count(bad_train, 'training image')} cannot be decoded: "
+                           f"{listing}; replace or delete them, or set `damaged_images: skip` in "
+                           f"competitions/{comp.name}.yaml to train without them")
+        print(f"note: leaving {_count(bad_train, 'damaged training image')} out (damaged_images: skip): {listing}",
+              file=sys.stderr, flush=True)
+        keep = [i for i, p in enumerate(paths) if p not in damaged]
+        if not keep:
+            raise EnsError(f"competitions/{comp.name}.yaml: every training image is damaged; fix the data")
+        paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
+        valid = validation_mask(paths, labels, split.valid_pct, split.seed, split.stratified)
+        # other training images, other split: other members (the full data's fingerprint and what was left out)
+        fp = hashlib.sha256(f"{fp}:damaged images left out:{json.dumps(sorted(bad_train))}".encode()).hexdigest()
     return CompetitionData(comp, root, paths, labels, valid, test, fp)
+
+
+def _count(items, what: str) -> str:
+    return f"{len(items)} {what}{'s' if len(items) != 1 else ''}"
+
+
+def _listing(project: Project, root: Path, bad: list[str], reasons: dict[str, str], first: int = 3) -> str:
+    shown = ", ".join(f"{project.relative(root / p)} ({reasons[p]})" for p in bad[:first])
+    return shown + (f" and {len(bad) - first} more" if len(bad) > first else "")
+
+
+def submission_ids(comp: Competition, test_paths: list[str]) -> list[str]:
+    """A test image's id in the submission: its file name, or its stem (`test_id`)."""
+    return [Path(p).stem if comp.test_id == "stem" else Path(p).name for p in test_paths]
+
+
+def check_sample_ids(comp: Competition, root: Path, test_paths: list[str]) -> None:
+    """Every id of the sample submission names a test image (else the submission cannot be written: found here,
+    before any member trains, rather than after all of them)."""
+    sample = root / comp.sample_submission
+    where = f"competitions/{comp.name}.yaml"
+    try:
+        with open(sample, newline="") as f:
+            reader = csv.DictReader(f)
+            columns = reader.fieldnames or []
+            if comp.id_column not in columns:
+                raise EnsError(f"{where}: the sample submission {sample} has no id column '{comp.id_column}' "
+                               f"(columns: {', '.join(columns) or 'none'}); fix id_column")
+            ids = [row[comp.id_column] for row in reader]
+    except FileNotFoundError:
+        raise EnsError(f"{where}: the sample submission {sample} is missing; put the competition's "
+                       "sample_submission.csv there or fix sample_submission") from None
+    known = set(submission_ids(comp, test_paths))
+    missing = [i for i in ids if i not in known]
+    if missing:
+        raise EnsError(f"{where}: {len(missing)} ids of the sample submission have no test image, first "
+                       f"'{missing[0]}' (looked in {comp.test_images}/, {len(known)} images, ids by "
+                       f"test_id: {comp.test_id}); check test_images and test_id, or add the missing images")
+
+
+# --------------------------------------------------------------------------------------------- image verification
+def _decode_problem(path: str) -> str | None:
+    """Why PIL cannot decode the image at `path` completely (what fastai would raise mid-epoch), or None.
+    `verify()` alone misses truncation: the pixels are decoded."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except Exception as e:  # noqa: BLE001 - any failure is the finding
+        return " ".join(str(e).split())[:120] or type(e).__name__
+    return None
+
+
+def find_damaged(root: Path, relative_paths: list[str]) -> dict[str, str]:
+    """{relative path: reason} of the images PIL cannot decode. In a process pool when there is a lot to decode
+    (JPEGs cost ~3 ms each), in this process when there is little (the digits' PNGs: 0.1 ms)."""
+    files = [str(root / p) for p in relative_paths]
+    total = sum(os.stat(f).st_size for f in files)
+    workers = min(os.cpu_count() or 1, 1 + total // (32 << 20), max(1, len(files) // 64))
+    if workers <= 1:
+        problems = [_decode_problem(f) for f in files]
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        import PIL.Image  # noqa: F401 - imported before the fork: the workers only decode
+
+        # fork, as fastcore.parallel does for the prepared copies: it starts at once and re-imports nothing (spawn
+        # would re-run the main module, which fails for `python -` or a REPL)
+        context = multiprocessing.get_context("fork" if sys.platform == "linux" else None)
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            problems = list(pool.map(_decode_problem, files, chunksize=max(1, len(files) // (workers * 16))))
+    return {p: why for p, why in zip(relative_paths, problems) if why is not None}
+
+
+def verified_images(root: Path, relative_paths: list[str], fingerprint: str, memo_file: Path) -> dict[str, str]:
+    """find_damaged, memoised under the data's content fingerprint: decoding 10k JPEGs takes tens of seconds,
+    so the same data is verified once (the memo keeps the last few fingerprints)."""
+    try:
+        memo = json.loads(memo_file.read_text())
+        if fingerprint in memo:
+            return dict(memo[fingerprint])
+    except (OSError, ValueError, TypeError):
+        memo = {}
+    if not isinstance(memo, dict):
+        memo = {}
+    damaged = find_damaged(root, relative_paths)
+    memo.pop(fingerprint, None)
+    memo = dict(list(memo.items())[-3:]) | {fingerprint: sorted(damaged.items())}
+    _write_memo(memo_file, memo)
+    return damaged
 
 
 def train_fraction(data: CompetitionData, fraction: float, seed: int = 42) -> CompetitionData:
@@ -236,25 +380,32 @@ def train_fraction(data: CompetitionData, fraction: float, seed: int = 42) -> Co
 def prepare_data(data: CompetitionData, prepare, cache_root: Path) -> CompetitionData:
     """The same competition read from a copy whose images are shrunk so that the longer side is at most
     `prepare.max_size` (smaller ones are copied as they are), built once in parallel in
-    cache/prepared/<competition>/<settings and data hash>/ and renamed into place when complete."""
+    cache/prepared/<competition>/<settings and data hash>/ and renamed into place when complete. One run builds
+    a copy at a time; another that needs it waits, then uses it. Copies half-built by dead runs are swept."""
     key = hashlib.sha256(json.dumps([data.fingerprint, prepare.model_dump()], sort_keys=True).encode()).hexdigest()[:16]
     dest = cache_root / "prepared" / data.competition.name / f"max{prepare.max_size}-{key}"
     if not dest.is_dir():
-        from fastai.vision.utils import resize_image
-        from fastcore.parallel import parallel
-
-        tmp = dest.with_name(dest.name + f".building-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        files = [Path(p) for p in data.train_paths + data.test_paths]
-        parallel(resize_image, files, src=data.root, dest=tmp, max_size=prepare.max_size, quality=prepare.quality,
-                 n_workers=os.cpu_count() or 1, progress=False)
-        unreadable = [str(f) for f in files if not (tmp / f).is_file()]
-        if unreadable:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise EnsError(f"{len(unreadable)} images could not be read, first {data.root / unreadable[0]}; "
-                           "remove or replace them")
-        tmp.rename(dest)
+        with building(dest, ["*.building-{pid}", "*.tmp{pid}-*"]):
+            if not dest.is_dir():
+                _build_prepared(data, prepare, dest)
     return replace(data, root=dest)
+
+
+def _build_prepared(data: CompetitionData, prepare, dest: Path) -> None:
+    from fastai.vision.utils import resize_image
+    from fastcore.parallel import parallel
+
+    tmp = dest.with_name(dest.name + f".building-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    files = [Path(p) for p in data.train_paths + data.test_paths]
+    parallel(resize_image, files, src=data.root, dest=tmp, max_size=prepare.max_size, quality=prepare.quality,
+             n_workers=os.cpu_count() or 1, progress=False)
+    unreadable = [str(f) for f in files if not (tmp / f).is_file()]
+    if unreadable:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise EnsError(f"{len(unreadable)} images could not be read, first {data.root / unreadable[0]}; "
+                       "remove or replace them")
+    tmp.rename(dest)
 
 
 # --------------------------------------------------------------------------------------------- DataLoaders
@@ -270,10 +421,11 @@ def dataloaders(data: CompetitionData, member, size, device=None):
     items = [(str(data.root / p), label) for p, label in zip(data.train_paths, data.train_labels)]
     valid_idx = [i for i, v in enumerate(data.is_valid) if v]
     resize = member.resize
-    item_tfms = [Resize(resize.size or size, method=resize.method)]
     batch_tfms = []
-    if member.aug_transforms is not None:
+    if member.aug_transforms is not None:  # presizing: items at resize.size, the batch augmentation brings them to size
         batch_tfms += aug_transforms(size=size, **member.aug_transforms.model_dump())
+    # without a batch augmentation nothing would bring a presized item to the stage's size: the stage size governs
+    item_tfms = [Resize(resize.size or size if batch_tfms else size, method=resize.method)]
     block = DataBlock(blocks=(ImageBlock, CategoryBlock(vocab=data.vocab)), get_x=ItemGetter(0),
                       get_y=ItemGetter(1), splitter=IndexSplitter(valid_idx),
                       item_tfms=item_tfms, batch_tfms=batch_tfms)

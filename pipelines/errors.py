@@ -6,6 +6,11 @@ class EnsError(Exception):
 
     exit_code = 1
 
+    def __init__(self, message: object = "", *args):
+        # one line, whatever the message quotes (a parser's multi-line report, a path with a newline): cli.py
+        # prints `error: <message>` and tests and scripts read exactly one line
+        super().__init__(" ".join(str(message).split()), *args)
+
 
 class ConfigError(EnsError):
     """Bad input in a YAML file or on the command line (exit code 2)."""

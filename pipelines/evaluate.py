@@ -19,7 +19,7 @@ def gather_kept(project: Project, spec: str, overrides, what: str):
     """The ensemble's members with their weights kept; a clear error before any training when some member has
     none and will not keep any (`keep_model: false`)."""
     g = gather_members(project, spec, overrides, cached_only=True)
-    lacking = [o.member.name for o in g.outcomes if not (o.entry.path / "model.pth").is_file()]
+    lacking = [o.member.name for o in g.outcomes if o.entry.model_path is None]
     lacking += [m.name for m in g.missing if not m.keep_model]
     if lacking:
         raise EnsError(f"{what} needs the members' weights, and {', '.join(lacking)} kept none: set keep_model: true "
@@ -28,21 +28,12 @@ def gather_kept(project: Project, spec: str, overrides, what: str):
 
 
 def kept_learner(outcome: MemberOutcome, data):
-    """The member's Learner with its kept weights (built without downloading anything), at its final size."""
-    import torch
-    from fastai.vision.all import Normalize, noop
-
-    from .data import dataloaders
-    from .models import build_learner
+    """The member's Learner with its kept weights (built without downloading anything), at its final size, fp32."""
+    from .predict import learner_from_weights
 
     member = Member.model_validate(outcome.entry.meta["member"])
-    bare = member.model_copy(update={"pretrained": False})  # the weights come from the entry
-    dls = dataloaders(data, bare.model_copy(update={"num_workers": 0}), member.final_size)
-    learn, _ = build_learner(dls, bare, metrics=[])
-    dls.add_tfms([Normalize.from_stats(*outcome.entry.meta["normalize"])], "after_batch")
-    learn.model.load_state_dict(torch.load(outcome.entry.path / "model.pth", map_location="cpu"))
-    learn.remove_cbs([cb for cb in learn.cbs if type(cb).__name__ == "ProgressCallback"])
-    learn.logger = noop
+    learn = learner_from_weights(member.model_copy(update={"num_workers": 0}), data, outcome.entry.model_path,
+                                 outcome.entry.meta["normalize"])
     return learn.to_fp32()
 
 
@@ -92,7 +83,7 @@ def bench(project: Project, spec: str, overrides=(), batch: int = 32, repeats: i
                              metrics["plain_log_loss"], _ms_per_image(model, one, repeats * 4),
                              _ms_per_image(model, many, repeats), sum(p.numel() for p in model.parameters()),
                              sum(t.numel() * t.element_size() for t in tensors) / 1e6,
-                             (o.entry.path / "model.pth").stat().st_size / 1e6))
+                             o.entry.model_path.stat().st_size / 1e6))
     return rows, device
 
 
@@ -136,7 +127,8 @@ def evaluate_on(project: Project, spec: str, folder: Path, overrides=()):
     results, probs, weights = {}, [], []
     for o in g.outcomes:
         learn = kept_learner(o, g.data)
-        plain, tta = tta_probs(learn, learn.dls.test_dl(paths), o.member)
+        p = tta_probs(learn, learn.dls.test_dl(paths), o.member)
+        plain, tta = p["plain"], p["tta"]
         meta = o.entry.meta["metrics"]
         results[o.member.name] = {
             "accuracy": (ensemble.accuracy(plain, targets), meta["plain_accuracy"]),

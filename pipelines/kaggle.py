@@ -30,7 +30,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 
 from .errors import EnsError
-from .util import process_alive
+from .util import file_lock, lock_file_for, process_alive
 
 RULES_URL = "https://www.kaggle.com/competitions/{slug}/rules"
 TOKEN_URL = "https://www.kaggle.com/settings/api"
@@ -69,13 +69,26 @@ def download(slug: str, dest: Path, timeout: float = DOWNLOAD_TIMEOUT, force: bo
     another that is renamed to `dest` at the end, so an interrupted download or unzip leaves no `dest` (its
     leftovers are swept by the next call) and is simply redone. An existing `dest` is returned untouched unless
     `force`, which downloads again and replaces it. `timeout` bounds the time without progress: the call is
-    stopped when no new byte arrives for `timeout` seconds."""
+    stopped when no new byte arrives for `timeout` seconds. One process downloads into `dest` at a time (a lock
+    file named by `dest` in ens's user cache, util.lock_file_for): a second first run waits for the first one's
+    download and uses it, instead of downloading again and replacing the folder the first one is reading."""
     _check_slug(slug)
     dest = Path(dest)
-    _sweep_partials(dest)
     if dest.is_dir() and not force:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
+
+    def say():
+        print(f"waiting for another ens run building {dest} (downloading '{slug}') ...", file=sys.stderr, flush=True)
+
+    with file_lock(lock_file_for(dest), on_wait=say):
+        _sweep_partials(dest)
+        if dest.is_dir() and not force:
+            return dest
+        return _download_locked(slug, dest, timeout)
+
+
+def _download_locked(slug: str, dest: Path, timeout: float) -> Path:
     work = _partial_path(dest, "download")
     work.mkdir()
     try:
@@ -144,13 +157,23 @@ def _extract(zip_path: Path, dest: Path, label: str) -> Path:
 
 
 def submit(slug: str, csv: Path, message: str, timeout: float = SUBMIT_TIMEOUT) -> str:
-    """Submit `csv` to competition `slug` with description `message`; returns the submission's ref (as text)."""
+    """Submit `csv` to competition `slug` with description `message`; returns the submission's ref (as text).
+
+    A KaggleError's `maybe_submitted` is True when Kaggle may have the submission all the same: the call was cut
+    off (no answer in time, the client died, the connection closed) after the file may have reached Kaggle, or
+    Kaggle accepted the file without naming its ref. Then only Kaggle's list can tell."""
     _check_slug(slug)
     csv = Path(csv)
     if not csv.is_file():
         raise KaggleError(f"{csv}: no such file to submit", "missing file")
-    result = _call("submit", {"slug": slug, "csv": str(csv.resolve()), "message": message}, timeout,
-                   f"submitting {csv.name} to '{slug}'", slug)
+    try:
+        result = _call("submit", {"slug": slug, "csv": str(csv.resolve()), "message": message}, timeout,
+                       f"submitting {csv.name} to '{slug}'", slug)
+    except KaggleError as e:
+        kind = getattr(e, "kind", None)
+        e.maybe_submitted = kind in ("timeout", "crashed", "noref") or (
+            kind == "connection" and getattr(e, "detail", "") == "connection closed")
+        raise
     return str(result["ref"])
 
 
@@ -317,8 +340,10 @@ def _call(op: str, args: dict, timeout: float, doing: str, slug: str, progress_d
                     if new != size:
                         size, last_change = new, now
                 if now - last_change > timeout:
-                    raise KaggleError(f"no answer from Kaggle within {timeout:g} s while {doing}: retry later, or "
-                                      "check the network", f"timeout: no answer within {timeout:g} s", transient=True)
+                    error = KaggleError(f"no answer from Kaggle within {timeout:g} s while {doing}: retry later, or "
+                                        "check the network", f"timeout: no answer within {timeout:g} s", transient=True)
+                    error.kind = "timeout"
+                    raise error
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -328,11 +353,15 @@ def _call(op: str, args: dict, timeout: float, doing: str, slug: str, progress_d
     try:
         result = json.loads(lines[-1])
     except (IndexError, ValueError):
-        raise KaggleError(f"the Kaggle client stopped without an answer while {doing} (exit code {proc.returncode}); "
-                          "check that the `kaggle` package is installed and retry", "client crashed") from None
+        error = KaggleError(f"the Kaggle client stopped without an answer while {doing} (exit code "
+                            f"{proc.returncode}); check that the `kaggle` package is installed and retry", "client crashed")
+        error.kind = "crashed"
+        raise error from None
     if "ok" in result:
         return result["ok"]
-    raise _error(result["error"], doing, slug, timeout)
+    error = _error(result["error"], doing, slug, timeout)
+    error.kind, error.detail = result["error"].get("kind"), result["error"].get("detail")  # for submit's verdict
+    raise error
 
 
 def _error(info: dict, doing: str, slug: str, timeout: float) -> KaggleError:
@@ -484,7 +513,7 @@ def _child_submit(slug: str, csv: str, message: str) -> dict:
                 ref = sub.ref
                 break
     if not ref:
-        raise _ChildFailure(kind="other", detail=f"Kaggle accepted the file but gave no submission ref "
+        raise _ChildFailure(kind="noref", detail=f"Kaggle accepted the file but gave no submission ref "
                                                  f"({_child_scrub(response.message or '')[:120]})")
     return {"ref": str(ref), "message": response.message}
 

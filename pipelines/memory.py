@@ -2,9 +2,17 @@
 the member's (effective) `batch_size`.
 
 The search (`plan_micro_batch`) is pure logic around a probe `fits(micro_batch) -> peak bytes | None`; the real
-probe (`cuda_probe`) runs one forward and backward pass on CUDA and is kept thin, with its torch pieces
-injectable so that the logic around it is tested on a CPU-only machine. `halve_on_oom` is the restart rule when
-training runs out of memory all the same.
+probe (`cuda_probe`) runs two real training steps (forward, backward, optimizer step) on CUDA and is kept thin,
+with its torch pieces injectable so that the logic around it is tested on a CPU-only machine. `halve_on_oom` is
+the restart rule when training runs out of memory all the same, `is_out_of_memory` says what counts as that, and
+`retry_on_oom` restarts only once the failed attempt's learner is gone. The other CUDA-only choices live here
+too, as logic with injectable torch pieces: `bf16_native` (mixed precision) and `determinism_flags`.
+
+What the probe guarantees: the peak memory the CUDA caching allocator RESERVED (allocated blocks, their
+rounding and fragmentation) during two training steps at the member's largest stage, with all parameters
+trainable and the optimizer's moments really allocated, stays under min(budget, what the card has free) minus
+`SAFETY_MARGIN`. Not measured: validation and TTA passes (no gradients: smaller), kernels loaded later and
+fragmentation that builds up over many epochs; the margin is for those, and the OOM restart for what is left.
 
 Accumulation with fastai: `GradientAccumulation(n_acc=effective_batch)` counts SAMPLES, not micro-batches. It
 scales every micro-batch's loss by micro/n_acc and steps once at least n_acc samples were seen, so when the
@@ -19,8 +27,10 @@ torch is imported inside functions only.
 
 from __future__ import annotations
 
+import gc
 import math
-from dataclasses import dataclass, field, replace
+import os
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional
 
 from .errors import EnsError
@@ -60,6 +70,8 @@ class MicroBatchPlan:
     member: str = "member"
     size: Any = None
     oom_restarts: int = 0
+    limit_bytes: Optional[int] = None  # what the peak had to stay under: min(budget, free on the card) − margin
+    oom_errors: tuple = ()  # the first line of each out-of-memory error that restarted training
 
     @property
     def accumulation_steps(self) -> int:
@@ -91,7 +103,8 @@ class MicroBatchPlan:
         return {"effective_batch": self.effective_batch, "micro_batch": self.micro_batch,
                 "accumulation_steps": self.accumulation_steps, "n_acc": self.n_acc, "exact": self.exact,
                 "peak_bytes": self.peak_bytes, "budget_bytes": self.budget_bytes,
-                "probes": [list(p) for p in self.probes], "oom_restarts": self.oom_restarts}
+                "probes": [list(p) for p in self.probes], "oom_restarts": self.oom_restarts,
+                "limit_bytes": self.limit_bytes, "oom_errors": list(self.oom_errors)}
 
     def describe(self) -> str:
         if self.accumulation_steps == 1:
@@ -115,11 +128,12 @@ def candidates(effective_batch: int) -> list[int]:
 
 
 def plan_micro_batch(effective_batch: int, fits: Fits, budget_bytes: int, *, member: str = "member",
-                     size=None) -> MicroBatchPlan:
+                     size=None, limit_bytes: int | None = None) -> MicroBatchPlan:
     """The largest micro-batch ≤ `effective_batch` (among `candidates`) whose probe fits the budget.
 
     `fits(mb)` runs one probe and returns its peak bytes, or None when it ran out of memory; a peak above
-    `budget_bytes` counts as not fitting too (a probe on a larger card than the budget). Memory grows with the
+    `limit_bytes` (default `budget_bytes`; `cuda_probe`'s `fits.limit()` is lower: the card's free memory and a
+    safety margin) counts as not fitting too (a probe on a larger card than the budget). Memory grows with the
     micro-batch, so: try the effective batch; on failure halve (the largest candidate ≤ half the last one) until
     one fits; then binary-search the candidates strictly between the last fitting and the first failing one.
     Halving first finds a fit in about log2(B) probes starting from the cheap side of the failure (a probe that
@@ -129,6 +143,7 @@ def plan_micro_batch(effective_batch: int, fits: Fits, budget_bytes: int, *, mem
     if effective_batch < 1:
         raise ValueError(f"effective batch must be at least 1, got {effective_batch}")
     cands = candidates(effective_batch)
+    cap = budget_bytes if limit_bytes is None else limit_bytes
     probes: list[tuple[int, Optional[int]]] = []
     peaks: dict[int, Optional[int]] = {}
 
@@ -137,7 +152,7 @@ def plan_micro_batch(effective_batch: int, fits: Fits, budget_bytes: int, *, mem
             peak = fits(mb)
             peaks[mb] = peak
             probes.append((mb, peak))
-        return peaks[mb] is not None and peaks[mb] <= budget_bytes
+        return peaks[mb] is not None and peaks[mb] <= cap
 
     # halving: indices into `cands`
     hi = None  # index of the smallest candidate known to fail
@@ -145,10 +160,13 @@ def plan_micro_batch(effective_batch: int, fits: Fits, budget_bytes: int, *, mem
     while not ok(cands[i]):
         hi = i
         if i == 0:
+            usable = "" if cap == budget_bytes else (f" ({_gib(cap)} usable: what the card has free, less a "
+                                                       "safety margin)")
             raise MemoryBudgetError(
                 f"member {member}: even a micro-batch of 1 at size {_size_text(size) or '?'} does not fit gpu_memory "
-                f"{_gib(budget_bytes)} (peak {_gib(peaks[1]) if peaks[1] is not None else 'out of memory'}); raise "
-                f"the member's gpu_memory (if the card has more), lower its size or choose a smaller arch")
+                f"{_gib(budget_bytes)}{usable} (peak {_gib(peaks[1]) if peaks[1] is not None else 'out of memory'}); "
+                f"raise the member's gpu_memory (if the card has more), free the GPU, lower its size or choose a "
+                f"smaller arch")
         limit = cands[i] // 2
         i = max(j for j, c in enumerate(cands) if c <= max(limit, 1))
     lo = i  # the largest candidate known to fit
@@ -162,19 +180,108 @@ def plan_micro_batch(effective_batch: int, fits: Fits, budget_bytes: int, *, mem
             else:
                 b = mid - 1
     mb = cands[lo]
-    return MicroBatchPlan(effective_batch, mb, peaks[mb], budget_bytes, tuple(probes), member, size)
+    return MicroBatchPlan(effective_batch, mb, peaks[mb], budget_bytes, tuple(probes), member, size,
+                          limit_bytes=limit_bytes)
 
 
-def halve_on_oom(plan: MicroBatchPlan) -> MicroBatchPlan:
-    """After an out-of-memory error during training: the next candidate at or below half the micro-batch (so
-    about twice the accumulation steps), unmeasured. An error when the micro-batch is already 1."""
+def halve_on_oom(plan: MicroBatchPlan, reason: str | None = None) -> MicroBatchPlan:
+    """After an out-of-memory error during training (`reason`: one line of it, kept in the plan): the next
+    candidate at or below half the micro-batch (so about twice the accumulation steps), unmeasured. An error when
+    the micro-batch is already 1."""
     if plan.micro_batch <= 1:
+        last = f"; last error: {reason}" if reason else ""
         raise MemoryBudgetError(
             f"member {plan.member}: ran out of memory at a micro-batch of 1 at size {_size_text(plan.size) or '?'} "
             f"(gpu_memory {_gib(plan.budget_bytes)}); lower its size, choose a smaller arch or free the GPU "
-            "(another process may be using it)")
+            f"(another process may be using it){last}")
     smaller = max(c for c in candidates(plan.effective_batch) if c <= max(plan.micro_batch // 2, 1))
-    return replace(plan, micro_batch=smaller, peak_bytes=None, oom_restarts=plan.oom_restarts + 1)
+    errors = plan.oom_errors + ((reason,) if reason else ())
+    return replace(plan, micro_batch=smaller, peak_bytes=None, oom_restarts=plan.oom_restarts + 1, oom_errors=errors)
+
+
+# --------------------------------------------------------------------------------------------- out of memory
+# RuntimeErrors of the CUDA libraries that mean "no memory left": cuBLAS cannot create its handle or workspace,
+# cuDNN cannot get its workspace, or the CUDA runtime itself (which torch does not always turn into
+# torch.cuda.OutOfMemoryError). Other library errors (CUDNN_STATUS_INTERNAL_ERROR, device-side asserts) are bugs
+# or broken drivers, not something a smaller micro-batch cures.
+OOM_MESSAGES = ("CUDA out of memory", "CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED",
+                "CUDNN_STATUS_ALLOC_FAILED", "CUDNN_STATUS_NOT_ENOUGH_WORKSPACE")
+
+
+def is_out_of_memory(exc: BaseException, cuda=None) -> bool:
+    """Whether `exc` is the GPU running out of memory: torch.cuda.OutOfMemoryError, or a RuntimeError of cuBLAS,
+    cuDNN or the CUDA runtime failing to allocate (`OOM_MESSAGES`). Host memory (MemoryError) is not. `cuda`
+    (default torch.cuda) is injectable."""
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda
+    if isinstance(exc, cuda.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in OOM_MESSAGES)
+
+
+def oom_reason(exc: BaseException, limit: int = 200) -> str:
+    """One line for the record: the error's line that says out of memory (fastai puts "Exception occured in
+    `Callback` when calling event ..." before the message of an error raised in a callback), else its first."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    line = next((line for line in lines if any(m in line for m in OOM_MESSAGES)), lines[0] if lines else "")
+    text = f"{type(exc).__name__}: {line}"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def free_memory(cuda=None) -> None:
+    """Collect garbage (a fastai Learner sits in reference cycles: its callbacks point back at it, so reference
+    counting alone never frees it) and hand the caching allocator's free blocks back to the driver."""
+    gc.collect()
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda
+    cuda.empty_cache()
+
+
+def reset_autocast() -> None:
+    """Leave any autocast an interrupted step left entered. fastai's MixedPrecision enters autocast in
+    before_batch and leaves it in after_loss, so an out-of-memory error in the forward pass leaves it on, one
+    level deep: the retry's autocast then never gets back to level 0, which is when torch clears its cache of
+    half-precision weight copies — so the old model's copies stay on the GPU, and the new model's first copies
+    are reused after every optimizer step (stale weights). Call outside any autocast of one's own."""
+    import torch
+
+    depth = torch.autocast_increment_nesting() - 1  # torch has no getter: up and down again reads the level
+    torch.autocast_decrement_nesting()
+    for _ in range(depth):
+        torch.autocast_decrement_nesting()
+    torch.clear_autocast_cache()
+    for device_type in ("cuda", "cpu"):
+        torch.set_autocast_enabled(device_type, False)
+
+
+def retry_on_oom(attempt: Callable[[Optional[MicroBatchPlan]], Any], plan: Optional[MicroBatchPlan],
+                 on_restart: Callable[[MicroBatchPlan, str], None] | None = None, *, cuda=None):
+    """`attempt(plan)`, restarted with half the micro-batch (`halve_on_oom`) after each out-of-memory error
+    (`is_out_of_memory`) until it succeeds or the micro-batch is 1. Without a plan (the CPU) nothing is retried.
+
+    The failed attempt's learner is alive as long as the exception is: its traceback holds the frames that hold
+    it. So the except block only records the error; once out of it (the exception and its traceback unreferenced)
+    the autocast it may have left on is reset, the garbage collected (fastai's reference cycles) and the cache
+    emptied, and only then is the next attempt built: never two models side by side. `on_restart(plan, reason)`
+    hears of each restart."""
+    while True:
+        reason = None
+        try:
+            return attempt(plan)
+        except Exception as exc:
+            if plan is None or not is_out_of_memory(exc, cuda):
+                raise
+            reason = oom_reason(exc)
+        # out of the except block: `exc` is unbound and no traceback holds the failed attempt's frames any more
+        reset_autocast()
+        free_memory(cuda)
+        plan = halve_on_oom(plan, reason)  # raises when the micro-batch is already 1
+        if on_restart is not None:
+            on_restart(plan, reason)
 
 
 # --------------------------------------------------------------------------------------------- the CUDA probe
@@ -187,33 +294,64 @@ def probe_size(member) -> tuple[int, int]:
 
 _DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
 
+# What the probe's peak reserved memory must leave free under min(budget, free on the card). Two steps measure
+# the training step itself; not measured are kernels loaded lazily later (CUDA_MODULE_LOADING=LAZY: cuDNN/cuBLAS
+# kernels of the validation and TTA passes and of the last, smaller batch; tens to a few hundred MiB, outside the
+# allocator), blocks the allocator cannot reuse after many epochs at varying shapes (progressive resizing, the
+# last partial batch), and a display or another process taking a little more of the card meanwhile. 512 MiB is
+# about 7 % of an 8 GB card: enough for those, small enough not to halve micro-batches that would have fitted.
+SAFETY_MARGIN = 512 * 2**20
+
+
+def usable_bytes(budget_bytes: int, available_bytes: int, margin: int = SAFETY_MARGIN) -> int:
+    """What a probe's peak reserved memory may reach: the budget or what the card really offers this process
+    (free memory plus what it holds already), whichever is less, minus the safety margin."""
+    return min(budget_bytes, available_bytes) - margin
+
 
 def optimizer_state_bytes(model) -> int:
-    """What the optimiser will hold that a forward/backward probe does not allocate: fastai's Adam keeps two
-    running averages (grad_avg, sqr_avg) per trainable parameter, in the parameters' dtype."""
+    """What fastai's Adam keeps once it has stepped: two running averages (grad_avg, sqr_avg) per trainable
+    parameter, in the parameters' dtype. For reference and tests: the probe measures a real step instead."""
     return 2 * sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+def probe_optimizer(params):
+    """The optimizer a fastai Learner creates (opt_func=Adam: fastai's Adam, moments allocated on the first
+    step), with learning rate 0 so that the probe's steps move no weight (they are restored all the same)."""
+    from fastai.optimizer import Adam
+
+    return Adam(list(params), lr=0.0)
+
+
 def cuda_probe(model_factory_or_learner, size, budget_bytes: int, precision: str, *, cuda=None,
-               device: str = "cuda", limit_memory: bool = True) -> Fits:
-    """`fits(micro_batch) -> peak bytes | None` for `plan_micro_batch`: one forward and backward pass (all
-    parameters trainable, as in an unfrozen fine-tune) on a random batch of `size` (h, w) under the member's
-    autocast `precision`, measured with torch.cuda's peak-memory statistics, plus the optimiser's state
-    (`optimizer_state_bytes`). Out of memory returns None (and the cache is emptied).
+               device: str = "cuda", limit_memory: bool = True, optimizer: Callable | None = None,
+               margin: int = SAFETY_MARGIN) -> Fits:
+    """`fits(micro_batch) -> peak bytes | None` for `plan_micro_batch`: two training steps (forward, backward,
+    optimizer step; all parameters trainable, as in an unfrozen fine-tune) on random batches of `size` (h, w)
+    under the member's autocast `precision`. The second step runs with the first one's moments and gradients
+    alive, as every step of training after the first does. The peak is torch.cuda's max_memory_reserved — what
+    the caching allocator took from the card, rounding and fragmentation included, not only what tensors
+    occupied. Out of memory (`is_out_of_memory`, cuBLAS and cuDNN allocation failures included) returns None.
+
+    `fits.limit()` is what the peak must stay under: `usable_bytes(budget, free + reserved, margin)`, measured
+    with the model on the device (`plan_member` passes it to `plan_micro_batch`).
 
     `model_factory_or_learner`: a fastai Learner (its `.model`), an nn.Module, or a callable building one (built
-    once, on the first probe). Only the parameters' gradients change: training mode, requires_grad flags,
-    BatchNorm statistics and the random generators (dropout, the input) are restored after each probe, so
-    probing a learner before training leaves its run reproducible.
+    once, on the first probe). `optimizer(params)` builds the probe's optimizer (default `probe_optimizer`,
+    fastai's Adam as the Learner makes it). The model is left as found: weights (a host copy is put back: no
+    device memory), training mode, requires_grad flags, BatchNorm statistics, gradients and the random
+    generators (dropout, the input) are restored after each probe, so probing a learner before training leaves
+    its run reproducible.
 
-    `limit_memory`: cap this process at budget/total of the card (`set_per_process_memory_fraction`) so that a
-    larger card runs out of memory where the budget would. The cap stays for the training that follows, which is
-    then held to the budget it was planned for. `fits.release()` drops the model when planning is done.
-    `cuda` (default `torch.cuda`) and `device` are injectable, for tests on CPU.
+    `limit_memory`: cap this process at budget/total of the card (`set_per_process_memory_fraction`, which caps
+    reserved memory) so that a larger card runs out of memory where the budget would. The cap stays for the
+    training that follows, which is then held to the budget it was planned for. `fits.release()` drops the model
+    when planning is done. `cuda` (default `torch.cuda`) and `device` are injectable, for tests on CPU.
     """
     import torch
 
     cuda = torch.cuda if cuda is None else cuda
+    make_optimizer = probe_optimizer if optimizer is None else optimizer
     h, w = (size, size) if isinstance(size, int) else size
     state: dict = {}
 
@@ -232,15 +370,20 @@ def cuda_probe(model_factory_or_learner, size, budget_bytes: int, precision: str
                 cuda.set_per_process_memory_fraction(min(1.0, budget_bytes / total))
         return state["model"]
 
-    def step(net, mb: int) -> None:
-        """Forward and backward; its tensors die with this frame (or with the OOM exception's traceback)."""
-        x = torch.randn(mb, 3, h, w, device=device)
-        with torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=enabled):
-            out = net(x)
-            out = out[0] if isinstance(out, (tuple, list)) else out
-            target = torch.randint(0, out.shape[-1], (mb,), device=device)
-            loss = torch.nn.functional.cross_entropy(out.float(), target)
-        loss.backward()
+    def steps(net, mb: int) -> None:
+        """Two training steps; their tensors (batches, activations, the optimizer and its moments) die with this
+        frame (or, after out of memory, once the exception is handled)."""
+        opt = make_optimizer([p for p in net.parameters() if p.requires_grad])
+        for _ in range(2):
+            x = torch.randn(mb, 3, h, w, device=device)
+            with torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=enabled):
+                out = net(x)
+                out = out[0] if isinstance(out, (tuple, list)) else out
+                target = torch.randint(0, out.shape[-1], (mb,), device=device)
+                loss = torch.nn.functional.cross_entropy(out.float(), target)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()  # fastai's zeroes the gradients in place: they stay allocated, as in training
         if hasattr(cuda, "synchronize"):
             cuda.synchronize()
 
@@ -252,7 +395,9 @@ def cuda_probe(model_factory_or_learner, size, budget_bytes: int, precision: str
         was_training = net.training
         flags = [p.requires_grad for p in net.parameters()]
         buffers = {k: v.detach().clone() for k, v in net.named_buffers()}
+        weights = [p.detach().to("cpu", copy=True) for p in net.parameters()]
         rng_devices = [] if torch.device(device).type != "cuda" else [cuda.current_device()]
+        peak = None
         try:
             cuda.empty_cache()
             cuda.reset_peak_memory_stats()
@@ -260,10 +405,11 @@ def cuda_probe(model_factory_or_learner, size, budget_bytes: int, precision: str
                 for p in net.parameters():
                     p.requires_grad_(True)
                 net.train()
-                step(net, mb)
-            return int(cuda.max_memory_allocated()) + optimizer_state_bytes(net)
-        except cuda.OutOfMemoryError:
-            return None
+                steps(net, mb)
+            peak = int(cuda.max_memory_reserved())
+        except Exception as exc:
+            if not is_out_of_memory(exc, cuda):
+                raise
         finally:
             net.zero_grad(set_to_none=True)
             for p, f in zip(net.parameters(), flags):
@@ -272,26 +418,97 @@ def cuda_probe(model_factory_or_learner, size, budget_bytes: int, precision: str
             with torch.no_grad():
                 for k, v in net.named_buffers():
                     v.copy_(buffers[k])
-            cuda.empty_cache()
+                for p, saved in zip(net.parameters(), weights):
+                    p.copy_(saved)
+        if peak is None:
+            free_memory(cuda)  # the error's traceback held the step's frames: collect whatever cycles it left
+        else:
+            cuda.empty_cache()  # the step's tensors died with its frame (no cycles): no collection needed
+        return peak
+
+    def limit() -> int:
+        """min(budget, free on the card + reserved by this process) − margin, with the model on the device."""
+        model()
+        free_memory(cuda)
+        free, _total = cuda.mem_get_info()
+        return usable_bytes(budget_bytes, int(free) + int(cuda.memory_reserved()), margin)
 
     def release() -> None:
         """Drop the probe's reference to the model (and the cached blocks): call once the plan is made."""
         state.clear()
-        cuda.empty_cache()
+        free_memory(cuda)
 
+    fits.limit = limit
     fits.release = release
     return fits
 
 
 def plan_member(member, model_factory_or_learner, precision: str, *, budget_bytes: int | None = None,
                 probe: Callable[..., Fits] = cuda_probe) -> MicroBatchPlan:
-    """The micro-batch plan of `member` on CUDA: its `gpu_memory` budget, its largest stage size."""
+    """The micro-batch plan of `member` on CUDA: its `gpu_memory` budget (less what the card lacks and the
+    safety margin, when the probe knows them: `fits.limit()`), its largest stage size."""
     from .config import parse_bytes
 
     budget = parse_bytes(member.gpu_memory) if budget_bytes is None else budget_bytes
     size = probe_size(member)
     fits = probe(model_factory_or_learner, size, budget, precision)
     try:
-        return plan_micro_batch(member.batch_size, fits, budget, member=member.name, size=size)
+        limit = fits.limit() if callable(getattr(fits, "limit", None)) else None
+        return plan_micro_batch(member.batch_size, fits, budget, member=member.name, size=size, limit_bytes=limit)
     finally:
         getattr(fits, "release", lambda: None)()
+
+
+# --------------------------------------------------------------------------------------------- precision, determinism
+def bf16_native(cuda=None) -> bool:
+    """Whether the CUDA card computes in bf16 natively (compute capability 8.0 and later: A100, RTX 30xx, L4,
+    H100). torch's plain `is_bf16_supported()` also says yes where bf16 is only emulated (P100, V100, T4 — Kaggle's
+    free GPUs — and RTX 20xx), which is slower than fp16 there. Asks `is_bf16_supported(including_emulation=False)`
+    where torch has that argument, else compares the capability. `cuda` (default torch.cuda) is injectable."""
+    import inspect
+
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda
+    if not cuda.is_available():
+        return False
+    query = cuda.is_bf16_supported
+    try:
+        has_argument = "including_emulation" in inspect.signature(query).parameters
+    except (TypeError, ValueError):  # a builtin without a signature
+        has_argument = False
+    if has_argument:
+        return bool(query(including_emulation=False))
+    return tuple(cuda.get_device_capability()) >= (8, 0)
+
+
+def determinism_flags(deterministic: bool | None, device: str) -> dict:
+    """torch's switches for a member's `deterministic` on `device` ("cuda" or "cpu").
+
+    None is the default: deterministic on the CPU (as ens always was; the resume tests compare probabilities to
+    1e-6), fast on CUDA: cudnn.benchmark picks the fastest convolution algorithms for each shape (10–30 % on
+    convnets), which may differ from run to run. True on CUDA: no benchmark, cuDNN's deterministic algorithms and
+    torch.use_deterministic_algorithms (warn-only: an op without a deterministic CUDA kernel, e.g. adaptive
+    average pooling's backward, warns and stays nondeterministic). On the CPU torch's kernels are deterministic
+    already, so use_deterministic_algorithms (which also fills every new empty tensor with NaN, a cost) stays off."""
+    det = (device != "cuda") if deterministic is None else bool(deterministic)
+    cuda = device == "cuda"
+    return {"deterministic": det, "cudnn_benchmark": cuda and not det, "cudnn_deterministic": det,
+            "deterministic_algorithms": cuda and det}
+
+
+def set_determinism(deterministic: bool | None, device: str) -> bool:
+    """Sets torch's process-wide switches to `determinism_flags(deterministic, device)` — every one of them, both
+    ways, since an earlier member in this process may have set them otherwise. Returns whether the run is
+    deterministic. Bit-exact cuBLAS needs CUBLAS_WORKSPACE_CONFIG before cuBLAS's first use in the process; it is
+    set here (if unset), which is in time when this runs before anything touched the GPU."""
+    import torch
+
+    flags = determinism_flags(deterministic, device)
+    torch.backends.cudnn.benchmark = flags["cudnn_benchmark"]
+    torch.backends.cudnn.deterministic = flags["cudnn_deterministic"]
+    if flags["deterministic_algorithms"]:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(flags["deterministic_algorithms"], warn_only=True)
+    return flags["deterministic"]

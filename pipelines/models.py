@@ -61,11 +61,21 @@ def _list_architectures() -> dict:
         import torchvision.models
         from fastai.vision.models import xresnet
 
+    from timm.models import get_pretrained_cfg
+    from timm.models._registry import _model_default_cfgs
+
     deprecated = dict(timm.models.get_deprecated_models())
-    timm_names = set(timm.list_models()) | set(timm.list_models(pretrained=True)) | set(deprecated)
+    tagged = timm.list_models(pretrained=True)
+    timm_names = set(timm.list_models()) | set(tagged) | set(deprecated)
+    hubs = {}
+    for name in tagged:  # where `pretrained: true` fetches the weights from: a changed source is other weights
+        cfg = get_pretrained_cfg(name)
+        hubs[name] = (cfg.hf_hub_id or cfg.url or "") if cfg is not None else ""
     return {
         "timm": sorted(timm_names),  # architectures, their pretrained tags ('convnext_small.fb_in22k'), aliases
         "timm_deprecated": deprecated,  # alias → current name (with its tag)
+        "timm_default_tag": {a: c.tags[0] for a, c in _model_default_cfgs.items() if c.tags and c.tags[0]},
+        "timm_hub": hubs,
         "torchvision": sorted(torchvision.models.list_models(module=torchvision.models)),
         "fastai": sorted(n for n in xresnet.__all__ if n.startswith(("xresnet", "xse_", "xsenet"))),
     }
@@ -79,10 +89,10 @@ def _memo() -> dict:
     """The libraries' names, memoised per library versions in ~/.cache/ens/ (they depend on the installed
     libraries, not on the project)."""
     versions = f"timm{package_version('timm')}-tv{package_version('torchvision')}-fastai{package_version('fastai')}"
-    memo = user_cache() / f"archs2-{versions}.json"
+    memo = user_cache() / f"archs3-{versions}.json"
     try:
         names = json.loads(memo.read_text())
-        if isinstance(names, dict) and all(k in names for k in ("timm", "timm_deprecated", "torchvision", "fastai")):
+        if isinstance(names, dict) and all(k in names for k in MEMO_KEYS):
             return names
     except (OSError, ValueError):
         pass
@@ -92,6 +102,28 @@ def _memo() -> dict:
     tmp.write_text(json.dumps(names))
     os.replace(tmp, memo)
     return names
+
+
+MEMO_KEYS = ("timm", "timm_deprecated", "timm_default_tag", "timm_hub", "torchvision", "fastai")
+
+
+def resolved_arch(arch: str, pretrained) -> str:
+    """The architecture as the cache key holds it: a timm alias as its current name and tag
+    (`convnext_small_in22k` → `convnext_small.fb_in22k`), and with `pretrained: true` an untagged timm name with
+    the tag and weight source that timm resolves it to today (`convnext_small` →
+    `convnext_small.in12k_ft_in1k@timm/convnext_small.in12k_ft_in1k`): timm's default tag of a name changes
+    between versions, and other weights must not share a key."""
+    kind, name = split_arch(arch)
+    if kind != "timm":
+        return arch
+    memo = _memo()
+    name = memo["timm_deprecated"].get(name) or name
+    if pretrained is not True:
+        return name
+    if "." not in name and name in memo["timm_default_tag"]:
+        name = f"{name}.{memo['timm_default_tag'][name]}"
+    hub = memo["timm_hub"].get(name)
+    return f"{name}@{hub}" if hub else name
 
 
 def known_architectures() -> dict[str, list[str]]:
@@ -264,3 +296,52 @@ def list_models(pattern: str | None = None, pretrained_only: bool = False) -> li
             if library in (None, lib):
                 rows += [(f"{lib}:{n}", lib, "") for n in memo[lib] if match(n)]
     return rows
+
+
+def _size_text(size) -> str:
+    return f"[{size[0]}, {size[1]}]" if isinstance(size, (tuple, list)) else str(size)
+
+
+def input_sizes(member) -> list:
+    """The distinct input sizes the member's network sees, as `data.dataloaders` makes them: each stage's size
+    (the batch augmentation brings items presized at `resize.size` to it; without one, items are resized to it)."""
+    return list(dict.fromkeys(tuple(s) if isinstance(s, (tuple, list)) else s for s, _ in member.stage_plan))
+
+
+def check_input_size(member, n_classes: int) -> None:
+    """Raise a one-line ConfigError when the member's network cannot take one of its input sizes (a 4x4 stem on
+    2 px, a 16 px patch on 8 px): the network is built with random weights (nothing is downloaded) and run
+    forward once per distinct size, one image, in eval mode without gradients, on the CPU. The error names the
+    member, the size and a size the network does take (doubling the failing one). Costs one model build and a
+    forward pass per size (well under a second for most nets); call it before training a member."""
+    import torch
+
+    model = build_model(member.arch, n_classes, member.final_size).eval()
+
+    def fails(size, net=None) -> Exception | None:
+        h, w = size if isinstance(size, tuple) else (size, size)
+        try:
+            with torch.no_grad():
+                (model if net is None else net)(torch.zeros(1, 3, h, w))
+        except (RuntimeError, ValueError, AssertionError, IndexError) as e:
+            return e
+        return None
+
+    final = tuple(member.final_size) if isinstance(member.final_size, (tuple, list)) else member.final_size
+    # the size the network is built for first (a ViT built for too small a size fails at every size)
+    for size in sorted(input_sizes(member), key=lambda s: s != final):
+        error = fails(size)
+        if error is None:
+            continue
+        larger = size
+        for _ in range(8):  # up to 256x the failing size
+            larger = tuple(2 * s for s in larger) if isinstance(larger, tuple) else 2 * larger
+            if max(larger if isinstance(larger, tuple) else (larger,)) > 2048:
+                break
+            if fails(larger) is None or fails(larger, build_model(member.arch, n_classes, larger).eval()) is None:
+                detail = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+                raise ConfigError(f"member {member.name} ({member.arch}): size {_size_text(size)} is too small for "
+                                  f"{member.arch} ({type(error).__name__}: {detail}); it runs at "
+                                  f"{_size_text(larger)}: raise the size (size, stages or resize.size) of "
+                                  f"member {member.name}")
+        raise error  # no larger size helps: not a size problem

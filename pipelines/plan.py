@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from .cache import MemberCache, member_key
+from .cache import MemberCache, prediction_key, train_key
 from .config import Competition, Ensemble, Member, Project
 from .errors import EnsError
 from .memory import MemoryBudgetError, MicroBatchPlan, _size_text
@@ -140,6 +140,7 @@ class MemberPlan:
     est_predict_seconds: Optional[float] = None
     est_basis: str = ""  # where the rate came from
     cached_seconds: Optional[float] = None  # train + predict seconds of the cache entry, when cached
+    weights_kept: bool = False  # not cached, but its trained weights are: only the prediction is left to do
 
     @property
     def est_seconds(self) -> Optional[float]:
@@ -163,7 +164,7 @@ class Plan:
 
     @property
     def to_train(self) -> list[MemberPlan]:
-        return [m for m in self.members if not m.cached]
+        return [m for m in self.members if not m.cached and not m.weights_kept]
 
     @property
     def est_seconds(self) -> Optional[float]:
@@ -202,8 +203,8 @@ def _rates(cache: MemberCache, device: str, stats: ModelStats, n_classes: int, n
     rates = []
     for meta in cache.entries():
         try:
-            if meta.get("damaged") or meta.get("device") != device:
-                continue
+            if meta.get("damaged") or meta.get("device") != device or meta.get("computed", "trained") != "trained":
+                continue  # entries predicted from kept weights or derived from others measure no training
             k, t = meta["key_fields"], meta["timings"]
             stages = [(s if isinstance(s, int) else tuple(s), e) for s, e in k["stages"]]
             final = stages[-1][0]
@@ -234,10 +235,10 @@ def _estimate(rates: list[_Rate], arch: str, train_work: float, predict_work: fl
 
 
 def _detect_device() -> tuple[str, bool]:
-    import torch
+    from .device import cuda_facts
 
-    cuda = torch.cuda.is_available()
-    return ("cuda" if cuda else "cpu"), bool(cuda and torch.cuda.is_bf16_supported())
+    facts = cuda_facts()  # what training decides with: bf16 only where native
+    return ("cuda" if facts["cuda"] else "cpu"), facts["bf16"]
 
 
 def plan_ensemble(project: Project, spec: str, overrides: list[str] = (), *, device: Optional[str] = None,
@@ -269,7 +270,8 @@ def plan_ensemble(project: Project, spec: str, overrides: list[str] = (), *, dev
     rates = _rates(cache, device, stats, n_classes, n_train, n_valid + n_test)
     plan = Plan(path, ens, comp, device, n_train, n_valid, n_test, rate_entries=len(rates))
     for member in ens.members:
-        key = member_key(member, data.fingerprint)
+        train = train_key(member, data.fingerprint)
+        key = prediction_key(train, member)
         meta_file = cache.path(key) / "meta.json"
         cached = meta_file.is_file()
         stages = [(s if isinstance(s, int) else tuple(s), e) for s, e in member.stage_plan]
@@ -277,6 +279,7 @@ def plan_ensemble(project: Project, spec: str, overrides: list[str] = (), *, dev
         params, flops = stats.get(member.arch, n_classes, member.final_size, sizes)
         mp = MemberPlan(member.name, member.arch, key, cached, stages, _frozen(member.pretrained, member.freeze_epochs),
                         member.batch_size, device, params, flops)
+        mp.weights_kept = not cached and (cache.model_dir(train) / "model.pth").is_file()
         if cached:
             try:
                 mp.cached_seconds = sum(json.loads(meta_file.read_text())["timings"].values())
@@ -294,6 +297,8 @@ def plan_ensemble(project: Project, spec: str, overrides: list[str] = (), *, dev
                         _predict_work(n_valid + n_test, member.tta.n, member.final_size, gflops))
         if est:
             mp.est_train_seconds, mp.est_predict_seconds, mp.est_basis = est
+            if mp.weights_kept:
+                mp.est_train_seconds = 0.0
         if device == "cuda":
             precision = resolve_precision(member.precision, True, bf16_supported)
             factory = lambda m=member: (build or build_model)(m.arch, n_classes, m.final_size)  # noqa: E731
@@ -347,7 +352,7 @@ def render(plan: Plan, console) -> None:
         elif m.problem and m.device == "cuda":
             batch += " [red](does not fit)[/]"
         flops = " → ".join(_si(m.flops[_text(s)]) or "[red]fails[/]" for s in dict.fromkeys(s for s, _ in m.stages))
-        status = "[green]cached[/]" if m.cached else "[yellow]to train[/]"
+        status = "[green]cached[/]" if m.cached else "[cyan]to predict[/]" if m.weights_kept else "[yellow]to train[/]"
         if m.cached:
             est = f"({_duration(m.cached_seconds)})" if m.cached_seconds is not None else ""
         else:
@@ -358,7 +363,9 @@ def render(plan: Plan, console) -> None:
         if m.problem:
             console.print(f"[red]problem:[/] {escape(m.problem)}", highlight=False, soft_wrap=True)
     todo = plan.to_train
-    line = f"{len(plan.members)} members: {len(plan.members) - len(todo)} cached, {len(todo)} to train"
+    kept = sum(m.weights_kept for m in plan.members)
+    line = (f"{len(plan.members)} members: {len(plan.members) - len(todo) - kept} cached, "
+            + (f"{kept} to predict (weights kept), " if kept else "") + f"{len(todo)} to train")
     if todo:
         known = [m.est_seconds for m in todo if m.est_seconds is not None]
         if plan.est_seconds is not None:

@@ -1,4 +1,5 @@
-"""TTA probabilities of a trained member on the validation and the test set (the plain pass kept as well)."""
+"""TTA probabilities of a trained member on the validation and the test set (the plain pass and the mean of the
+augmented passes kept as well), and a member's learner rebuilt from its kept weights."""
 
 from __future__ import annotations
 
@@ -9,19 +10,24 @@ from .data import CompetitionData
 
 
 def predict_member(learn, member: Member, data: CompetitionData, progress=None) -> tuple[dict, float]:
-    """{'valid_plain', 'valid_tta', 'test_plain', 'test_tta', 'valid_targets'} as float32/int arrays, and seconds.
+    """{'valid_plain', 'valid_tta', 'test_plain', 'test_tta', 'valid_targets'} as float32/int arrays (and
+    'valid_aug', 'test_aug', the mean of the augmented passes, when there are any), and seconds.
 
-    fastai's `tta` makes n augmented passes and one plain pass; with beta=None it returns both, so the plain
-    probabilities cost nothing extra and the TTA blend is fastai's own `lerp(aug, plain, beta)`.
+    The random generators are seeded from the member's seed first, so the same weights give the same TTA
+    whether they were just trained, resumed or read back from the cache. The TTA blend is fastai's
+    `lerp(aug, plain, beta)`, computed from the kept arrays (`cache.tta_blend`): another beta costs nothing.
     """
     import numpy as np
+    from fastai.vision.all import set_seed
 
     start = time.perf_counter()
+    set_seed(member.seed + 1)  # seeds only (cuDNN flags are training's); not the training seed: TTA draws its own augmentations
     test_dl = learn.dls.test_dl([str(data.root / p) for p in data.test_paths])
     out = {}
+    passes = member.tta_passes
     for split, dl in (("valid", learn.dls.valid), ("test", test_dl)):
-        task = progress.add_task(f"  TTA {split} ({member.tta.n}+1 passes)", total=None) if progress else None
-        out[f"{split}_plain"], out[f"{split}_tta"] = tta_probs(learn, dl, member)
+        task = progress.add_task(f"  TTA {split} ({passes}+1 passes)", total=None) if progress else None
+        out.update({f"{split}_{k}": v for k, v in tta_probs(learn, dl, member).items()})
         if task is not None:
             progress.remove_task(task)
     vocab = list(learn.dls.vocab)
@@ -29,14 +35,40 @@ def predict_member(learn, member: Member, data: CompetitionData, progress=None) 
     return out, time.perf_counter() - start
 
 
-def tta_probs(learn, dl, member: Member):
-    """(plain, TTA) probabilities of `dl`'s images as float32 arrays: the member's n augmented passes blended
-    with the plain one by beta (fastai's `tta`; with n = 0 both are the plain pass)."""
-    import torch
+def tta_probs(learn, dl, member: Member) -> dict:
+    """{'plain', 'tta'} (and 'aug' with augmented passes) probabilities of `dl`'s images as float32 arrays:
+    the member's augmented passes blended with the plain one by beta (fastai's `tta`). Without augmented
+    passes worth making (`Member.tta_passes`: none asked, or all would equal the plain pass) TTA is the plain pass."""
+    from .cache import tta_blend
 
-    if member.tta.n > 0:
-        aug, plain = learn.tta(dl=dl, n=member.tta.n, beta=None)[0]
-        blended = torch.lerp(aug, plain, member.tta.beta)
-    else:
-        plain = blended = learn.get_preds(dl=dl)[0]
-    return plain.float().numpy(), blended.float().numpy()
+    passes = member.tta_passes
+    if passes == 0:
+        plain = learn.get_preds(dl=dl)[0].float().numpy()
+        return {"plain": plain, "tta": plain}
+    aug, plain = learn.tta(dl=dl, n=passes, beta=None)[0]
+    aug, plain = aug.float().numpy(), plain.float().numpy()
+    return {"plain": plain, "aug": aug, "tta": tta_blend(aug, plain, member.tta.beta)}
+
+
+def learner_from_weights(member: Member, data: CompetitionData, weights, normalize, precision: str = "fp32"):
+    """The member's Learner at its final size with the kept weights `weights` (a state dict or a file), its
+    inputs normalised with `normalize` (mean, std), under `precision` on CUDA; nothing is downloaded."""
+    import torch
+    from fastai.vision.all import Normalize, accuracy, noop
+
+    from .data import dataloaders
+    from .models import build_learner
+
+    bare = member.model_copy(update={"pretrained": False})  # the weights come from the file
+    dls = dataloaders(data, bare, member.final_size)
+    learn, _ = build_learner(dls, bare, metrics=[accuracy])
+    dls.add_tfms([Normalize.from_stats(*normalize)], "after_batch")
+    state = torch.load(weights, map_location="cpu") if not isinstance(weights, dict) else weights
+    learn.model.load_state_dict(state)
+    learn.remove_cbs([cb for cb in learn.cbs if type(cb).__name__ == "ProgressCallback"])
+    learn.logger = noop
+    if precision == "fp16":
+        learn.to_fp16()
+    elif precision == "bf16":
+        learn.to_bf16()
+    return learn

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import re
 import shlex
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -14,9 +16,10 @@ import numpy as np
 
 from .config import Competition
 from .errors import EnsError
+from .util import file_lock, process_alive, unique_suffix
 
 HISTORY_COLUMNS = ["time", "ensemble", "members", "keys", "metric", "valid_score", "file", "sha256",
-                   "destination", "ref", "status", "score", "message"]
+                   "destination", "ref", "status", "score", "message", "id", "note"]
 
 
 class SubmissionError(EnsError):
@@ -60,14 +63,31 @@ def write_submission(path: Path, comp: Competition, sample_path: Path, test_ids:
                        "check test_images and test_id in the competition YAML")
     values = submission_values(comp, test_probs, vocab)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=_columns(sample_path), lineterminator="\n")
-        writer.writeheader()
-        for row in sample:
-            writer.writerow(dict(row, **{comp.target_column: values[index[row[comp.id_column]]]}))
-    tmp.replace(path)
+    tmp = path.with_name(path.name + unique_suffix())  # this process's own: a concurrent writer has another
+    try:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=_columns(sample_path), lineterminator="\n")
+            writer.writeheader()
+            for row in sample:
+                writer.writerow(dict(row, **{comp.target_column: values[index[row[comp.id_column]]]}))
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
+
+
+def reserve_csv(folder: Path, stem: str) -> Path:
+    """A new, empty `<stem>.csv` in `folder` (else `<stem>-2.csv`, ...), created atomically (O_EXCL): two runs of
+    one ensemble in the same second get two names, never one file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10_000):
+        path = folder / (f"{stem}.csv" if n == 1 else f"{stem}-{n}.csv")
+        try:
+            with open(path, "x"):
+                return path
+        except FileExistsError:
+            continue
+    raise EnsError(f"{folder}: 10000 submissions named {stem}*.csv already; move some away")
 
 
 def _bad_value(comp: Competition, value: str, labels: set) -> str | None:
@@ -147,22 +167,56 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def append_history(history: Path, **row) -> None:
-    rows = read_history(history)
-    row.setdefault("time", datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    write_history(history, rows + [row])
+# --------------------------------------------------------------------------------------------- history
+# history.csv is shared by every ens process of the project (two `ens run`s, `ens run` and `ens submissions`):
+# each change is a read-modify-write of the whole file under an exclusive lock on a sibling lock file, through a
+# temporary file of the process's own, renamed into place. Readers need no lock: they see the old or the new file.
 
 
-def write_history(history: Path, rows: list[dict]) -> None:
-    """Rewrite the whole history atomically (rows refreshed from Kaggle; older files with fewer columns)."""
-    history.parent.mkdir(parents=True, exist_ok=True)
-    tmp = history.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=HISTORY_COLUMNS)
-        writer.writeheader()
+def _history_lock(history: Path):
+    return file_lock(history.with_name(f".{history.name}.lock"))
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def append_history(history: Path, **row) -> str:
+    """Add one row; returns its id (for `update_history`)."""
+    row.setdefault("time", _now())
+    row.setdefault("id", uuid.uuid4().hex[:12])
+    with _history_lock(history):
+        _write_history(history, read_history(history) + [row])
+    return row["id"]
+
+
+def update_history(history: Path, row_id: str, **fields) -> None:
+    """Change the row `row_id` in place (re-read under the lock: rows added meanwhile by others stay)."""
+    with _history_lock(history):
+        rows = read_history(history)
         for row in rows:
-            writer.writerow({k: row.get(k) or "" for k in HISTORY_COLUMNS})
-    tmp.replace(history)
+            if row.get("id") == row_id:
+                row.update(fields)
+        _write_history(history, rows)
+
+
+def _write_history(history: Path, rows: list[dict]) -> None:
+    """Rewrite the whole history atomically (older files with fewer columns gain the new ones). Hold the lock."""
+    history.parent.mkdir(parents=True, exist_ok=True)
+    for stale in history.parent.glob(f"{history.name}.tmp*"):  # of writers killed mid-write
+        match = re.fullmatch(re.escape(history.name) + r"\.tmp(\d+)-\d+", stale.name)
+        if match and not process_alive(int(match.group(1))):
+            stale.unlink(missing_ok=True)
+    tmp = history.with_name(history.name + unique_suffix())
+    try:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=HISTORY_COLUMNS)
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: row.get(k) or "" for k in HISTORY_COLUMNS})
+        tmp.replace(history)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_history(history: Path) -> list[dict]:
@@ -170,6 +224,15 @@ def read_history(history: Path) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------------- Kaggle
+UNKNOWN = "unknown"  # the status of an upload cut off before Kaggle answered: it may or may not be submitted
+
+
+class Interrupted(EnsError):
+    """Ctrl-C during an upload or the wait for its score: what the history holds, and what to do next."""
+
+    exit_code = 130
+
+
 @dataclass
 class Delivery:
     """Where a CSV went: the history row's destination/ref/status/score, and for the user a note or an error."""
@@ -179,71 +242,182 @@ class Delivery:
     status: str = ""
     score: str = ""
     note: str = ""  # one line worth telling the user
-    error: str = ""  # one line when it failed: nothing reached Kaggle, the command must exit non-zero
+    error: str = ""  # one line when it failed (or may have): the command must exit non-zero
+    row_id: str = ""  # the history row deliver_to_kaggle wrote
 
 
 def retry_command(csv_path: Path, competition: str, message: str) -> str:
     return f"ens submit {csv_path} --competition {competition} -m {shlex.quote(message)}"
 
 
-def already_submitted(history: Path, sha256: str) -> dict | None:
-    """The history row of an earlier upload of the same bytes (one that Kaggle did not reject)."""
-    for row in reversed(read_history(history)):
+def _twin(rows: list[dict], sha256: str) -> dict | None:
+    for row in reversed(rows):
         if row.get("sha256") == sha256 and row.get("destination") == "kaggle" and row.get("status") != "error":
             return row
     return None
 
 
+def already_submitted(history: Path, sha256: str) -> dict | None:
+    """The history row of an earlier upload of the same bytes that Kaggle did not reject, or may have received
+    (status unknown)."""
+    return _twin(read_history(history), sha256)
+
+
+def _refusal(twin: dict, competition: str) -> tuple[str, str]:
+    """The history destination and the user's note for not uploading bytes already (maybe) on Kaggle."""
+    if twin.get("status") == UNKNOWN:
+        return (f"not submitted: identical to {twin['file']} (its upload's outcome is unknown)",
+                f"not uploaded: identical to {twin['file']}, whose upload may have reached Kaggle (outcome unknown): "
+                f"check `ens submissions {competition}` first; if Kaggle does not have it, add --force to upload it")
+    return (f"not submitted: identical to {twin['file']} (ref {twin['ref']})",
+            f"not uploaded: identical to {twin['file']}, already submitted as ref {twin['ref']} "
+            f"({twin['status'] or 'pending'} {twin['score']}); add --force to upload it again")
+
+
 def deliver_to_kaggle(comp: Competition, csv_path: Path, shown: str, message: str, history: Path, force: bool = False,
-                      wait: bool = True, wait_seconds: float = 600) -> Delivery:
+                      wait: bool = True, wait_seconds: float = 600, record: dict | None = None) -> Delivery:
     """Upload a checked CSV, unless it would waste the quota: no submissions left today, or the same bytes were
-    already uploaded (unless `force`). Then, unless `wait` is off, poll (bounded, with back-off) for its score."""
+    already uploaded, or may have been (unless `force`). Then, unless `wait` is off, poll (bounded, with
+    back-off) for its score.
+
+    The history row (`record`: ensemble, members, keys, valid_score, ...; plus file, checksum, message and where
+    it went) is written as the delivery goes, so a run stopped at any moment leaves the truth behind: `unknown`
+    from just before the upload (the check for an identical upload and this row are one locked step, so two
+    runs of one CSV send it once), `pending` with the ref as soon as Kaggle accepts it, then the score. An
+    upload cut off before Kaggle answered stays `unknown` (`ens submissions` looks for it on Kaggle's list)."""
     from . import kaggle
 
+    sha = file_sha256(csv_path)
+    row = dict(record or {}, file=shown, sha256=sha, message=message)
+    row.setdefault("metric", comp.metric)
     retry = retry_command(shown, comp.name, message)
-    twin = already_submitted(history, file_sha256(csv_path))
-    if twin and not force:
-        return Delivery(f"not submitted: identical to {twin['file']} (ref {twin['ref']})",
-                        note=f"not uploaded: identical to {twin['file']}, already submitted as ref {twin['ref']} "
-                             f"({twin['status'] or 'pending'} {twin['score']}); add --force to upload it again")
+
+    def refuse(twin: dict) -> Delivery:
+        destination, note = _refusal(twin, comp.name)
+        return Delivery(destination, note=note, row_id=append_history(history, **row, destination=destination))
+
+    def fail(e, row_id: str = "") -> Delivery:
+        destination = f"not submitted: {e.reason}"
+        if row_id:
+            update_history(history, row_id, destination=destination, status="", note="")
+        else:
+            row_id = append_history(history, **row, destination=destination)
+        return Delivery(destination, error=f"{e}; the CSV is kept — retry: {retry}", row_id=row_id)
+
+    twin = None if force else already_submitted(history, sha)
+    if twin:
+        return refuse(twin)
     try:
         left = kaggle.remaining_submissions(comp.kaggle)
         if left == 0:
             raise kaggle.KaggleError(f"no submissions to '{comp.kaggle}' left today; Kaggle's quota resets at midnight UTC",
                                      "no submissions left today")
+    except kaggle.KaggleError as e:
+        return fail(e)
+    with _history_lock(history):  # checked again and claimed in one step: a concurrent run may have sent it
+        rows = read_history(history)
+        twin = None if force else _twin(rows, sha)
+        if twin is None:
+            row_id = uuid.uuid4().hex[:12]
+            _write_history(history, rows + [dict(row, time=_now(), id=row_id, destination="kaggle", status=UNKNOWN,
+                                                 note="uploading; if this stays, ens stopped before Kaggle answered")])
+    if twin:
+        return refuse(twin)
+    try:
         ref = kaggle.submit(comp.kaggle, csv_path, message)
     except kaggle.KaggleError as e:
-        return Delivery(f"not submitted: {e.reason}", error=f"{e}; the CSV is kept — retry: {retry}")
+        if not getattr(e, "maybe_submitted", False):
+            return fail(e, row_id)
+        update_history(history, row_id, note=f"{e.reason}: Kaggle may have it")
+        return Delivery("kaggle", status=UNKNOWN, row_id=row_id, error=(
+            f"upload outcome unknown ({e.reason} while submitting {csv_path.name}): Kaggle may have received it — "
+            f"check `ens submissions {comp.name}` (it looks for it on Kaggle's list) before sending it again with "
+            "--force; the CSV is kept"))
+    except KeyboardInterrupt:
+        update_history(history, row_id, note="interrupted during the upload: Kaggle may have it")
+        raise Interrupted(f"interrupted during the upload of {shown}: Kaggle may have received it, so it is recorded "
+                          f"as unknown; `ens submissions {comp.name}` looks for it on Kaggle's list") from None
+    update_history(history, row_id, ref=ref, status="pending", note="")
     if not wait:
-        return Delivery("kaggle", ref, "pending", note=f"submitted as ref {ref}; `ens submissions {comp.name}` shows its score")
+        return Delivery("kaggle", ref, "pending", row_id=row_id,
+                        note=f"submitted as ref {ref}; `ens submissions {comp.name}` shows its score")
     try:
         found = kaggle.wait_for_score(comp.kaggle, ref, total_timeout=wait_seconds)
     except kaggle.KaggleError as e:
-        return Delivery("kaggle", ref, "pending", note=f"submitted as ref {ref}, not scored yet ({e.reason}); "
-                                                         f"`ens submissions {comp.name}` refreshes it")
+        return Delivery("kaggle", ref, "pending", row_id=row_id, note=f"submitted as ref {ref}, not scored yet "
+                        f"({e.reason}); `ens submissions {comp.name}` refreshes it")
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted while waiting for the public score: {shown} is submitted as ref {ref} and "
+                          f"recorded as pending; `ens submissions {comp.name}` fetches its score") from None
     score = "" if found.get("public_score") is None else f"{found['public_score']:.6f}"
     if found["status"] == "error":
-        return Delivery("kaggle", ref, "error", error=f"Kaggle could not score ref {ref}: "
-                                                      f"{found.get('error_description') or 'no reason given'}")
-    return Delivery("kaggle", ref, found["status"], score, note=f"submitted as ref {ref}: public score {score}")
+        reason = found.get("error_description") or "no reason given"
+        update_history(history, row_id, status="error", note=reason)
+        return Delivery("kaggle", ref, "error", row_id=row_id, error=f"Kaggle could not score ref {ref}: {reason}")
+    update_history(history, row_id, status=found["status"], score=score)
+    return Delivery("kaggle", ref, found["status"], score, row_id=row_id,
+                    note=f"submitted as ref {ref}: public score {score}")
+
+
+def _row_key(row: dict):
+    return row.get("id") or ("ref", row.get("ref"), row.get("time"))  # rows written before ids existed
+
+
+def _listed_as(row: dict, listed: list[dict], claimed: set) -> dict | None:
+    """The submission on Kaggle's list that an `unknown` row's upload became: same file name, same description,
+    not already some other row's ref (the oldest such, the list being newest first)."""
+    name, message = Path(row.get("file") or "").name, (row.get("message") or "").strip()
+    matches = [s for s in listed if s["ref"] not in claimed and s.get("file_name") == name
+               and (s.get("description") or "").strip() == message]
+    return matches[-1] if matches else None
 
 
 def refresh_history(comp: Competition, history: Path) -> tuple[list[dict], str]:
-    """The history with pending Kaggle rows updated from Kaggle's list of submissions; and a warning, if any."""
+    """The history with its open Kaggle rows settled from Kaggle's list of submissions: `pending` rows get their
+    status and score; `unknown` rows (an upload cut off before Kaggle answered) become the listed submission
+    with their file name and description, when there is one. Returns the rows, and a warning or ""."""
     rows = read_history(history)
-    pending = [r for r in rows if r.get("destination") == "kaggle" and r.get("status") == "pending"]
-    if not pending or not comp.kaggle:
+    todo = [r for r in rows if r.get("destination") == "kaggle" and r.get("status") in ("pending", UNKNOWN)]
+    if not todo or not comp.kaggle:
         return rows, ""
     from . import kaggle
 
     try:
-        listed = {s["ref"]: s for s in kaggle.list_submissions(comp.kaggle)}
+        listed = kaggle.list_submissions(comp.kaggle)  # outside the lock: others may write meanwhile
     except kaggle.KaggleError as e:
         return rows, f"could not refresh pending scores: {e}"
-    for row in pending:
-        found = listed.get(row.get("ref"))
-        if found:
-            row["status"] = found["status"]
-            row["score"] = "" if found.get("public_score") is None else f"{found['public_score']:.6f}"
-    write_history(history, rows)
-    return rows, ""
+    by_ref = {s["ref"]: s for s in listed}
+    claimed = {r["ref"] for r in rows if r.get("ref")}
+    changes, unresolved = {}, []
+    for row in todo:
+        found = by_ref.get(row["ref"]) if row.get("ref") else _listed_as(row, listed, claimed)
+        if found is None:
+            if row.get("status") == UNKNOWN:
+                unresolved.append(row)
+            continue
+        claimed.add(found["ref"])
+        fields = {"ref": found["ref"], "status": found["status"],
+                  "score": "" if found.get("public_score") is None else f"{found['public_score']:.6f}"}
+        if found["status"] == "error":
+            fields["note"] = found.get("error_description") or ""
+        elif row.get("status") == UNKNOWN:
+            fields["note"] = "found on Kaggle's list by its file name and description"
+        if any((row.get(k) or "") != v for k, v in fields.items()):
+            changes[_row_key(row)] = fields
+    if changes:
+        with _history_lock(history):
+            rows = read_history(history)  # as it is now, with what others wrote since
+            for row in rows:
+                fields = changes.get(_row_key(row))
+                if fields and row.get("status") in ("pending", UNKNOWN):
+                    row.update(fields)
+            _write_history(history, rows)
+    resent = {r.get("sha256") for r in rows if r.get("destination") == "kaggle" and r.get("ref")}
+    unresolved = [r for r in unresolved if r.get("sha256") not in resent]  # sent again since (--force): moot
+    warning = ""
+    if unresolved:
+        first = unresolved[0]
+        warning = (f"{len(unresolved)} upload(s) of unknown outcome are not on Kaggle's latest list, e.g. "
+                   f"{first['file']} of {first['time']}: if the competition's submissions page does not show it "
+                   f"either, send it again: {retry_command(first['file'], comp.name, first.get('message') or '')} --force")
+    return rows, warning

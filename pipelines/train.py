@@ -16,7 +16,8 @@ from .models import build_learner
 
 def resolve_precision(requested: str, cuda: bool, bf16_supported: bool) -> str:
     """'fp32' on CPU whatever was asked (CPU autocast to half is slower and less exact); on CUDA 'auto' is bf16
-    where the card supports it (no loss scaling needed), else fp16."""
+    where the card computes it natively (no loss scaling needed; `bf16_supported` must mean native, as
+    `memory.bf16_native` answers: emulated bf16 on a T4 or P100 is slower than fp16), else fp16."""
     if not cuda:
         return "fp32"
     if requested in ("auto", "bf16"):  # bf16 asked of a card without it: fp16 is the fast path left
@@ -28,8 +29,23 @@ def device_precision(requested: str) -> tuple[str, str]:
     """(device type, precision) on this machine."""
     import torch
 
+    from .memory import bf16_native
+
     cuda = torch.cuda.is_available()
-    return ("cuda" if cuda else "cpu"), resolve_precision(requested, cuda, cuda and torch.cuda.is_bf16_supported())
+    return ("cuda" if cuda else "cpu"), resolve_precision(requested, cuda, cuda and bf16_native())
+
+
+def seed_run(member: Member, device: str) -> bool:
+    """Seeds Python's, numpy's and torch's generators with the member's seed (fastai's set_seed; the DataLoaders
+    draw their own RNG from Python's when they are built) and sets torch's determinism switches for the member's
+    `deterministic` on `device` (`memory.set_determinism`: exact on the CPU, cudnn.benchmark on CUDA unless
+    `deterministic: true`). Returns whether the run is deterministic."""
+    from fastai.torch_core import set_seed
+
+    from .memory import set_determinism
+
+    set_seed(member.seed)
+    return set_determinism(member.deterministic, device)
 
 
 def _callbacks():
@@ -97,6 +113,7 @@ class Trained:
     resumed_at: str | None = None  # where an interrupted run was picked up
     memory: dict | None = None  # on CUDA: micro-batch, accumulation, peak memory, OOM restarts
     normalize: tuple | None = None  # the (mean, std) inputs were normalised with: needed to reuse kept weights
+    deterministic: bool = True  # bit-exact (`seed_run`): always on the CPU, on CUDA with `deterministic: true`
 
 
 def _rng_state(stage_dls: dict) -> dict:
@@ -139,6 +156,53 @@ def load_checkpoint(folder: Path | None) -> dict | None:
 CHECKPOINT = "checkpoint.pth"
 
 
+@dataclass
+class Phase:
+    name: str  # 'frozen' or 'train'
+    epochs: int
+    fit_args: dict
+    cbs: list
+    size_of: object  # epoch -> size, for the history
+
+
+def _phases(member: Member, resize, size_per_epoch: list, first_size) -> list[Phase]:
+    """One fit_one_cycle for a body trained from scratch; for a pretrained one, fastai's `fine_tune` spelled out
+    (so that each phase can resume): `freeze_epochs` frozen epochs at `slice(lr)`, then every stage unfrozen at
+    `slice(lr/200, lr/2)`, pct_start 0.3, div 5 — the unfrozen fit for any `freeze_epochs`, 0 included.
+    Progressive resizing joins the unfrozen fit only."""
+    train_sizes = size_per_epoch.__getitem__
+    if not member.pretrained:
+        return [Phase("train", member.total_epochs, dict(lr_max=member.lr), [resize], train_sizes)]
+    base = member.lr / 2
+    phases = [Phase("frozen", member.freeze_epochs, dict(lr_max=slice(member.lr), pct_start=0.99), [],
+                    lambda e: first_size)] if member.freeze_epochs else []
+    return phases + [Phase("train", member.total_epochs, dict(lr_max=slice(base / 100, base), pct_start=0.3, div=5.0),
+                           [resize], train_sizes)]
+
+
+def _resume_point(ckpt: dict | None, phases: list[Phase]) -> tuple[int, int]:
+    """(index of the phase to run first, its first epoch) after checkpoint `ckpt`; (len(phases), 0) when every
+    phase had finished (the checkpoint's weights are then the trained ones)."""
+    if not ckpt:
+        return 0, 0
+    names = [p.name for p in phases]
+    index = names.index(ckpt["phase"])
+    if ckpt["epochs_done"] >= phases[index].epochs:
+        return index + 1, 0
+    return index, ckpt["epochs_done"]
+
+
+def _restore(learn, ckpt: dict, stage_dls: dict, with_optimizer: bool) -> None:
+    """The learner's weights (and optimizer moments, mid-phase) and every random generator as they were at the
+    checkpoint."""
+    if learn.opt is None:
+        learn.create_opt()
+    learn.model.load_state_dict(ckpt["model"])
+    if with_optimizer:
+        learn.opt.load_state_dict(ckpt["opt"])
+    _set_rng_state(ckpt["rng"], stage_dls)
+
+
 def memory_plan(member: Member, data: CompetitionData, device: str, precision: str):
     """On CUDA, the largest micro-batch that fits the member's `gpu_memory` budget (probed with a real forward
     and backward pass) and the gradient accumulation that keeps its effective batch; None on the CPU."""
@@ -158,33 +222,38 @@ def train_member(member: Member, data: CompetitionData, progress=None, checkpoin
     checkpoint found there is resumed from: the fit restarts at the next epoch with the learning-rate schedule
     where it was (fastai's `start_epoch`), reaching what an uninterrupted run reaches. On CUDA the batch is
     split into micro-batches that fit the memory budget; an out-of-memory error restarts from the last completed
-    epoch with half the micro-batch (and twice the accumulation). `cbs` join every fit."""
-    import torch
-
-    from .memory import halve_on_oom
+    epoch with half the micro-batch (and twice the accumulation), once the failed learner is freed (cuBLAS and
+    cuDNN allocation failures count as out of memory: `memory.retry_on_oom`). `cbs` join every fit. The result's
+    `deterministic` says whether the run was bit-exact (`seed_run`)."""
+    from .memory import retry_on_oom, set_determinism
 
     device, precision = device_precision(member.precision)
+    # before the probe too: cudnn.benchmark picks other convolution algorithms, with other workspaces
+    deterministic = set_determinism(member.deterministic, device)
     plan = memory_plan(member, data, device, precision)
     say = progress.console.print if progress is not None else (lambda text: print(text, file=sys.stderr))
-    while True:
-        try:
-            return _fit(member, data, progress, checkpoint_dir, cbs, device, precision, plan)
-        except torch.cuda.OutOfMemoryError:
-            if plan is None:
-                raise
-            torch.cuda.empty_cache()
-            plan = halve_on_oom(plan)  # raises when the micro-batch is already 1
-            say(f"[yellow]out of memory[/]: {member.name} restarts from its last completed epoch with micro-batch "
-                f"{plan.describe()}")
+
+    def restarted(smaller, reason: str) -> None:
+        say(f"[yellow]out of memory[/]: {member.name} restarts from its last completed epoch with micro-batch "
+            f"{smaller.describe()}")
+
+    # `_fit` is looked up when called (tests put a stub there); the lambda holds no learner between attempts
+    trained = retry_on_oom(lambda p: _fit(member, data, progress, checkpoint_dir, cbs, device, precision, p), plan,
+                           restarted)
+    trained.deterministic = deterministic
+    return trained
 
 
 def _fit(member, data, progress, checkpoint_dir, cbs, device, precision, plan) -> Trained:
     import torch
     from fastai.callback.progress import ProgressCallback
-    from fastai.vision.all import Normalize, accuracy, noop, set_seed
+    from fastai.callback.core import CancelFitException
+    from fastai.vision.all import Normalize, accuracy, noop
+
+    from .cache import disk_full, disk_full_error
 
     start = time.perf_counter()
-    set_seed(member.seed, reproducible=True)  # also seeds the DataLoaders' own RNG, drawn when they are built
+    seed_run(member, device)  # also seeds the DataLoaders' own RNG, drawn when they are built
     sizes = []
     for size, _ in member.stage_plan:
         if size not in sizes:
@@ -205,52 +274,55 @@ def _fit(member, data, progress, checkpoint_dir, cbs, device, precision, plan) -
     ProgressiveResize, EpochLog = _callbacks()
     size_per_epoch = [s for s, e in member.stage_plan for _ in range(e)]
     resize = ProgressiveResize([stage_dls[str(s)] for s in size_per_epoch])
-    base = member.lr / 2
-    # fastai's fine_tune, spelled out: progressive resizing joins only the unfrozen fit, and each phase resumes
-    phases = [("train", member.total_epochs, dict(lr_max=member.lr), [resize], size_per_epoch.__getitem__)]
-    if member.pretrained and member.freeze_epochs:
-        phases = [("frozen", member.freeze_epochs, dict(lr_max=slice(member.lr), pct_start=0.99), [], lambda e: sizes[0]),
-                  ("train", member.total_epochs, dict(lr_max=slice(base / 100, base), pct_start=0.3, div=5.0),
-                   [resize], size_per_epoch.__getitem__)]
-    names = [p[0] for p in phases]
+    phases = _phases(member, resize, size_per_epoch, sizes[0])
+    failure: list = []  # an error met inside a callback, raised once fastai has wound the fit down
 
     def save(phase: str, epochs_done: int) -> None:
         if checkpoint_dir is None:
             return
-        checkpoint_dir.mkdir(parents=True, exist_ok=True)
         tmp = checkpoint_dir / f"{CHECKPOINT}.tmp{os.getpid()}"
-        torch.save({"phase": phase, "epochs_done": epochs_done, "model": learn.model.state_dict(),
-                    "opt": learn.opt.state_dict(), "rng": _rng_state(stage_dls), "history": history}, tmp)
-        os.replace(tmp, checkpoint_dir / CHECKPOINT)  # a kill mid-write leaves the previous epoch's checkpoint
+        try:
+            checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            torch.save({"phase": phase, "epochs_done": epochs_done, "model": learn.model.state_dict(),
+                        "opt": learn.opt.state_dict(), "rng": _rng_state(stage_dls), "history": history}, tmp)
+            os.replace(tmp, checkpoint_dir / CHECKPOINT)  # a kill mid-write leaves the previous epoch's checkpoint
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            if not disk_full(e):
+                raise
+            failure.append(disk_full_error(checkpoint_dir, f"the checkpoint of {member.name}"))
+            raise CancelFitException() from None  # fastai would rewrite an error raised in a callback
 
     ckpt = load_checkpoint(checkpoint_dir)
     history: list = list(ckpt["history"]) if ckpt else []
+    resume_phase, start_epoch = _resume_point(ckpt, phases)
     resumed_at = None
+    if ckpt:
+        resumed_at = (f"{phases[resume_phase].name} epoch {start_epoch + 1} of {phases[resume_phase].epochs}"
+                      if resume_phase < len(phases) else "after its last epoch")
+        say = progress.console.print if progress is not None else (lambda text: print(text, file=sys.stderr))
+        say(f"{member.name} ({member.arch}): resuming an interrupted run at {resumed_at}")
     task = progress.add_task("  epoch", total=None) if progress is not None else None
-    for index, (phase, n_epochs, fit_args, extra_cbs, size_of) in enumerate(phases):
-        start_epoch = 0
-        if ckpt:
-            done_index = names.index(ckpt["phase"])
-            if index < done_index or (index == done_index and ckpt["epochs_done"] >= n_epochs):
-                continue  # this phase finished before the interruption
-            if index == done_index:
-                start_epoch = ckpt["epochs_done"]
-        if len(phases) > 1:
-            learn.freeze() if phase == "frozen" else learn.unfreeze()  # noqa: B018 (an expression as a statement)
-        if ckpt and resumed_at is None:
-            learn.create_opt()
-            learn.model.load_state_dict(ckpt["model"])
-            if start_epoch:  # mid-phase: the optimizer's moments too (a new phase starts them afresh)
-                learn.opt.load_state_dict(ckpt["opt"])
-            _set_rng_state(ckpt["rng"], stage_dls)
-            resumed_at = f"{phase} epoch {start_epoch}"
-        if start_epoch and phase == "train":
-            learn.dls = resize.dls_per_epoch[start_epoch]
-        log = EpochLog(phase, history, start_epoch, save, progress, task, size_of)
-        accumulate = plan.callbacks() if plan is not None else []
-        learn.fit_one_cycle(n_epochs, **fit_args, cbs=[*extra_cbs, *accumulate, *cbs, log], start_epoch=start_epoch)
-    if task is not None:
-        progress.remove_task(task)
+    try:  # the epoch bar goes when the fit ends, however it ends
+        for index, phase in enumerate(phases[resume_phase:], start=resume_phase):
+            begin = start_epoch if index == resume_phase else 0
+            if member.pretrained:  # vision_learner froze the pretrained body: fine_tune freezes, then unfreezes
+                learn.freeze() if phase.name == "frozen" else learn.unfreeze()  # noqa: B018 (an expression as a statement)
+            if ckpt and index == resume_phase:
+                _restore(learn, ckpt, stage_dls, with_optimizer=begin > 0)  # a new phase starts its moments afresh,
+                # as fastai's own unfreeze does (it clears the optimizer's state)
+            if begin and phase.name == "train":
+                learn.dls = resize.dls_per_epoch[begin]
+            log = EpochLog(phase.name, history, begin, save, progress, task, phase.size_of)
+            accumulate = plan.callbacks() if plan is not None else []
+            learn.fit_one_cycle(phase.epochs, **phase.fit_args, cbs=[*phase.cbs, *accumulate, *cbs, log], start_epoch=begin)
+            if failure:
+                raise failure[0]
+    finally:
+        if task is not None:
+            progress.remove_task(task)
+    if ckpt and resume_phase == len(phases):  # every epoch was done before the interruption: its weights are the result
+        _restore(learn, ckpt, stage_dls, with_optimizer=False)
     learn.dls = stage_dls[str(member.final_size)]
     memory = plan.as_meta() if plan is not None else None
     normalize = tuple([float(x) for x in v] for v in stats)

@@ -1,6 +1,13 @@
-"""Small helpers shared by modules that otherwise know nothing of each other (cache, kaggle)."""
+"""Small helpers shared by modules that otherwise know nothing of each other (cache, data, kaggle, submission)."""
 
+from __future__ import annotations
+
+import errno
 import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, Optional
 
 
 def process_alive(pid: int) -> bool:
@@ -14,3 +21,93 @@ def process_alive(pid: int) -> bool:
     except PermissionError:  # alive, owned by someone else
         return True
     return True
+
+
+@contextmanager
+def file_lock(path: Path, on_wait: Optional[Callable[[], None]] = None, poll: float = 0.2) -> Iterator[None]:
+    """Hold an exclusive advisory lock on `path` (created if missing) for the `with` block.
+
+    `fcntl.flock` locks belong to the open file, so the kernel releases them when the holder dies (kill -9
+    included): a stale lock file never blocks anyone, and nothing needs sweeping. When another process holds the
+    lock, `on_wait()` is called once (to say so) and the lock is polled until it is free. Two `file_lock`s on
+    one path in one process also exclude each other (each opens its own file description)."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            if on_wait is not None:
+                on_wait()
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as e2:
+                    if e2.errno not in (errno.EAGAIN, errno.EACCES):
+                        raise
+                    time.sleep(poll)  # polled, not blocking: Ctrl-C stays immediate
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())  # who holds it, for a curious user
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def unique_suffix() -> str:
+    """A temporary-file suffix no other process or thread uses at the same time: `.tmp<pid>-<ns>`."""
+    return f".tmp{os.getpid()}-{time.monotonic_ns()}"
+
+
+def sweep_dead(folder: Path, patterns) -> list[Path]:
+    """Remove from `folder` the leftovers of processes that no longer run; the removed paths.
+
+    Each pattern is an fnmatch pattern of names in which `{pid}` stands for the process id its writer put in the
+    name: `"*.building-{pid}"`, `"*.tmp{pid}-*"` (`unique_suffix()` names), `".model-*.tmp{pid}-*"`. A match whose
+    process is dead is deleted, file or folder (symbolic links as links); a live process's, and a name whose pid
+    part is not a number, stay. Safe to call while other runs work in `folder`: they only lose what is theirs
+    when they are dead."""
+    import fnmatch
+    import re
+    import shutil
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for pattern in patterns:
+        if "{pid}" not in pattern:
+            raise ValueError(f"sweep pattern {pattern!r} has no {{pid}}: without the writer's pid nothing is safe to remove")
+        regex = re.compile(fnmatch.translate(pattern.replace("{pid}", "\0")).replace("\0", r"(\d+)"))
+        for path in folder.glob(pattern.replace("{pid}", "*")):
+            match = regex.match(path.name)
+            if not match or process_alive(int(match.group(1))):
+                continue
+            try:
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+            except FileNotFoundError:  # another run swept it first
+                continue
+            except OSError:
+                shutil.rmtree(path, ignore_errors=True)
+                if path.exists():
+                    continue
+            removed.append(path)
+    return removed
+
+
+def lock_file_for(dest: Path) -> Path:
+    """The lock file of whoever builds `dest` (a data folder that may lie in the user's own folders, where ens
+    leaves nothing but the data): in ens's user cache, named by `dest`'s absolute path."""
+    import hashlib
+
+    dest = Path(dest).absolute()
+    digest = hashlib.sha256(str(dest).encode()).hexdigest()[:16]
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "ens" / "locks" / f"{dest.name}-{digest}.lock"

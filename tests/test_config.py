@@ -107,6 +107,9 @@ BAD = {
     "unknown architecture": (BASE.replace("test_vit", "convnext_smal_in22k"),
                              "members[1].arch: unknown timm architecture 'convnext_smal_in22k'; did you mean convnext_small_in22k"),
     "not YAML": (BASE + "  - {name: c, arch: [\n", "not valid YAML"),
+    # the parser's own messages span lines (a context block, then the problem; or 'in "<unicode string>"')
+    "not YAML, two marks": (BASE + "  - {name: c, arch: [x, y\nother: 3\n", "line 7: not valid YAML"),
+    "control character": (BASE + "  - {name: c, arch: \x07}\n", "line 6: not valid YAML"),
     "missing arch": (BASE.replace(", arch: test_vit", ""), "members[1].arch: required"),
 }
 
@@ -122,6 +125,104 @@ def test_bad_input_is_one_line_exit_2(project, case):
     assert len(lines) == 1, result.stderr
     assert "ensembles/digits/bad.yaml" in lines[0] or "digitz" in lines[0]
     assert expected in lines[0], lines[0]
+
+
+# values `ens run` would only find out about mid-training (PIL, torch or fastai raising a traceback)
+OUT_OF_RANGE = {
+    "defaults.size=-1": "defaults.size: a size is a positive number of pixels",
+    "defaults.size=0": "defaults.size: a size is a positive number of pixels",
+    "defaults.size=[32, 0]": "defaults.size: a size is a positive number of pixels",
+    "defaults.size=true": "defaults.size: a size is",
+    "defaults.size=[32]": "defaults.size: a size is",
+    "members.a.stages=[[16, 1], [-8, 1]]": "members[0].stages[1][0]: a size is a positive number of pixels",
+    "members.a.resize.size=0": "members[0].resize.size: a size is a positive number of pixels",
+    "defaults.aug_transforms.max_warp=1": "defaults.aug_transforms.max_warp",
+    "defaults.aug_transforms.max_warp=-0.1": "defaults.aug_transforms.max_warp",
+    "defaults.aug_transforms.max_lighting=1.5": "defaults.aug_transforms.max_lighting",
+    "defaults.aug_transforms.max_zoom=0.9": "defaults.aug_transforms.max_zoom",
+    "defaults.aug_transforms.min_zoom=0": "defaults.aug_transforms.min_zoom",
+    "defaults.aug_transforms.min_zoom=1.5": "min_zoom 1.5 is above max_zoom 1.1",
+    "defaults.aug_transforms.min_scale=0": "defaults.aug_transforms.min_scale",
+    "defaults.aug_transforms.min_scale=1.5": "defaults.aug_transforms.min_scale",
+    "defaults.aug_transforms.p_affine=1.5": "defaults.aug_transforms.p_affine",
+    "defaults.aug_transforms.p_lighting=-0.1": "defaults.aug_transforms.p_lighting",
+    "defaults.aug_transforms.max_rotate=-5": "defaults.aug_transforms.max_rotate",
+    "defaults.aug_transforms.mult=-1": "defaults.aug_transforms.mult",
+    "members.b.aug_transforms={max_lighting: 0.6, mult: 2}": "max_lighting × mult",
+    "defaults.tta.n=-1": "defaults.tta.n",
+    "defaults.tta.beta=2": "defaults.tta.beta",
+    "defaults.prepare.max_size=4": "defaults.prepare.max_size",
+}
+
+
+@pytest.mark.parametrize("override", list(OUT_OF_RANGE))
+def test_out_of_range_values_are_config_errors(project, override):
+    (project / "ensembles/digits/base.yaml").write_text(BASE)
+    with pytest.raises(ConfigError) as e:
+        load_ensemble(Project(project), "digits/base.yaml", [override])
+    message = str(e.value)
+    assert OUT_OF_RANGE[override] in message and "\n" not in message, message
+    assert message.startswith("ensembles/digits/base.yaml: "), message
+
+
+def test_values_in_range_still_load(project):
+    (project / "ensembles/digits/base.yaml").write_text(BASE)
+    _, e, _ = load_ensemble(Project(project), "digits/base.yaml", [
+        "defaults.size=[24, 32]", "members.a.stages=[[16, 1], [[24, 32], 2]]", "members.b.resize.size=40",
+        "defaults.aug_transforms={min_zoom: 0.8, max_zoom: 1.2, max_warp: 0, max_lighting: 0.4, mult: 2, "
+        "min_scale: 0.35, p_affine: 1, p_lighting: 0, max_rotate: 180}", "defaults.tta={n: 0, beta: 1}"])
+    a, b = e.members
+    assert a.stage_plan == [(16, 1), ((24, 32), 2)] and b.resize.size == 40 and b.size == (24, 32)
+    assert a.aug_transforms.min_zoom == 0.8 and a.tta.n == 0
+
+
+def test_size_out_of_range_from_the_command_line(project):
+    result = ens("validate", "digits/tiny.yaml", "defaults.size=-1", cwd=project)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "ensembles/digits/tiny.yaml: defaults.size: a size is a positive" in lines[0], lines
+
+
+def test_missing_weights_file_is_a_config_error(project, tmp_path, monkeypatch):
+    (project / "ensembles/digits/base.yaml").write_text(BASE)
+    monkeypatch.chdir(project)
+    for override, where in (("defaults.pretrained=weights/nope.pth", "defaults.pretrained"),
+                            ("members.b.pretrained=weights/nope.pth", "members[1].pretrained"),
+                            ("members.b.pretrained=weights", "members[1].pretrained")):
+        (project / "weights").mkdir(exist_ok=True)
+        with pytest.raises(ConfigError) as e:
+            load_ensemble(Project(project), "digits/base.yaml", [override])
+        message = str(e.value)
+        assert f"ensembles/digits/base.yaml: {where}: weights file" in message and "\n" not in message, message
+        assert "true or false" in message, message
+    # existing files load: relative to the current folder, or under ~
+    (project / "weights" / "w.pth").write_bytes(b"weights")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "home.pth").write_bytes(b"weights")
+    _, e, _ = load_ensemble(Project(project), "digits/base.yaml",
+                            ["members.a.pretrained=weights/w.pth", "members.b.pretrained=~/home.pth"])
+    assert [m.pretrained for m in e.members] == ["weights/w.pth", "~/home.pth"]
+    # a cache entry's member is read back without the file (ens eval on a kept model whose weights file moved)
+    assert Member.model_validate(dict(name="a", arch="test_vit", pretrained="gone.pth")).pretrained == "gone.pth"
+    result = ens("validate", "digits/base.yaml", "defaults.pretrained=weights/nope.pth", cwd=project)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "defaults.pretrained: weights file" in result.stderr
+
+
+def test_yaml_that_is_not_utf8_is_one_line(project):
+    (project / "ensembles/digits/bad.yaml").write_bytes(BASE.encode() + b"  - {name: caf\xe9, arch: test_vit}\n")
+    with pytest.raises(ConfigError) as e:
+        load_ensemble(Project(project), "digits/bad.yaml")
+    assert "\n" not in str(e.value) and "UTF-8" in str(e.value), str(e.value)
+
+
+def test_every_ens_error_is_one_line():
+    from pipelines.errors import EnsError
+
+    for cls in (EnsError, ConfigError):
+        error = cls("first line\n  in 'x', line 2:\n\tsecond   part ")
+        assert str(error) == "first line in 'x', line 2: second part" and error.args == (str(error),)
+    assert ConfigError("x").exit_code == 2 and EnsError("x").exit_code == 1
 
 
 def test_bad_override_and_missing_data_folder_and_no_project(project, tmp_path):

@@ -177,7 +177,7 @@ def test_download_that_hangs_is_stopped_and_leaves_nothing(fake_kaggle, tmp_path
     start = time.monotonic()
     with pytest.raises(K.KaggleError, match="no answer from Kaggle within 1.5 s") as e:
         K.download(SLUG, dest, timeout=1.5)
-    assert time.monotonic() - start < 6
+    assert time.monotonic() - start < 20  # stopped: the fake would hang for 60 s (wide: a loaded machine is slow)
     assert e.value.transient and not dest.exists() and siblings(dest.parent) == []
 
 
@@ -226,7 +226,7 @@ def test_wait_for_score_reports_a_failed_scoring_and_a_timeout(fake_kaggle, tmp_
     start = time.monotonic()
     with pytest.raises(K.KaggleError, match="not scored within 1.5 s .still pending.") as e:
         K.wait_for_score(SLUG, ref, total_timeout=1.5, first_delay=0.1)
-    assert time.monotonic() - start < 5 and e.value.transient
+    assert time.monotonic() - start < 20 and e.value.transient  # bounded (wide: a loaded machine is slow)
 
 
 def test_remaining_submissions_unknown_is_none(fake_kaggle):
@@ -320,6 +320,8 @@ def test_http_failures(fake_kaggle, tmp_path, op, endpoint, status, expected):
     assert e.value.reason.startswith(str(status))
     assert e.value.transient == (status in (429, 500))
     assert not (tmp_path / "data").exists()
+    if op == "submit":  # Kaggle answered no: certainly not submitted
+        assert not e.value.maybe_submitted
     if status == 403:
         assert e.value.reason == "403 forbidden: accept the rules at https://www.kaggle.com/competitions/digits/rules"
 
@@ -330,6 +332,7 @@ def test_upload_put_failure_is_raised(fake_kaggle, tmp_path):
         K.submit(SLUG, csv_file(tmp_path), "m")
     assert_clean(str(e.value), fake_kaggle)
     assert "CreateSubmission" not in fake_kaggle.endpoints() and fake_kaggle.submissions == []
+    assert not e.value.maybe_submitted  # Kaggle's storage said no: certainly not submitted
 
 
 def test_unreachable(fake_kaggle, monkeypatch):
@@ -341,7 +344,7 @@ def test_unreachable(fake_kaggle, monkeypatch):
     start = time.monotonic()
     with pytest.raises(K.KaggleError, match="cannot reach Kaggle .*connection refused") as e:
         K.list_submissions(SLUG)
-    assert time.monotonic() - start < 10 and e.value.transient
+    assert time.monotonic() - start < 30 and e.value.transient  # failed, not waited for the 60 s call limit
     assert_clean(str(e.value), fake_kaggle)
 
 
@@ -354,9 +357,11 @@ def test_silent_server_is_bounded(fake_kaggle, tmp_path, hang):
             K.submit(SLUG, csv_file(tmp_path), "m", timeout=2)
         else:
             K.list_submissions(SLUG, timeout=2)
-    assert 2 <= time.monotonic() - start < 6
+    assert 2 <= time.monotonic() - start < 20  # the fake would hang for 60 s (wide: a loaded machine is slow)
     assert_clean(str(e.value), fake_kaggle) and e.value.reason == "timeout: no answer within 2 s"
     assert hang in fake_kaggle.endpoints() and fake_kaggle.submissions == []
+    if hang == "upload":  # cut off mid-submission: only Kaggle's list can tell whether it has it
+        assert e.value.maybe_submitted
 
 
 def test_bad_slug_fails_before_any_call(fake_kaggle):

@@ -3,14 +3,16 @@
 
 import csv
 import os
+import signal
 import subprocess
 import sys
+import time
 import zipfile
 from datetime import datetime, timezone
 
 import pytest
 
-from conftest import copy_project
+from conftest import copy_project, make_project
 from fake_kaggle import FakeKaggle, Submission
 
 pytestmark = pytest.mark.slow  # uses the trained tiny ensemble
@@ -24,23 +26,38 @@ def _answers(digits_data):
 @pytest.fixture
 def kaggle_project(tiny_run, digits_data, tmp_path):
     """A copy of the tiny digits project whose competition carries a Kaggle slug, and a fake Kaggle for it."""
-    root = copy_project(tiny_run[0], tmp_path / "p")
+    yield from _with_fake_kaggle(copy_project(tiny_run[0], tmp_path / "p"), digits_data)
+
+
+@pytest.fixture
+def submit_project(digits_data, tmp_path):
+    """A digits project with a Kaggle slug and nothing trained (for `ens submit`), and a fake Kaggle for it."""
+    yield from _with_fake_kaggle(make_project(tmp_path / "p", digits_data), digits_data)
+
+
+def _with_fake_kaggle(root, digits_data):
     comp = root / "competitions/digits.yaml"
     comp.write_text(comp.read_text() + "kaggle: digits-demo\n")
     fake = FakeKaggle(slug="digits-demo", answers=_answers(digits_data)).start()
-    yield root, fake
-    fake.stop()
+    try:
+        yield root, fake
+    finally:
+        fake.stop()
 
 
-def ens_k(fake, *args, cwd, credentials=True, **env_extra):
+def _env(fake, cwd, credentials=True, **env_extra) -> dict:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("KAGGLE_") and k.lower() not in ("no_proxy", "https_proxy", "all_proxy")}
     env.update(fake.env(credentials=credentials), HOME=str(cwd / "home"), HF_HUB_OFFLINE="1", COLUMNS="200",
                ENS_KAGGLE_TIMEOUT="20")
     env.update(env_extra)
     (cwd / "home").mkdir(exist_ok=True)
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return env
+
+
+def ens_k(fake, *args, cwd, credentials=True, **env_extra):
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=cwd,
+                          env=_env(fake, cwd, credentials, **env_extra), capture_output=True, text=True, timeout=300)
 
 
 def _history(root):
@@ -158,3 +175,86 @@ def test_ens_data_downloads_and_unzips_the_competition(kaggle_project, digits_da
     assert out.returncode == 0, out.stderr
     assert "1438 training images" in out.stdout and (root / "cache/data/fromkaggle/solution.csv").is_file()
     assert not [p for p in (root / "cache/data").iterdir() if "partial" in p.name]
+
+
+def _answers_csv(root, digits_data, name="answers.csv"):
+    """A valid submission without running anything: the local answers themselves."""
+    dest = root / "submissions/digits" / name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_bytes((digits_data / "solution.csv").read_bytes())
+    return dest
+
+
+def _popen_ens(fake, *args, cwd):
+    return subprocess.Popen([sys.executable, "-m", "pipelines.cli", *args], cwd=cwd, env=_env(fake, cwd), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _polling_after_upload(fake) -> bool:
+    """Uploaded, and already waiting for the score (listing the submissions)."""
+    calls = fake.endpoints()
+    return "CreateSubmission" in calls and "ListSubmissions" in calls[calls.index("CreateSubmission"):]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill"])
+def test_stopped_during_the_score_wait_the_upload_is_recorded_as_pending(submit_project, digits_data, sig):
+    """Ctrl-C (or a kill) while waiting for the public score: the history already holds the upload, with its ref,
+    so nothing is sent twice; `ens submissions` fetches the score later. (`ens run` delivers through the same
+    code, `deliver_to_kaggle`.)"""
+    root, fake = submit_project
+    fake.pending_polls = 10 ** 6  # Kaggle keeps it pending
+    csv_path = _answers_csv(root, digits_data)
+    proc = _popen_ens(fake, "submit", str(csv_path.relative_to(root)), "-c", "digits", "-m", "by hand", cwd=root)
+    deadline = time.monotonic() + 120
+    while not _polling_after_upload(fake):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    out, error = proc.communicate(timeout=60)
+    (sub,) = fake.submissions
+    rows = _history(root)
+    assert len(rows) == 1 and rows[0]["ref"] == str(sub.ref) and rows[0]["status"] == "pending", (rows, error)
+    assert rows[0]["destination"] == "kaggle" and rows[0]["file"].endswith(sub.file_name)
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and len(error.strip().splitlines()) == 1 and "Traceback" not in error, error
+        assert f"ref {sub.ref}" in error and "ens submissions digits" in error
+    # the same bytes are not sent again; `ens submissions` fills in the score once Kaggle has it
+    again = ens_k(fake, "submit", rows[0]["file"], "-c", "digits", "-m", "again", cwd=root)
+    assert again.returncode == 1 and "identical to" in again.stderr and len(fake.uploads) == 1
+    fake.pending_polls = 0
+    listing = ens_k(fake, "submissions", "digits", cwd=root)
+    assert listing.returncode == 0, listing.stderr
+    (row,) = [r for r in _history(root) if r["ref"] == str(sub.ref)]
+    assert row["status"] == "complete" and float(row["score"]) == pytest.approx(sub.score, abs=1e-5)
+
+
+def test_an_upload_without_answer_is_unknown_not_lost(submit_project, digits_data):
+    """The upload's last step gets no answer: Kaggle may have the submission. The history says 'unknown', the
+    same bytes need --force, and `ens submissions` resolves the row once Kaggle lists the file."""
+    root, fake = submit_project
+    csv_path = _answers_csv(root, digits_data)
+    shown = str(csv_path.relative_to(root))
+    fake.hang = {"CreateSubmission"}
+    out = ens_k(fake, "submit", shown, "-c", "digits", "-m", "by hand", cwd=root, ENS_KAGGLE_TIMEOUT="3")
+    assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+    assert "unknown" in out.stderr and "ens submissions digits" in out.stderr, out.stderr
+    (row,) = _history(root)
+    assert row["destination"] == "kaggle" and row["status"] == "unknown" and not row["ref"]
+    # sending the same bytes again could spend the quota twice: refused until checked
+    fake.hang, before = set(), len(fake.requests)
+    again = ens_k(fake, "submit", shown, "-c", "digits", "-m", "by hand", cwd=root)
+    assert again.returncode == 1 and "ens submissions digits" in again.stderr and "--force" in again.stderr
+    assert fake.requests[before:] == [] and fake.submissions == []
+    # not on Kaggle's list (yet): `ens submissions` says so, and how to send it again
+    listing = ens_k(fake, "submissions", "digits", cwd=root)
+    assert listing.returncode == 0 and _history(root)[0]["status"] == "unknown"
+    assert f"ens submit {shown} --competition digits -m 'by hand' --force" in listing.stderr, listing.stderr
+    # Kaggle did get it after all: its list shows the file with that description
+    fake.submissions.append(Submission(40_000_077, datetime.now(timezone.utc).replace(tzinfo=None), "by hand",
+                                       csv_path.name, csv_path.read_bytes(), 0.75, None))
+    fake.pending_polls = 0
+    listing = ens_k(fake, "submissions", "digits", cwd=root)
+    assert listing.returncode == 0, listing.stderr
+    row = _history(root)[0]
+    assert row["ref"] == "40000077" and row["status"] == "complete" and row["score"] == "0.750000"
+    assert len(_history(root)) == 2  # the first upload, and the refusal

@@ -9,8 +9,8 @@ import pytest
 
 from pipelines.config import Member
 from pipelines.errors import EnsError
-from pipelines.memory import (MemoryBudgetError, candidates, cuda_probe, halve_on_oom, optimizer_state_bytes,
-                              plan_member, plan_micro_batch, probe_size)
+from pipelines.memory import (SAFETY_MARGIN, MemoryBudgetError, candidates, cuda_probe, halve_on_oom,
+                              optimizer_state_bytes, plan_member, plan_micro_batch, probe_optimizer, probe_size)
 
 GiB = 2**30
 
@@ -122,32 +122,73 @@ def test_probe_size_is_the_largest_stage():
 
 
 # --------------------------------------------------------------------------------------------- the probe, on CPU
+MiB = 2**20
+
+
 class FakeCuda:
-    """torch.cuda's memory API, backed by a forward hook that pretends each image takes `per_image` bytes and
-    raises out-of-memory above `limit` images."""
+    """torch.cuda's memory API for a CPU run. A forward hook pretends each image's activations take `per_image`
+    bytes (allocated) and `frag` times that in reserved memory (the caching allocator's blocks), and raises
+    out-of-memory above `limit` images; `resident` bytes (the weights) stay reserved. `spy` wraps the probe's
+    optimizer so that what its step() really allocated (its moments) is reserved as well. `mem_get_info` answers
+    `free` bytes of a `total`-byte card."""
 
     class OutOfMemoryError(RuntimeError):
         pass
 
-    def __init__(self, limit, per_image=10_000, total=16 * GiB):
-        self.limit, self.per_image, self.total = limit, per_image, total
-        self.peak, self.calls, self.fractions = 0, [], []
+    def __init__(self, limit, per_image=10_000, total=16 * GiB, resident=0, frag=1.25, free=None, error=None):
+        self.limit, self.per_image, self.total, self.resident, self.frag = limit, per_image, total, resident, frag
+        self.free = total - resident if free is None else free
+        self.error = error or self.OutOfMemoryError("CUDA out of memory (fake)")
+        self.peak = self.peak_reserved = self.state = self.activations = 0
+        self.calls, self.fractions, self.steps = [], [], 0
+
+    def touch(self):
+        self.peak = max(self.peak, self.activations)
+        self.peak_reserved = max(self.peak_reserved, self.resident + self.state + int(self.activations * self.frag))
 
     def hook(self, module, args):
         mb = args[0].shape[0]
         if mb > self.limit:
-            raise self.OutOfMemoryError("CUDA out of memory (fake)")
-        self.peak = max(self.peak, mb * self.per_image)
+            raise self.error
+        self.activations = mb * self.per_image
+        self.touch()
+
+    def spy(self, params):
+        """The probe's own optimizer (fastai's Adam), reporting the state its step() really allocated."""
+        import torch
+
+        opt = probe_optimizer(params)
+        step = opt.step
+
+        def counted_step():
+            step()
+            self.steps += 1
+            self.state = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
+                             if torch.is_tensor(v))
+            self.touch()
+
+        opt.step = counted_step
+        return opt
 
     def empty_cache(self):
         self.calls.append("empty_cache")
+        self.state = self.activations = 0  # the probe's optimizer and tensors are gone: their blocks go back
 
     def reset_peak_memory_stats(self):
         self.calls.append("reset")
-        self.peak = 0
+        self.peak, self.peak_reserved = 0, self.resident
 
     def max_memory_allocated(self):
         return self.peak
+
+    def max_memory_reserved(self):
+        return self.peak_reserved
+
+    def memory_reserved(self):
+        return self.resident
+
+    def mem_get_info(self):
+        return self.free, self.total
 
     def get_device_properties(self, index):
         return SimpleNamespace(total_memory=self.total)
@@ -172,20 +213,24 @@ def test_cuda_probe_logic_on_cpu():
     net[0].weight.requires_grad_(False)  # a frozen body: the probe unfreezes it, then restores the flag
     net.eval()
     bn_before = net[1].running_mean.clone()
+    weights_before = [p.detach().clone() for p in net.parameters()]
     torch.manual_seed(0)
     expected_next = torch.rand(3)
     torch.manual_seed(0)
 
-    fits = cuda_probe(lambda: net, (16, 16), 4 * GiB, "fp32", cuda=fake, device="cpu")
-    extra = optimizer_state_bytes(net)
-    assert extra == 2 * 4 * sum(p.numel() for p in net.parameters())
-    assert fits(8) == 8 * 10_000 + extra
+    fits = cuda_probe(lambda: net, (16, 16), 4 * GiB, "fp32", cuda=fake, device="cpu", optimizer=fake.spy)
+    moments = optimizer_state_bytes(net)  # fastai's Adam: grad_avg and sqr_avg, fp32, for every parameter
+    assert moments == 2 * 4 * sum(p.numel() for p in net.parameters())
+    # reserved, not allocated: the activations' blocks (× 1.25 here) and the moments a real step() allocated
+    assert fits(8) == int(8 * 10_000 * 1.25) + moments
+    assert fake.steps == 2  # two steps: the second forward and backward run with the first step's moments alive
     assert fake.fractions == [0.25]  # capped once, at budget / card
     assert fits(64) is None  # out of memory: caught
     assert fake.calls[-1] == "empty_cache"
-    assert fits(4) == 4 * 10_000 + extra  # the peak is reset before each probe
+    assert fits(4) == int(4 * 10_000 * 1.25) + moments  # the peak is reset before each probe
 
-    # the model is left as found: flags, mode, BatchNorm statistics, gradients, the random generators
+    # the model is left as found: weights, flags, mode, BatchNorm statistics, gradients, the random generators
+    assert all(torch.equal(a, b) for a, b in zip(weights_before, net.parameters()))
     assert net[0].weight.requires_grad is False and net[6].weight.requires_grad is True
     assert not net.training
     assert torch.equal(net[1].running_mean, bn_before)
@@ -196,6 +241,62 @@ def test_cuda_probe_logic_on_cpu():
     assert (plan.micro_batch, plan.accumulation_steps) == (8, 8)  # 12 is no divisor of 64; 8 is
 
 
+def test_probe_optimizer_is_fastais_adam_and_leaves_the_weights():
+    import torch
+    from fastai.optimizer import Optimizer
+
+    net = small_net()
+    before = [p.detach().clone() for p in net.parameters()]
+    opt = probe_optimizer(list(net.parameters()))
+    assert isinstance(opt, Optimizer)  # what a fastai Learner creates (opt_func=Adam)
+    net(torch.randn(2, 3, 8, 8)).sum().backward()
+    opt.step()
+    state = [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
+    assert sum(v.numel() * v.element_size() for v in state) == optimizer_state_bytes(net)
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))  # lr 0: the step moves nothing
+
+
+def test_cuda_probe_counts_a_cublas_allocation_failure_as_out_of_memory():
+    net = small_net()
+    fake = FakeCuda(limit=4, error=RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate`"))
+    net.register_forward_pre_hook(fake.hook)
+    fits = cuda_probe(net, 16, GiB, "fp32", cuda=fake, device="cpu", limit_memory=False, optimizer=fake.spy)
+    assert fits(8) is None and fits(4) is not None
+    fake.error = RuntimeError("CUDA error: device-side assert triggered")
+    with pytest.raises(RuntimeError, match="device-side assert"):
+        fits(16)
+
+
+def test_plan_applies_free_memory_and_the_safety_margin():
+    """The usable limit is min(budget, what the card has free + what this process holds) − SAFETY_MARGIN, and the
+    probe's peak RESERVED memory (optimizer step included) must stay under it."""
+    from functools import partial
+
+    assert SAFETY_MARGIN == 512 * MiB
+    m = Member(name="m", arch="a", size=8, batch_size=64, gpu_memory="2GiB")
+    per_image, resident = 40 * MiB, 100 * MiB  # 50 MiB reserved per image, with the fake's fragmentation
+
+    def plan(free):
+        net = small_net()
+        fake = FakeCuda(limit=10_000, per_image=per_image, resident=resident, free=free)
+        net.register_forward_pre_hook(fake.hook)
+        return plan_member(m, lambda: net, "fp32", probe=partial(cuda_probe, cuda=fake, device="cpu",
+                                                                 optimizer=fake.spy))
+
+    roomy = plan(free=20 * GiB)  # a big card: the budget binds; 2 GiB − 512 MiB − 100 MiB leaves 28 images → 16
+    assert roomy.micro_batch == 16 and roomy.limit_bytes == 2 * GiB - SAFETY_MARGIN
+    assert roomy.budget_bytes == 2 * GiB and roomy.as_meta()["limit_bytes"] == 2 * GiB - SAFETY_MARGIN
+    busy = plan(free=1 * GiB)  # another process holds most of it: 1 GiB + 100 MiB − 512 MiB leaves 12 images → 8
+    assert busy.micro_batch == 8 and busy.limit_bytes == GiB + resident - SAFETY_MARGIN
+    assert all(peak is None or peak > busy.limit_bytes for mb, peak in busy.probes if mb > 8)
+    with pytest.raises(MemoryBudgetError, match=r"does not fit gpu_memory 2.00 GiB \(0.04 GiB usable"):
+        plan(free=SAFETY_MARGIN + 40 * MiB - resident)  # 40 MiB usable: less than the weights
+
+
+def test_the_default_budget_is_what_an_8gb_card_offers():
+    assert Member(name="m", arch="a").gpu_memory == "7GiB"
+
+
 def test_cuda_probe_takes_a_learner_and_autocast_precision():
     import torch
 
@@ -203,8 +304,8 @@ def test_cuda_probe_takes_a_learner_and_autocast_precision():
     fake = FakeCuda(limit=100)
     net.register_forward_pre_hook(fake.hook)
     learner = SimpleNamespace(model=net)  # anything with a .model, as a fastai Learner
-    fits = cuda_probe(learner, 16, GiB, "bf16", cuda=fake, device="cpu", limit_memory=False)
-    assert fits(4) == 40_000 + optimizer_state_bytes(net)
+    fits = cuda_probe(learner, 16, GiB, "bf16", cuda=fake, device="cpu", limit_memory=False, optimizer=fake.spy)
+    assert fits(4) == int(40_000 * 1.25) + optimizer_state_bytes(net)
     assert fake.fractions == []
     assert next(net.parameters()).dtype == torch.float32  # autocast, not a cast of the weights
 

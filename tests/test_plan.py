@@ -136,7 +136,7 @@ def test_cuda_plans_micro_batches_with_the_injected_probe(project, memo, no_trai
     plan = plan_ensemble(Project(project), "digits/tiny", over, device="cuda", bf16_supported=True, probe=probe,
                          memo=memo)
     convnext, effnet, resnet = plan.members
-    assert calls[0] == ((32, 32), 8 * 2**30, "bf16")
+    assert calls[0] == ((32, 32), 7 * 2**30, "bf16")  # the default budget: what an 8 GB card offers
     assert (convnext.memory.micro_batch, convnext.memory.accumulation_steps, convnext.memory.n_acc) == (16, 4, 64)
     assert resnet.memory is None and "member resnet: even a micro-batch of 1" in resnet.problem
     out = text(plan)

@@ -110,6 +110,6 @@ def test_out_of_memory_restarts_from_the_last_epoch_with_half_the_micro_batch(pr
     member = Member(name="m", arch="test_resnet", pretrained=False, size=32, epochs=4, batch_size=64, num_workers=0)
     trained = train.train_member(member, data, checkpoint_dir=tmp_path / "ckpt", cbs=[OutOfMemoryOnce(), MicroBatches()])
     assert trained.memory["micro_batch"] == 32 and trained.memory["oom_restarts"] == 1
-    assert trained.resumed_at == "train epoch 2"
+    assert trained.resumed_at == "train epoch 3 of 4"
     assert [r["epoch"] for r in trained.history] == [0, 1, 2, 3]
     assert {bs for e, bs in seen if e < 2} == {64} and max(bs for e, bs in seen if e >= 2) == 32

@@ -87,7 +87,8 @@ def test_damaged_entry_is_reported_moved_aside_and_recomputed(tiny_run, tmp_path
     result = ens("run", "digits/tiny.yaml", cwd=root)
     assert result.returncode == 0, result.stderr
     assert f"cache entry {key} was damaged (probs.npz does not match its checksum)" in result.stderr
-    assert "effnet (test_efficientnet) trained" in result.stdout and "convnext (test_convnext) cached" in result.stdout
+    # recomputed from its kept weights: a prediction, not a training
+    assert "effnet (test_efficientnet) predicted" in result.stdout and "convnext (test_convnext) cached" in result.stdout
     assert list((root / "cache/digits/.damaged").glob(f"{key}-*"))
     assert MemberCache(root / "cache", "digits").load(key).arrays["test_tta"].shape == (359, 10)
 
@@ -107,8 +108,9 @@ def test_killed_run_resumes_to_the_same_result(tiny_run, digits_data, tmp_path):
     time.sleep(2.0)  # well into the second member's epochs
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-    entries = [p for p in cache.iterdir() if not p.name.startswith(".")]
+    entries = [p for p in cache.iterdir() if not p.name.startswith(".") and p.name != "models"]
     assert len(entries) == 1, entries  # only the finished member; nothing half-written reads as complete
+    assert len(list((cache / "models").iterdir())) == 1  # and only its weights
     resumed = run_ensemble(Project(root), "digits/tiny.yaml")
     assert resumed.trained == ["effnet", "resnet"]
     assert not list(cache.glob(".tmp-*"))  # the dead run's leftovers are swept

@@ -67,3 +67,135 @@ def test_combine_and_metrics_match_sklearn():
     assert ensemble.accuracy(mixed, y) == accuracy_score(y, mixed.argmax(1))
     assert ensemble.log_loss(mixed, y) == pytest.approx(sk_log_loss(y, mixed, labels=range(4)))
     assert ensemble.f1_macro(mixed, y) == pytest.approx(f1_score(y, mixed.argmax(1), average="macro"))
+
+
+# --------------------------------------------------------------------------------------------- concurrent writers
+APPENDER = """
+import sys, time
+from pathlib import Path
+from pipelines.submission import append_history
+history, go, who, n = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+go.with_name(f"ready-{who}").touch()
+while not go.exists():
+    time.sleep(0.005)
+for i in range(n):
+    append_history(history, ensemble=who, file=f"{who}-{i}.csv", destination="local answers")
+"""
+
+REFRESHER = """
+import sys, time
+from pathlib import Path
+from pipelines import kaggle
+from pipelines.config import Project, load_competition
+from pipelines.submission import refresh_history
+root, go, n = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+calls = []
+def listing(slug, timeout=60):  # Kaggle's list: one more of the five pending submissions scored every 3 calls
+    calls.append(1)
+    return [{"ref": f"77{k}", "status": "complete" if done else "pending", "public_score": 0.5 if done else None,
+             "file_name": "p.csv", "description": "m", "date": None, "error_description": ""}
+            for k, done in ((k, k < len(calls) // 3) for k in range(5))]
+kaggle.list_submissions = listing
+comp = load_competition(Project(root), "digits")
+go.with_name("ready-refresher").touch()
+while not go.exists():
+    time.sleep(0.005)
+for _ in range(n):
+    rows, warning = refresh_history(comp, root / "submissions/digits/history.csv")
+    assert not warning, warning
+"""
+
+
+def test_concurrent_history_writers_lose_no_row(project, tmp_path):
+    """Four processes appending 25 rows each while a fifth refreshes pending Kaggle rows: every row survives, and
+    every refresh lands."""
+    import subprocess
+    import sys
+    import time
+
+    from pipelines.submission import append_history, read_history
+
+    comp = project / "competitions/digits.yaml"
+    comp.write_text(comp.read_text() + "kaggle: digits-demo\n")
+    history = project / "submissions/digits/history.csv"
+    for k in range(5):
+        append_history(history, ensemble="first", file="p.csv", destination="kaggle", ref=f"77{k}", status="pending")
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", APPENDER, str(history), str(go), f"w{k}", "25"],
+                              stderr=subprocess.PIPE, text=True) for k in range(4)]
+    procs.append(subprocess.Popen([sys.executable, "-c", REFRESHER, str(project), str(go), "15"],
+                                  stderr=subprocess.PIPE, text=True))
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("ready-*"))) < 5 and time.monotonic() < deadline:  # all imported and waiting
+        time.sleep(0.05)
+    go.touch()
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 5, errors
+    rows = read_history(history)
+    assert len(rows) == 105
+    assert sorted(r["file"] for r in rows if r["ensemble"] != "first") == sorted(
+        f"w{k}-{i}.csv" for k in range(4) for i in range(25))
+    assert [(r["ref"], r["status"], r["score"]) for r in rows if r["ensemble"] == "first"] == [
+        (f"77{k}", "complete", "0.500000") for k in range(5)]
+    assert [p.name for p in history.parent.iterdir() if ".tmp" in p.name] == []  # no temp file left behind
+
+
+def test_two_runs_in_the_same_second_get_two_complete_csvs(project, digits_data, monkeypatch):
+    """Two blends of one ensemble written at once, in the same second: two names, two complete checked CSVs."""
+    import threading
+    from datetime import datetime as real_datetime
+    from types import SimpleNamespace as NS
+
+    from pipelines import run, submission
+    from pipelines.submission import read_history
+
+    class Frozen(real_datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return real_datetime(2026, 11, 27, 12, 0, 0, tzinfo=tz)
+
+    monkeypatch.setattr(run, "datetime", Frozen)
+    slow = submission.submission_values
+    monkeypatch.setattr(submission, "submission_values",  # a loaded machine: writing takes a while
+                        lambda *a: (threading.Event().wait(0.3), slow(*a))[1])
+    proj = Project(project)
+    comp = load_competition(proj, "digits")
+    with open(digits_data / "sample_submission.csv") as f:
+        ids = [r["image_id"] for r in csv.DictReader(f)]
+    vocab = [str(i) for i in range(10)]
+    g = NS(competition=comp, data=NS(root=digits_data, test_ids=ids, vocab=vocab),
+           path=project / "ensembles/digits/tiny.yaml")
+
+    def outcome(seed):
+        rng = np.random.default_rng(seed)
+        arrays = {"valid_targets": rng.integers(0, 10, 40), "valid": rng.dirichlet(np.ones(10), 40),
+                  "test": rng.dirichlet(np.ones(10), len(ids))}
+        return NS(member=NS(name=f"m{seed}"), entry=NS(arrays=arrays, key=f"k{seed}",
+                                                       probs=lambda split, kind: arrays[split]))
+
+    results, failures = {}, []
+
+    def blend(seed):
+        try:
+            results[seed] = run.blend_and_submit(proj, g, [outcome(seed)], [1.0], "tiny", "tta", submit=False)
+        except BaseException as e:  # noqa: BLE001
+            failures.append(repr(e))
+
+    threads = [threading.Thread(target=blend, args=(seed,)) for seed in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not failures, failures
+    paths = {results[s].csv for s in (1, 2)}
+    assert len(paths) == 2 and all(p.name.startswith("20261127-120000-tiny") for p in paths)
+    sample_path = digits_data / "sample_submission.csv"
+    for seed in (1, 2):
+        b = results[seed]
+        assert check_submission(b.csv, sample_path, comp, vocab) == 359  # complete, and each its own
+        expected = np.asarray(vocab)[outcome(seed).entry.arrays["test"].argmax(1)]
+        with open(b.csv) as f:
+            assert [r["label"] for r in csv.DictReader(f)] == list(expected)
+    assert sorted(r["file"] for r in read_history(project / "submissions/digits/history.csv")) == sorted(
+        proj.relative(p) for p in paths)
+    assert [p.name for p in (project / "submissions/digits").iterdir() if ".tmp" in p.name] == []

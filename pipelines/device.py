@@ -1,0 +1,71 @@
+"""The device a member would train on here — CUDA or not, native bf16 or not — known without importing torch
+where possible: cache keys hold the resolved precision (`precision: auto` is fp32 on a CPU, bf16 or fp16 on a
+card), and verbs that only read the cache must answer in well under a second.
+
+No NVIDIA device node means no CUDA, for certain, at no cost. Where there are some, torch is asked once per boot
+(and per CUDA_VISIBLE_DEVICES and torch version) and the answer memoised in ~/.cache/ens/.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+_FACTS: dict | None = None
+
+
+def _torch_facts() -> dict:
+    import torch
+
+    from .memory import bf16_native
+
+    cuda = torch.cuda.is_available()
+    return {"cuda": cuda, "bf16": cuda and bf16_native()}
+
+
+def _no_nvidia_device() -> bool:
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return True
+    if os.name != "posix" or sys.platform == "darwin":
+        return sys.platform == "darwin"  # Windows: ask torch
+    return not (Path("/proc/driver/nvidia").exists() or any(Path("/dev").glob("nvidia[0-9]*")))
+
+
+def cuda_facts() -> dict:
+    """{"cuda": bool, "bf16": bool} for this process."""
+    global _FACTS
+    if _FACTS is not None:
+        return _FACTS
+    if "torch" in sys.modules:
+        _FACTS = _torch_facts()
+    elif _no_nvidia_device():
+        _FACTS = {"cuda": False, "bf16": False}
+    else:
+        from .models import package_version, user_cache
+
+        try:
+            boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        except OSError:
+            boot = "?"
+        sig = hashlib.sha256(f"{boot}:{os.environ.get('CUDA_VISIBLE_DEVICES')}:{package_version('torch')}".encode())
+        memo = user_cache() / f"device-{sig.hexdigest()[:16]}.json"
+        try:
+            _FACTS = json.loads(memo.read_text())
+        except (OSError, ValueError):
+            _FACTS = _torch_facts()
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            tmp = memo.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(_FACTS))
+            os.replace(tmp, memo)
+    return _FACTS
+
+
+def key_precision(requested: str) -> str:
+    """The precision a member asking `requested` trains with here (what its cache key holds)."""
+    from .train import resolve_precision
+
+    facts = cuda_facts()
+    return resolve_precision(requested, facts["cuda"], facts["bf16"])
