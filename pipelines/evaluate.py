@@ -1,5 +1,5 @@
-"""Kept member models put back to work: `ens bench` (seed 002's model benchmarks) and `ens eval --on FOLDER`
-(seed 002 trained on CIFAR-10 and evaluated on CINIC-10). Both need members trained with `keep_model: true`."""
+"""Kept member models put back to work: `ens bench` (speed and size per member) and `ens eval --on FOLDER` (e.g.
+trained on CIFAR-10, evaluated on CINIC-10). Both need the members' kept weights (`keep_model: true`, the default)."""
 
 from __future__ import annotations
 

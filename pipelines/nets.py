@@ -24,9 +24,9 @@ from __future__ import annotations
 from typing import Callable
 
 NOTES = {
-    "lenet5": "from scratch: LeNet-5 (LeCun 1998), seed 000",
-    "alexnet_bn": "from scratch: AlexNet features, one batch norm before the classifier, seed 003",
-    "cifar_cnn": "from scratch: 5 convs with batch norm, dense 256, seed 004",
+    "lenet5": "from scratch: LeNet-5 (LeCun 1998), for small grey-scale-like images",
+    "alexnet_bn": "from scratch: AlexNet features, one batch norm before the classifier",
+    "cifar_cnn": "from scratch: 5 convs with batch norm, dense 256, for 32 px images",
 }
 
 
