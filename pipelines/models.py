@@ -77,8 +77,27 @@ def _list_architectures() -> dict:
         "timm_default_tag": {a: c.tags[0] for a, c in _model_default_cfgs.items() if c.tags and c.tags[0]},
         "timm_hub": hubs,
         "torchvision": sorted(torchvision.models.list_models(module=torchvision.models)),
+        "torchvision_weights": _torchvision_weights(torchvision.models),
         "fastai": sorted(n for n in xresnet.__all__ if n.startswith(("xresnet", "xse_", "xsenet"))),
     }
+
+
+def _torchvision_weights(tvm) -> dict:
+    """name → the weights fastai's `pretrained=True` loads for a torchvision architecture: torchvision's DEFAULT
+    (which moves between torchvision versions, e.g. resnet50's V1 → V2) where fastai asks for it, else the
+    builder's legacy `pretrained=True` weights."""
+    from fastai.vision.learner import _default_meta, model_meta
+
+    out = {}
+    for name in tvm.list_models(module=tvm):
+        if model_meta.get(tvm.get_model_builder(name), _default_meta).get("weights") != "DEFAULT":
+            out[name] = "legacy pretrained=True"
+            continue
+        try:
+            out[name] = str(tvm.get_model_weights(name).DEFAULT)
+        except (ValueError, KeyError, AttributeError):
+            out[name] = "none"
+    return out
 
 
 def user_cache() -> Path:
@@ -89,7 +108,7 @@ def _memo() -> dict:
     """The libraries' names, memoised per library versions in ~/.cache/ens/ (they depend on the installed
     libraries, not on the project)."""
     versions = f"timm{package_version('timm')}-tv{package_version('torchvision')}-fastai{package_version('fastai')}"
-    memo = user_cache() / f"archs3-{versions}.json"
+    memo = user_cache() / f"archs4-{versions}.json"
     try:
         names = json.loads(memo.read_text())
         if isinstance(names, dict) and all(k in names for k in MEMO_KEYS):
@@ -104,7 +123,7 @@ def _memo() -> dict:
     return names
 
 
-MEMO_KEYS = ("timm", "timm_deprecated", "timm_default_tag", "timm_hub", "torchvision", "fastai")
+MEMO_KEYS = ("timm", "timm_deprecated", "timm_default_tag", "timm_hub", "torchvision", "torchvision_weights", "fastai")
 
 
 def resolved_arch(arch: str, pretrained) -> str:
@@ -112,8 +131,11 @@ def resolved_arch(arch: str, pretrained) -> str:
     (`convnext_small_in22k` → `convnext_small.fb_in22k`), and with `pretrained: true` an untagged timm name with
     the tag and weight source that timm resolves it to today (`convnext_small` →
     `convnext_small.in12k_ft_in1k@timm/convnext_small.in12k_ft_in1k`): timm's default tag of a name changes
-    between versions, and other weights must not share a key."""
+    between versions, and other weights must not share a key. A torchvision name with `pretrained: true` likewise
+    carries the weights fastai loads for it (`resnet50@ResNet50_Weights.IMAGENET1K_V2`)."""
     kind, name = split_arch(arch)
+    if kind == "torchvision" and pretrained is True:
+        return f"{arch}@{_memo()['torchvision_weights'].get(name, 'none')}"
     if kind != "timm":
         return arch
     memo = _memo()

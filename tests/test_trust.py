@@ -306,6 +306,11 @@ def test_a_timm_alias_and_its_tag_share_a_key_and_pretrained_names_resolve_their
     assert _key(arch="convnext_small", pretrained=True) != _key(arch=f"convnext_small.{other}", pretrained=True)
     assert train_key(Member(name="m", arch="convnext_small", pretrained=True), "fp") != \
         train_key(Member(name="m", arch="convnext_small", pretrained=False), "fp")
+    # torchvision: fastai loads torchvision's DEFAULT weights, which move between torchvision versions
+    from pipelines.models import resolved_arch
+
+    assert resolved_arch("torchvision:resnet50", True) == "torchvision:resnet50@ResNet50_Weights.IMAGENET1K_V2"
+    assert resolved_arch("torchvision:resnet50", False) == "torchvision:resnet50"
 
 
 def test_an_entry_made_with_other_library_versions_is_flagged(tmp_path, digits_data):
