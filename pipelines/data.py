@@ -180,6 +180,77 @@ def validation_mask(paths: list[str], labels: list[str], valid_pct: float, seed:
     return valid
 
 
+def fold_assignment(paths: list[str], labels: list[str], n_folds: int, seed: int, stratified: bool = True,
+                    groups: list[str] | None = None) -> list[int]:
+    """Each image's cross-validation fold (0..n_folds-1), hash-based like `validation_mask` so it never moves
+    between machines or versions, and independent of the input order (an image's fold depends on the set of
+    images). Without groups, images are ranked by a seeded hash of their path and dealt round-robin, class after
+    class (sorted) when stratified: fold sizes and each class's per-fold counts differ by at most 1. A class with
+    fewer images than folds is allowed; some folds then lack it. With `groups` (a plant or patient id per image),
+    whole groups are assigned, so no group straddles folds; see `_group_folds`."""
+    if len(labels) != len(paths) or (groups is not None and len(groups) != len(paths)):
+        raise ValueError(f"fold_assignment: {len(paths)} paths but {len(labels)} labels"
+                         + ("" if groups is None else f" and {len(groups)} groups"))
+    if n_folds < 2:
+        raise ValueError(f"fold_assignment: n_folds must be at least 2, got {n_folds}")
+    if n_folds > len(paths):
+        raise ValueError(f"fold_assignment: {n_folds} folds but only {len(paths)} images")
+    if groups is not None:
+        return _group_folds(labels, groups, n_folds, seed, stratified)
+    buckets: dict[str, list[int]] = {}
+    for i, label in enumerate(labels):
+        buckets.setdefault(label if stratified else "", []).append(i)
+    folds = [0] * len(paths)
+    dealt = 0  # one deal across classes, so the folds that get a class's extra image rotate and sizes stay even
+    for key in sorted(buckets):
+        for i in sorted(buckets[key], key=lambda i: (hashlib.sha256(f"fold:{seed}:{paths[i]}".encode()).digest(),
+                                                     paths[i])):
+            folds[i] = dealt % n_folds
+            dealt += 1
+    return folds
+
+
+def _group_folds(labels: list[str], groups: list[str], n_folds: int, seed: int, stratified: bool) -> list[int]:
+    """Group k-fold: groups taken largest first (ties by a seeded hash of the group id), each to the smallest fold,
+    or when stratified to the fold minimising the growth of the folds' sum of squared class shares plus fold-size
+    share: the fold where its classes are scarcest (StratifiedGroupKFold's idea, without its RNG). Greedy, so
+    balance is as good as the groups allow, not exact; fold sizes from the unstratified rule differ by at most the
+    largest group."""
+    members: dict[str, list[int]] = {}
+    for i, group in enumerate(groups):
+        members.setdefault(group, []).append(i)
+    if n_folds > len(members):
+        raise ValueError(f"fold_assignment: {n_folds} folds but only {len(members)} groups")
+    order = sorted(members, key=lambda g: (-len(members[g]), hashlib.sha256(f"fold-group:{seed}:{g}".encode()).digest(),
+                                           str(g)))
+    class_total: dict[str, int] = {}
+    for label in labels:
+        class_total[label] = class_total.get(label, 0) + 1
+    n = len(labels)
+    sizes = [0] * n_folds
+    per_class: list[dict[str, int]] = [{} for _ in range(n_folds)]
+    folds = [0] * n
+    for group in order:
+        size = len(members[group])
+        counts: dict[str, int] = {}
+        for i in members[group]:
+            counts[labels[i]] = counts.get(labels[i], 0) + 1
+
+        def cost(f: int) -> tuple:
+            if not stratified:
+                return sizes[f], f
+            scarcity = sum(k * per_class[f].get(c, 0) / class_total[c] ** 2 for c, k in sorted(counts.items()))
+            return scarcity + size * sizes[f] / n ** 2, sizes[f], f
+
+        best = min(range(n_folds), key=cost)
+        sizes[best] += size
+        for c, k in counts.items():
+            per_class[best][c] = per_class[best].get(c, 0) + k
+        for i in members[group]:
+            folds[i] = best
+    return folds
+
+
 def list_test(comp: Competition, root: Path) -> list[str]:
     folder = root / comp.test_images
     if not folder.is_dir():

@@ -1,7 +1,14 @@
 """Combining members' probabilities and scoring them with the competition's metric. Pure numpy (scikit-learn for
-the metrics it already does well): ablation and selection will call these thousands of times."""
+the metrics it already does well): ablation and selection will call these thousands of times.
+
+Below the fixed blends: blends whose weights are learned from out-of-fold (OOF) probabilities (hill climbing,
+stacking), their honest score (`nested_cv_score`: a blend learned on the rows it is scored on flatters itself),
+and the statistics that say whether one ensemble really beats another (paired bootstrap, McNemar). Groundwork for
+cross-validated ensembles: not yet used by a verb."""
 
 from __future__ import annotations
+
+from typing import Callable
 
 import numpy as np
 
@@ -133,3 +140,234 @@ def error_correlation(probs: list[np.ndarray], targets: np.ndarray) -> np.ndarra
     with np.errstate(invalid="ignore", divide="ignore"):
         corr = np.corrcoef(errors)
     return np.nan_to_num(np.atleast_2d(corr), nan=0.0)
+
+
+# --------------------------------------------------------------------------------------------- learned blends
+BLEND_EPS = 1e-6  # floor for blends with negative weights (then renormalised); also clips stacking's log inputs
+_TOL = 1e-12  # an "improvement" smaller than this is float noise, not progress
+
+Predict = Callable[[list], np.ndarray]
+Fit = Callable[[list, np.ndarray], Predict]
+
+
+def _weights(weights, m: int, allow_negative: bool = False) -> np.ndarray:
+    w = np.asarray(weights if weights is not None else [1.0] * m, dtype="float64")
+    if w.shape != (m,):
+        raise ValueError(f"{len(w)} weights for {m} members")
+    if not allow_negative and (w < 0).any():
+        raise ValueError("member weights must not be negative")
+    if w.sum() <= 0:
+        raise ValueError("member weights must sum to more than zero")
+    return w / w.sum()
+
+
+def _rows_sum_to_one(p: np.ndarray) -> np.ndarray:
+    s = p.sum(1, keepdims=True)
+    return np.divide(p, s, out=np.full_like(p, 1.0 / p.shape[1]), where=s > 0)  # an all-zero row: uniform
+
+
+# --------------------------------------------------------------------------------------------- fixed blends
+def rank_average(probs_list: list[np.ndarray], weights: list[float] | None = None) -> np.ndarray:
+    """Per class, the weighted mean of the members' ranks of that class's probability over the images (scaled to
+    [0, 1]), rows then renormalised to sum one. Members with different calibration (a confident net, a timid one)
+    then count by how they order images, not by their scale. Meant for ranking metrics (ROC AUC); the result is
+    not a calibrated probability, so don't score log loss on it, and for accuracy the argmax is what matters —
+    ranks are comparable within a class, not across classes, so it can move argmaxes for the worse."""
+    w = _weights(weights, len(probs_list))
+    stacked = np.stack(probs_list).astype("float64")  # (members, images, classes)
+    n = stacked.shape[1]
+    from scipy.stats import rankdata  # here: scipy.stats costs start-up time every verb would pay
+
+    ranks = rankdata(stacked, axis=1)  # ties share their average rank
+    ranks = (ranks - 1) / (n - 1) if n > 1 else np.full_like(ranks, 0.5)
+    return _rows_sum_to_one(np.tensordot(w, ranks, axes=1))
+
+
+def power_average(probs_list: list[np.ndarray], weights: list[float] | None = None, power: float = 2.0) -> np.ndarray:
+    """The weighted mean of p**power, rows renormalised. power > 1 lets confident members speak louder (a common
+    Kaggle trick for AUC and accuracy); power = 1 is the plain weighted mean (`combine`); power < 1
+    approaches a geometric mean, which punishes a member's confident mistakes."""
+    if power <= 0:
+        raise ValueError(f"power must be positive, not {power}")
+    w = _weights(weights, len(probs_list))
+    stacked = np.stack(probs_list).astype("float64")
+    return _rows_sum_to_one(np.tensordot(w, stacked ** power, axes=1))
+
+
+def clipped_blend(probs_list: list[np.ndarray], weights, eps: float = BLEND_EPS) -> np.ndarray:
+    """sum(w_i p_i) / sum(w_i). With a negative weight, probabilities can go below zero: then they are clipped to
+    `eps` and rows renormalised. With no negative weight it is exactly `combine`. Apply `hill_climb`'s
+    weights to test probabilities with this, not with `combine` (which neither clips nor expects negatives)."""
+    w = _weights(weights, len(probs_list), allow_negative=True)
+    mixed = np.tensordot(w, np.stack(probs_list).astype("float64"), axes=1)
+    if (w < 0).any():
+        mixed = _rows_sum_to_one(np.clip(mixed, eps, None))
+    return mixed
+
+
+# --------------------------------------------------------------------------------------------- learned blends
+def _key(metric: str, probs: np.ndarray, targets: np.ndarray) -> tuple[float, float]:
+    """(signed score, -log loss): larger is better on both; log loss breaks ties (accuracy's are frequent)."""
+    sign = 1.0 if GREATER_IS_BETTER[metric] else -1.0
+    return sign * score(metric, probs, targets), -log_loss(probs, targets)
+
+
+def _improves(new: tuple, old: tuple) -> bool:
+    if new[0] > old[0] + _TOL:
+        return True
+    return abs(new[0] - old[0]) <= _TOL and new[1] > old[1] + _TOL
+
+
+def hill_climb(probs_list: list[np.ndarray], targets: np.ndarray, metric: str, rounds: int = 100,
+               allow_negative: bool = True, step=(0.05, 0.1, 0.2, 0.5),
+               eps: float = BLEND_EPS) -> tuple[np.ndarray, float]:
+    """Coordinate-wise hill climbing on the blend weights, as top Kaggle competitors blend OOF predictions: start
+    from the best single member at weight 1; each round try +s and -s on every member's weight for every step
+    size s in `step` (a number or several: one small fixed step stalls on accuracy's plateaus, where each move
+    first loses an image — on synthetic data 0.05 alone stopped ~8 points below the plain mean), keep the
+    candidate that most improves (metric, then log loss as tie-breaker — so for accuracy it climbs log loss while
+    accuracy ties), stop after `rounds` or when nothing improves. It may subtract a member (a negative weight
+    cancels noise that member shares with others); the blend is then `clipped_blend`'s. Deterministic (members
+    in order, small steps first, + before -; ties keep the earliest). Starting from the best member, it never
+    scores below it on these rows — which is why its in-sample score is optimistic: `nested_cv_score` is honest.
+    Returns (weights summing to one, score of the blend on these rows)."""
+    stacked = np.stack(probs_list).astype("float64")
+    m = len(stacked)
+
+    def blend(total: np.ndarray, w: np.ndarray) -> np.ndarray:
+        mixed = total / w.sum()
+        return _rows_sum_to_one(np.clip(mixed, eps, None)) if (w < 0).any() else mixed
+
+    steps = sorted({float(s) for s in np.atleast_1d(step)})
+    if not steps or steps[0] <= 0:
+        raise ValueError(f"steps must be positive, not {step}")
+    deltas = [d for s in steps for d in (s, -s)]
+    keys = [_key(metric, p, targets) for p in stacked]
+    start = max(range(m), key=lambda i: (keys[i], -i))  # ties: the earliest member
+    w = np.zeros(m)
+    w[start] = 1.0
+    total, best = stacked[start].copy(), keys[start]
+    for _ in range(rounds):
+        found = None
+        for i in range(m):
+            for delta in deltas:
+                cand = w.copy()
+                cand[i] += delta
+                if (not allow_negative and cand[i] < -_TOL) or cand.sum() < steps[0] / 2:
+                    continue
+                key = _key(metric, blend(total + delta * stacked[i], cand), targets)
+                if _improves(key, found[0] if found else best):
+                    found = (key, i, delta)
+        if found is None:
+            break
+        best, i, delta = found
+        w[i] += delta
+        total += delta * stacked[i]
+    w = np.where(np.abs(w) < _TOL, 0.0, w)  # -0.05 + 0.05 is not exactly zero
+    w = w / w.sum()
+    return w, float(score(metric, clipped_blend(probs_list, w, eps), targets))
+
+
+def hill_climb_fitter(metric: str, rounds: int = 100, allow_negative: bool = True, step=(0.05, 0.1, 0.2, 0.5),
+                      eps: float = BLEND_EPS) -> Fit:
+    """`hill_climb` as a `fit` for `nested_cv_score`: fit(probs_list, targets) -> predict(probs_list) -> probs."""
+    def fit(probs_list, targets):
+        w, _ = hill_climb(probs_list, targets, metric, rounds, allow_negative, step, eps)
+        return lambda ps: clipped_blend(ps, w, eps)
+    return fit
+
+
+def _stack_features(probs_list: list[np.ndarray], eps: float) -> np.ndarray:
+    return np.concatenate([np.log(np.clip(np.asarray(p, dtype="float64"), eps, 1.0)) for p in probs_list], axis=1)
+
+
+def stacking_fit(probs_list: list[np.ndarray], targets: np.ndarray, C: float = 1.0, eps: float = BLEND_EPS):
+    """A multinomial logistic regression (lbfgs) on the members' concatenated, clipped log-probabilities: it can
+    re-temper a miscalibrated member, shift a class's bias and weigh members per class, which no weighted mean
+    can. C is the inverse L2 strength (small C: close to equal weights; use it on few OOF rows). Deterministic
+    (lbfgs, fixed random_state). Returns the fitted sklearn model; predict with `stacking_predict`.
+    Runs with one BLAS thread: the problem is small, and on a busy machine (data loaders, a CI run) BLAS threads
+    only contend — 500 rows fitted ~20x slower with two threads than with one here."""
+    from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_limits
+
+    model = LogisticRegression(C=C, solver="lbfgs", max_iter=5000, random_state=0)  # lbfgs is multinomial
+    with threadpool_limits(1):
+        model.fit(_stack_features(probs_list, eps), np.asarray(targets))
+    model.ens_eps_ = eps
+    return model
+
+
+def stacking_predict(model, probs_list: list[np.ndarray]) -> np.ndarray:
+    """Class probabilities of the stacker, one column per class of the members' probabilities (a class absent
+    from the training targets gets probability zero, so columns still line up with the vocabulary)."""
+    x = _stack_features(probs_list, getattr(model, "ens_eps_", BLEND_EPS))
+    out = np.zeros((len(x), probs_list[0].shape[1]))
+    out[:, model.classes_] = model.predict_proba(x)
+    return out
+
+
+def stacking_fitter(C: float = 1.0, eps: float = BLEND_EPS) -> Fit:
+    """`stacking_fit` as a `fit` for `nested_cv_score`."""
+    def fit(probs_list, targets):
+        model = stacking_fit(probs_list, targets, C, eps)
+        return lambda ps: stacking_predict(model, ps)
+    return fit
+
+
+def nested_cv_score(probs_list: list[np.ndarray], targets: np.ndarray, folds, fit: Fit,
+                    metric: str) -> tuple[float, list[float]]:
+    """The honest score of a blend whose weights are learned (hill climbing, stacking): for each fold k, learn on
+    the other folds' OOF rows, predict fold k's rows; no row is ever scored by a blend learned on it. `folds` is
+    each row's fold id (the k-fold split that produced the OOF probabilities). Returns (the metric over all
+    held-out predictions together, the metric of each fold in sorted fold-id order). Expect it below the
+    in-sample score of the same blend; the gap is the blend's own overfitting."""
+    targets = np.asarray(targets)
+    folds = np.asarray(folds)
+    if folds.shape != targets.shape:
+        raise ValueError(f"{folds.shape} fold ids for {targets.shape} targets")
+    ids = np.unique(folds)
+    if len(ids) < 2:
+        raise ValueError("nested cross-validation needs at least two folds")
+    stacked = [np.asarray(p, dtype="float64") for p in probs_list]
+    held_out = np.full((len(targets), stacked[0].shape[1]), np.nan)
+    per_fold = []
+    for k in ids:
+        test = folds == k
+        predict = fit([p[~test] for p in stacked], targets[~test])
+        held_out[test] = predict([p[test] for p in stacked])
+        per_fold.append(float(score(metric, held_out[test], targets[test])))
+    return float(score(metric, held_out, targets)), per_fold
+
+
+# --------------------------------------------------------------------------------------------- is it better?
+def paired_bootstrap(correct_a, correct_b, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Is ensemble A more accurate than B on these images, or is the difference luck? Resamples the images with
+    replacement (the same images for both: the comparison is paired) and returns (observed accuracy(a) -
+    accuracy(b), low, high) of the 95% percentile interval. An interval that contains 0 means "not shown".
+    Reproducible: a numpy Generator seeded with `seed`."""
+    a, b = np.asarray(correct_a, dtype=bool), np.asarray(correct_b, dtype=bool)
+    if a.shape != b.shape or a.ndim != 1 or not len(a):
+        raise ValueError("correct_a and correct_b must be equal-length, non-empty 1-d arrays")
+    d = a.astype("float64") - b.astype("float64")
+    n = len(d)
+    rng = np.random.default_rng(seed)
+    chunk = max(1, 4_000_000 // n)  # bounded memory on large validation sets
+    means = np.concatenate([d[rng.integers(0, n, size=(min(chunk, n_boot - s), n))].mean(1)
+                            for s in range(0, n_boot, chunk)])
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(d.mean()), float(low), float(high)
+
+
+def mcnemar_p(correct_a, correct_b) -> float:
+    """Exact McNemar test: only the images exactly one of A and B gets right tell them apart; under "equally
+    good" each such image is a fair coin. Two-sided p-value of scipy's exact binomial test; 1.0 with none."""
+    a, b = np.asarray(correct_a, dtype=bool), np.asarray(correct_b, dtype=bool)
+    if a.shape != b.shape:
+        raise ValueError("correct_a and correct_b must have the same length")
+    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    if only_a + only_b == 0:
+        return 1.0
+    from scipy.stats import binomtest
+
+    return float(binomtest(only_a, only_a + only_b, 0.5).pvalue)
