@@ -269,6 +269,12 @@ class MemberCache:
                 if pid.isdigit() and not process_alive(int(pid)):
                     shutil.rmtree(tmp, ignore_errors=True)
                     removed.append(tmp)
+        # weights of cache format 1, written under a name without a pid: stale once an hour old (format 2 writes
+        # weights through a temporary folder, swept above)
+        for old in self.root.glob(".model-*.pth") if self.root.is_dir() else ():
+            if time.time() - old.stat().st_mtime > 3600:
+                old.unlink(missing_ok=True)
+                removed.append(old)
         return removed
 
     def entries(self) -> list[dict]:

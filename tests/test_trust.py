@@ -377,3 +377,22 @@ def test_a_resumed_member_says_where_it_resumed(tmp_path, digits_data, monkeypat
     text = " ".join((out.stdout + out.stderr).split())
     assert "resnet (test_resnet): resuming an interrupted run at train epoch 2 of 2" in text
     assert "resumed (train epoch 2 of 2)" in text  # in the results table
+
+
+def test_the_sweep_removes_what_dead_runs_left_in_the_cache(tmp_path):
+    """A dead run's temporary entry and weights folders, and the fixed-name weights file of cache format 1."""
+    cache = MemberCache(tmp_path, "digits")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    left = [cache.root / f".tmp-abc-{pid}", cache.root / "models" / f".tmp-def-{pid}"]
+    for folder in left:
+        folder.mkdir(parents=True)
+    mine = cache.root / f".tmp-ghi-{os.getpid()}"
+    mine.mkdir()
+    legacy = cache.root / ".model-0123.pth"
+    legacy.write_bytes(b"weights")
+    os.utime(legacy, (0, 0))
+    fresh = cache.root / ".model-4567.pth"
+    fresh.write_bytes(b"weights")
+    assert sorted(cache.sweep()) == sorted([*left, legacy])
+    assert mine.is_dir() and fresh.is_file()  # a live run's, and one that may still be being written
