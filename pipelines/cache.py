@@ -19,7 +19,7 @@ import numpy as np
 
 from .config import Member
 from .errors import EnsError
-from .util import process_alive
+from .util import sweep_dead
 
 # bump when what an entry holds, or how a member is trained, changes meaning. 2: keys canonical (equivalent
 # configs share one), training and prediction keys split, weights kept, TTA seeded, stage size governs without
@@ -67,16 +67,12 @@ def member_key(member: Member, data_fingerprint: str) -> str:
 def version_drift(meta: dict) -> list[str]:
     """'torch 2.4 → 2.14' for each library in WARN_VERSIONS whose major.minor differs from the one that made
     the entry (its probabilities stay valid, but a retrain would not reproduce them exactly)."""
-    from importlib.metadata import PackageNotFoundError, version
+    from .models import package_version
 
     out = []
     for name in WARN_VERSIONS:
-        then = (meta.get("versions") or {}).get(name)
-        try:
-            now = version(name)
-        except PackageNotFoundError:
-            continue
-        if then and then.split(".")[:2] != now.split(".")[:2]:
+        then, now = (meta.get("versions") or {}).get(name), package_version(name)
+        if then and now != "none" and then.split(".")[:2] != now.split(".")[:2]:
             out.append(f"{name} {then} → {now}")
     return out
 
@@ -152,6 +148,9 @@ class MemberCache:
 
     def model_dir(self, train: str) -> Path:
         return self.root / "models" / train
+
+    def model_file(self, train: str) -> Path:
+        return self.model_dir(train) / MODEL
 
     def _read(self, key: str) -> Entry:
         folder = self.path(key)
@@ -233,7 +232,7 @@ class MemberCache:
             _write_json(tmp / "meta.json", dict(meta, train_key=train, files={MODEL: _sha256(tmp / MODEL)}))
 
         self._write_dir(self.model_dir(train), write, f"the weights of {train}")
-        return self.model_dir(train) / MODEL
+        return self.model_file(train)
 
     def model_meta(self, train: str, verify: bool = True) -> dict | None:
         """The meta.json of kept weights (checked against model.pth's checksum with `verify`), or None; damaged
@@ -256,19 +255,13 @@ class MemberCache:
         for meta in self.entries():
             if meta.get("train_key") == train and (meta.get("key_fields") or {}).get("tta", {}).get("n") == passes:
                 entry = self.load(meta["key"])
-                if entry is not None and (passes == 0 or "valid_aug" in entry.arrays):
+                if entry is not None and "valid_aug" in entry.arrays:
                     return entry
         return None
 
     def sweep(self) -> list[Path]:
         """Remove temporary folders and files left by runs that are no longer alive."""
-        removed = []
-        for folder in (self.root, self.root / "models"):
-            for tmp in folder.glob(".tmp-*") if folder.is_dir() else ():
-                pid = tmp.name.rsplit("-", 1)[-1]
-                if pid.isdigit() and not process_alive(int(pid)):
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    removed.append(tmp)
+        removed = sweep_dead(self.root, [".tmp-*-{pid}"]) + sweep_dead(self.root / "models", [".tmp-*-{pid}"])
         # weights of cache format 1, written under a name without a pid: stale once an hour old (format 2 writes
         # weights through a temporary folder, swept above)
         for old in self.root.glob(".model-*.pth") if self.root.is_dir() else ():

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .config import Competition, Project
 from .errors import ConfigError, EnsError
-from .util import file_lock, lock_file_for, sweep_dead, unique_suffix
+from .util import file_lock, lock_file_for, sweep_dead, write_json
 
 
 @dataclass(frozen=True)
@@ -282,18 +282,8 @@ def content_fingerprint(root: Path, relative_paths: list[str], extra: str, memo_
     for rel in relative_paths:
         content.update(f"{rel}\0{_file_digest(root / rel)}\n".encode())
     content = content.hexdigest()
-    _write_memo(memo_file, {"stat": stat_sig, "content": content})
+    write_json(memo_file, {"stat": stat_sig, "content": content})
     return content
-
-
-def _write_memo(memo_file: Path, value) -> None:
-    """`value` as JSON into `memo_file`, atomically (a temporary sibling renamed over it; a dead writer's
-    temporary is swept by the next one)."""
-    memo_file.parent.mkdir(parents=True, exist_ok=True)
-    sweep_dead(memo_file.parent, [f"{glob.escape(memo_file.name)}.tmp{{pid}}-*", f"{glob.escape(memo_file.stem)}.tmp{{pid}}"])
-    tmp = memo_file.with_name(memo_file.name + unique_suffix())
-    tmp.write_text(json.dumps(value))
-    os.replace(tmp, memo_file)
 
 
 def load_data(project: Project, comp: Competition) -> CompetitionData:
@@ -422,7 +412,7 @@ def verified_images(root: Path, relative_paths: list[str], fingerprint: str, mem
     damaged = find_damaged(root, relative_paths)
     memo.pop(fingerprint, None)
     memo = dict(list(memo.items())[-3:]) | {fingerprint: sorted(damaged.items())}
-    _write_memo(memo_file, memo)
+    write_json(memo_file, memo)
     return damaged
 
 

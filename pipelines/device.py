@@ -44,7 +44,8 @@ def cuda_facts() -> dict:
     elif _no_nvidia_device():
         _FACTS = {"cuda": False, "bf16": False}
     else:
-        from .models import package_version, user_cache
+        from .models import package_version
+        from .util import user_cache, write_json
 
         try:
             boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
@@ -56,10 +57,7 @@ def cuda_facts() -> dict:
             _FACTS = json.loads(memo.read_text())
         except (OSError, ValueError):
             _FACTS = _torch_facts()
-            memo.parent.mkdir(parents=True, exist_ok=True)
-            tmp = memo.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(_FACTS))
-            os.replace(tmp, memo)
+            write_json(memo, _FACTS)
     return _FACTS
 
 

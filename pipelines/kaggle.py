@@ -49,13 +49,17 @@ _PARTIAL = ".partial-"    # marks temporary siblings: .<name>.partial-<pid>-<ran
 
 class KaggleError(EnsError):
     """A Kaggle call that failed. `str(error)` is one line naming the problem and the fix; `reason` is a short
-    form for the submission history; `transient` is True when the same call may well succeed later."""
+    form for the submission history; `transient` is True when the same call may well succeed later; `kind` and
+    `detail` say how the call failed (the child's classification, or 'timeout' / 'crashed' in the parent), from
+    which `submit` judges `maybe_submitted`."""
 
-    def __init__(self, message: str, reason: str | None = None, transient: bool = False):
-        message = " ".join(str(message).split())
-        super().__init__(message)
-        self.reason = " ".join(str(reason or message).split())
+    def __init__(self, message: str, reason: str | None = None, transient: bool = False, kind: str | None = None,
+                 detail: str = ""):
+        super().__init__(message)  # one line: EnsError collapses the whitespace
+        self.reason = " ".join(str(reason or self).split())
         self.transient = transient
+        self.kind, self.detail = kind, detail
+        self.maybe_submitted = False
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -170,9 +174,8 @@ def submit(slug: str, csv: Path, message: str, timeout: float = SUBMIT_TIMEOUT) 
         result = _call("submit", {"slug": slug, "csv": str(csv.resolve()), "message": message}, timeout,
                        f"submitting {csv.name} to '{slug}'", slug)
     except KaggleError as e:
-        kind = getattr(e, "kind", None)
-        e.maybe_submitted = kind in ("timeout", "crashed", "noref") or (
-            kind == "connection" and getattr(e, "detail", "") == "connection closed")
+        e.maybe_submitted = e.kind in ("timeout", "crashed", "noref") or (
+            e.kind == "connection" and e.detail == "connection closed")
         raise
     return str(result["ref"])
 
@@ -340,10 +343,9 @@ def _call(op: str, args: dict, timeout: float, doing: str, slug: str, progress_d
                     if new != size:
                         size, last_change = new, now
                 if now - last_change > timeout:
-                    error = KaggleError(f"no answer from Kaggle within {timeout:g} s while {doing}: retry later, or "
-                                        "check the network", f"timeout: no answer within {timeout:g} s", transient=True)
-                    error.kind = "timeout"
-                    raise error
+                    raise KaggleError(f"no answer from Kaggle within {timeout:g} s while {doing}: retry later, or "
+                                      "check the network", f"timeout: no answer within {timeout:g} s", transient=True,
+                                      kind="timeout")
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -353,14 +355,13 @@ def _call(op: str, args: dict, timeout: float, doing: str, slug: str, progress_d
     try:
         result = json.loads(lines[-1])
     except (IndexError, ValueError):
-        error = KaggleError(f"the Kaggle client stopped without an answer while {doing} (exit code "
-                            f"{proc.returncode}); check that the `kaggle` package is installed and retry", "client crashed")
-        error.kind = "crashed"
-        raise error from None
+        raise KaggleError(f"the Kaggle client stopped without an answer while {doing} (exit code "
+                          f"{proc.returncode}); check that the `kaggle` package is installed and retry", "client crashed",
+                          kind="crashed") from None
     if "ok" in result:
         return result["ok"]
     error = _error(result["error"], doing, slug, timeout)
-    error.kind, error.detail = result["error"].get("kind"), result["error"].get("detail")  # for submit's verdict
+    error.kind, error.detail = result["error"].get("kind"), result["error"].get("detail") or ""
     raise error
 
 

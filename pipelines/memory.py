@@ -309,12 +309,6 @@ def usable_bytes(budget_bytes: int, available_bytes: int, margin: int = SAFETY_M
     return min(budget_bytes, available_bytes) - margin
 
 
-def optimizer_state_bytes(model) -> int:
-    """What fastai's Adam keeps once it has stepped: two running averages (grad_avg, sqr_avg) per trainable
-    parameter, in the parameters' dtype. For reference and tests: the probe measures a real step instead."""
-    return 2 * sum(p.numel() * p.element_size() for p in model.parameters())
-
-
 def probe_optimizer(params):
     """The optimizer a fastai Learner creates (opt_func=Adam: fastai's Adam, moments allocated on the first
     step), with learning rate 0 so that the probe's steps move no weight (they are restored all the same)."""

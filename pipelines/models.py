@@ -18,12 +18,12 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import json
-import os
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from . import nets
 from .errors import ConfigError
+from .util import user_cache, write_json
 
 PREFIXES = ("timm", "torchvision", "fastai", "ens")
 
@@ -100,10 +100,6 @@ def _torchvision_weights(tvm) -> dict:
     return out
 
 
-def user_cache() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "ens"
-
-
 def _memo() -> dict:
     """The libraries' names, memoised per library versions in ~/.cache/ens/ (they depend on the installed
     libraries, not on the project)."""
@@ -116,10 +112,7 @@ def _memo() -> dict:
     except (OSError, ValueError):
         pass
     names = _list_architectures()
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    tmp = memo.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(names))
-    os.replace(tmp, memo)
+    write_json(memo, names)
     return names
 
 

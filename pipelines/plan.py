@@ -20,7 +20,6 @@ it knows nothing of batch size, workers or precision beyond what the measured en
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -29,7 +28,8 @@ from .cache import MemberCache, prediction_key, train_key
 from .config import Competition, Ensemble, Member, Project
 from .errors import EnsError
 from .memory import MemoryBudgetError, MicroBatchPlan, _size_text
-from .models import package_version, user_cache
+from .models import package_version
+from .util import user_cache, write_json
 
 
 def _hw(size) -> tuple[int, int]:
@@ -114,10 +114,7 @@ class ModelStats:
             old = on_disk.get(k) or {"params": None, "flops": {}}
             on_disk[k] = {"params": v["params"] or old["params"], "flops": {**old["flops"], **v["flops"]},
                           "errors": {**old.get("errors", {}), **v.get("errors", {})}}
-        self.memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.memo.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(on_disk, indent=0, sort_keys=True))
-        os.replace(tmp, self.memo)
+        write_json(self.memo, on_disk, indent=0, sort_keys=True)
         self.dirty = False
 
 
@@ -279,7 +276,7 @@ def plan_ensemble(project: Project, spec: str, overrides: list[str] = (), *, dev
         params, flops = stats.get(member.arch, n_classes, member.final_size, sizes)
         mp = MemberPlan(member.name, member.arch, key, cached, stages, _frozen(member.pretrained, member.freeze_epochs),
                         member.batch_size, device, params, flops)
-        mp.weights_kept = not cached and (cache.model_dir(train) / "model.pth").is_file()
+        mp.weights_kept = not cached and cache.model_file(train).is_file()
         if cached:
             try:
                 mp.cached_seconds = sum(json.loads(meta_file.read_text())["timings"].values())

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import platform
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -23,20 +22,19 @@ from .config import Competition, Ensemble, Member, Project, load_ensemble
 from .data import CompetitionData, load_data
 from .errors import EnsError
 from .models import check_arch
-from .util import file_lock
+from .util import file_lock, say
 
 
 @dataclass
 class MemberOutcome:
     member: Member
     entry: Entry
-    trained: bool  # False: read from the cache (or predicted from kept weights, or derived from cached arrays)
+    how: str  # cached | trained | resumed | predicted (kept weights, new TTA) | derived (another beta)
     test_score: float | None = None  # on the local answers, where the competition has them
-    source: str = ""  # cached | trained | resumed | predicted (kept weights, new TTA) | derived (another beta)
 
     @property
-    def how(self) -> str:
-        return self.source or ("trained" if self.trained else "cached")
+    def trained(self) -> bool:
+        return self.how in ("trained", "resumed")
 
 
 @dataclass
@@ -72,17 +70,13 @@ def versions() -> dict:
     return {p: version(p) for p in ("fastai", "timm", "torch", "torchvision", "numpy")} | {"python": platform.python_version()}
 
 
-def _say(progress):
-    return progress.console.print if progress is not None else (lambda text: print(text, file=sys.stderr))
-
-
 def _member_entry(member: Member, data: CompetitionData, cache: MemberCache, train: str, key: str,
                   progress) -> tuple[Entry, str]:
     """The member's entry, computed as cheaply as the cache allows, and how: 'derived' (the arrays of an entry
     of the same weights and passes give another beta), 'predicted' (kept weights, new TTA), 'trained' or
     'resumed'. Under the training key's lock: a second run wanting the same weights waits, then reads them."""
-    say = _say(progress)
-    waiting = lambda: say(f"{member.name}: another ens run is computing it (key {train}); waiting for it to finish")
+    waiting = lambda: say(progress)(f"{member.name}: another ens run is computing it (key {train}); "
+                                    "waiting for it to finish")
     with file_lock(cache.lock(train), on_wait=waiting):
         entry = cache.load(key)
         if entry is not None:
@@ -109,12 +103,8 @@ def _derive(member: Member, sibling: Entry, cache: MemberCache, key: str) -> Ent
         arrays[f"{split}_tta"] = tta_blend(arrays[f"{split}_aug"], arrays[f"{split}_plain"], member.tta.beta)
     meta = dict(sibling.meta, member=member.model_dump(mode="json"), key_fields=member.key_fields(),
                 derived_from=sibling.key, computed="derived", created=_now())
-    meta.update(_scores(arrays, cache_vocab(arrays), sibling.meta.get("metric_names", ["accuracy", "log_loss"])))
+    meta.update(_scores(arrays, sibling.vocab, sibling.meta.get("metric_names", ["accuracy", "log_loss"])))
     return cache.save(key, arrays, meta)
-
-
-def cache_vocab(arrays: dict) -> list[str]:
-    return [str(v) for v in arrays["vocab"]]
 
 
 def _scores(probs: dict, vocab: list[str], names) -> dict:
@@ -150,7 +140,7 @@ def _entry_from(member: Member, data: CompetitionData, cache: MemberCache, key: 
 def _predict_kept(member, data, cache: MemberCache, train: str, key: str, kept: dict, progress) -> Entry:
     from .predict import learner_from_weights
 
-    learn = learner_from_weights(member, data, cache.model_dir(train) / "model.pth", kept["normalize"],
+    learn = learner_from_weights(member, data, cache.model_file(train), kept["normalize"],
                                  kept.get("precision", "fp32"))
     return _entry_from(member, data, cache, key, learn, dict(kept, computed="predicted"), progress)
 
@@ -251,10 +241,10 @@ def gather_members(project: Project, spec: str, overrides: list[str] = (), progr
         if entry is None and cached_only:
             left_out.append(member)
             continue
-        source = "cached"
+        how = "cached"
         if entry is None:
-            entry, source = _member_entry(member, data, cache, train, key, progress)
-        outcome = MemberOutcome(member, entry, trained=source in ("trained", "resumed"), source=source)
+            entry, how = _member_entry(member, data, cache, train, key, progress)
+        outcome = MemberOutcome(member, entry, how)
         outcomes.append(outcome)
         on_member(outcome)
         if progress is not None:
@@ -277,12 +267,10 @@ def _warnings(ens: Ensemble) -> list[str]:
 
 def _check_before_training(members: list[Member], data: CompetitionData) -> None:
     """What would fail only after minutes of training, checked first: every member's sizes fit its network."""
-    from . import models
+    from .models import check_input_size
 
-    check = getattr(models, "check_input_size", None)
     for member in members:
-        if check is not None:
-            check(member, len(data.vocab))
+        check_input_size(member, len(data.vocab))
 
 
 @dataclass

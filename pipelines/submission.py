@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import re
+import glob
 import shlex
 import uuid
 from dataclasses import dataclass
@@ -16,7 +16,7 @@ import numpy as np
 
 from .config import Competition
 from .errors import EnsError
-from .util import file_lock, process_alive, unique_suffix
+from .util import file_lock, sweep_dead, unique_suffix
 
 HISTORY_COLUMNS = ["time", "ensemble", "members", "keys", "metric", "valid_score", "file", "sha256",
                    "destination", "ref", "status", "score", "message", "id", "note"]
@@ -203,10 +203,7 @@ def update_history(history: Path, row_id: str, **fields) -> None:
 def _write_history(history: Path, rows: list[dict]) -> None:
     """Rewrite the whole history atomically (older files with fewer columns gain the new ones). Hold the lock."""
     history.parent.mkdir(parents=True, exist_ok=True)
-    for stale in history.parent.glob(f"{history.name}.tmp*"):  # of writers killed mid-write
-        match = re.fullmatch(re.escape(history.name) + r"\.tmp(\d+)-\d+", stale.name)
-        if match and not process_alive(int(match.group(1))):
-            stale.unlink(missing_ok=True)
+    sweep_dead(history.parent, [f"{glob.escape(history.name)}.tmp{{pid}}-*"])  # of writers killed mid-write
     tmp = history.with_name(history.name + unique_suffix())
     try:
         with open(tmp, "w", newline="") as f:
@@ -326,7 +323,7 @@ def deliver_to_kaggle(comp: Competition, csv_path: Path, shown: str, message: st
     try:
         ref = kaggle.submit(comp.kaggle, csv_path, message)
     except kaggle.KaggleError as e:
-        if not getattr(e, "maybe_submitted", False):
+        if not e.maybe_submitted:
             return fail(e, row_id)
         update_history(history, row_id, note=f"{e.reason}: Kaggle may have it")
         return Delivery("kaggle", status=UNKNOWN, row_id=row_id, error=(

@@ -4,7 +4,6 @@ stages, mixed precision on CUDA. Cross-cutting behaviour lives in fastai callbac
 from __future__ import annotations
 
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 from .config import Member
 from .data import CompetitionData, dataloaders
 from .models import build_learner
+from .util import say
 
 
 def resolve_precision(requested: str, cuda: bool, bf16_supported: bool) -> str:
@@ -204,8 +204,8 @@ def _restore(learn, ckpt: dict, stage_dls: dict, with_optimizer: bool) -> None:
 
 
 def memory_plan(member: Member, data: CompetitionData, device: str, precision: str):
-    """On CUDA, the largest micro-batch that fits the member's `gpu_memory` budget (probed with a real forward
-    and backward pass) and the gradient accumulation that keeps its effective batch; None on the CPU."""
+    """On CUDA, the largest micro-batch that fits the member's `gpu_memory` budget (probed with real training
+    steps, `memory.cuda_probe`) and the gradient accumulation that keeps its effective batch; None on the CPU."""
     if device != "cuda":
         return None
     from .memory import plan_member
@@ -231,10 +231,9 @@ def train_member(member: Member, data: CompetitionData, progress=None, checkpoin
     # before the probe too: cudnn.benchmark picks other convolution algorithms, with other workspaces
     deterministic = set_determinism(member.deterministic, device)
     plan = memory_plan(member, data, device, precision)
-    say = progress.console.print if progress is not None else (lambda text: print(text, file=sys.stderr))
 
     def restarted(smaller, reason: str) -> None:
-        say(f"[yellow]out of memory[/]: {member.name} restarts from its last completed epoch with micro-batch "
+        say(progress)(f"[yellow]out of memory[/]: {member.name} restarts from its last completed epoch with micro-batch "
             f"{smaller.describe()}")
 
     # `_fit` is looked up when called (tests put a stub there); the lambda holds no learner between attempts
@@ -300,8 +299,7 @@ def _fit(member, data, progress, checkpoint_dir, cbs, device, precision, plan) -
     if ckpt:
         resumed_at = (f"{phases[resume_phase].name} epoch {start_epoch + 1} of {phases[resume_phase].epochs}"
                       if resume_phase < len(phases) else "after its last epoch")
-        say = progress.console.print if progress is not None else (lambda text: print(text, file=sys.stderr))
-        say(f"{member.name} ({member.arch}): resuming an interrupted run at {resumed_at}")
+        say(progress)(f"{member.name} ({member.arch}): resuming an interrupted run at {resumed_at}")
     task = progress.add_task("  epoch", total=None) if progress is not None else None
     try:  # the epoch bar goes when the fit ends, however it ends
         for index, phase in enumerate(phases[resume_phase:], start=resume_phase):

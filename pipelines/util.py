@@ -103,6 +103,34 @@ def sweep_dead(folder: Path, patterns) -> list[Path]:
     return removed
 
 
+def say(progress):
+    """How a long verb tells the user something mid-run: above the rich progress display when there is one (a
+    plain print would tear it), else on stderr."""
+    import sys
+
+    return progress.console.print if progress is not None else (lambda text: print(text, file=sys.stderr))
+
+
+def user_cache() -> Path:
+    """ens's own cache of facts about this machine and its libraries (not about a project): ~/.cache/ens."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "ens"
+
+
+def write_json(path: Path, value, **dump_options) -> None:
+    """`value` as JSON into `path`, atomically: a temporary sibling of this process's own, renamed over it, so a
+    reader sees the old file or the new one and concurrent writers never share a temporary (a dead writer's is
+    swept by the next one)."""
+    import glob
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_dead(path.parent, [f"{glob.escape(path.name)}.tmp{{pid}}-*", f"{glob.escape(path.stem)}.tmp{{pid}}"])
+    tmp = path.with_name(path.name + unique_suffix())
+    tmp.write_text(json.dumps(value, **dump_options))
+    os.replace(tmp, path)
+
+
 def lock_file_for(dest: Path) -> Path:
     """The lock file of whoever builds `dest` (a data folder that may lie in the user's own folders, where ens
     leaves nothing but the data): in ens's user cache, named by `dest`'s absolute path."""
@@ -110,4 +138,4 @@ def lock_file_for(dest: Path) -> Path:
 
     dest = Path(dest).absolute()
     digest = hashlib.sha256(str(dest).encode()).hexdigest()[:16]
-    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "ens" / "locks" / f"{dest.name}-{digest}.lock"
+    return user_cache() / "locks" / f"{dest.name}-{digest}.lock"

@@ -10,9 +10,15 @@ import pytest
 from pipelines.config import Member
 from pipelines.errors import EnsError
 from pipelines.memory import (SAFETY_MARGIN, MemoryBudgetError, candidates, cuda_probe, halve_on_oom,
-                              optimizer_state_bytes, plan_member, plan_micro_batch, probe_optimizer, probe_size)
+                              plan_member, plan_micro_batch, probe_optimizer, probe_size)
 
 GiB = 2**30
+
+
+def optimizer_state_bytes(model) -> int:
+    """What fastai's Adam keeps once it has stepped: two running averages (grad_avg, sqr_avg) per trainable
+    parameter, in the parameters' dtype (the probe measures a real step; this is the expectation)."""
+    return 2 * sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def threshold(limit, per_image=1000):
