@@ -47,6 +47,8 @@ def run(ensemble: str = typer.Argument(..., help="ensembles/<competition>/<name>
         no_wait: bool = typer.Option(False, "--no-wait", help="upload, but do not wait for the public score"),
         force: bool = typer.Option(False, "--force", help="upload even a CSV identical to one already submitted "
                                    "(or whose upload's outcome is unknown)"),
+        folds: Optional[str] = typer.Option(None, "--folds", help="cross-validated ensembles: train only these folds "
+                                            "(e.g. 0,1) for a quick look; no submission until every fold is done"),
         project: Optional[Path] = ProjectOpt):
     """Train an ensemble and write its submission: members not in the cache are trained, their predictions
     averaged, the CSV written and checked against the sample submission (and scored at once where the answers are
@@ -57,10 +59,56 @@ def run(ensemble: str = typer.Argument(..., help="ensembles/<competition>/<name>
     from .run import run_ensemble
 
     proj = _project(project)
+    chosen = _fold_list(folds)
     result = _with_progress(lambda progress, report: run_ensemble(
-        proj, ensemble, overrides or [], progress, report, not no_submit, not no_wait, force))
+        proj, ensemble, overrides or [], progress, report, not no_submit, not no_wait, force, chosen))
+    if result.csv is None:
+        _print_incomplete(result, proj, ensemble, overrides or [])
+        return
     _print_run(result, proj)
     _print_delivery(result.delivery)
+
+
+def _fold_list(text: Optional[str]) -> Optional[list[int]]:
+    if text is None:
+        return None
+    try:
+        folds = sorted({int(f) for f in text.split(",") if f.strip()})
+    except ValueError:
+        raise EnsError(f"--folds {text}: give fold numbers separated by commas, e.g. --folds 0,1") from None
+    if not folds:
+        raise EnsError("--folds: name at least one fold, e.g. --folds 0")
+    return folds
+
+
+def _fold_scores(outcome) -> str:
+    """'0.9512 ± 0.0123' of a cross-validated member's fold models (TTA accuracy), '' otherwise."""
+    import numpy as np
+
+    scores = [u.entry.meta["metrics"]["tta_accuracy"] for u in outcome.folds if u.fold != "refit"]
+    return f"{np.mean(scores):.4f} ± {np.std(scores):.4f}" if scores else ""
+
+
+def _print_incomplete(result, proj: Project, spec: str, overrides: list[str]) -> None:
+    """A quick look at some folds: what each fold model scored, and what is missing for the blend."""
+    from .crossval import unit_name
+
+    g = result.gathered
+    table = Table(title=f"{proj.relative(result.ensemble_path)}: fold models so far")
+    for col in ("member", "fold", "valid acc", "TTA acc", "time", "source"):
+        table.add_column(col, justify="left" if col in ("member", "source") else "right")
+    for o in g.units:
+        metrics = o.entry.meta.get("metrics") or {}
+        table.add_row(o.member.name, unit_name(o.fold).removeprefix("fold "),
+                      f"{metrics['plain_accuracy']:.4f}" if metrics else "", f"{metrics['tta_accuracy']:.4f}" if metrics else "",
+                      f"{sum(o.entry.meta['timings'].values()):.1f}s", _how(o))
+    console.print(table)
+    said = {tuple(folds) for folds in g.incomplete.values()}
+    names = lambda folds: ", ".join(unit_name(f) for f in folds)  # noqa: E731
+    lacking = (f"every member lacks {names(next(iter(said)))}" if len(said) == 1 and len(g.incomplete) == len(g.outcomes) + len(g.incomplete)
+               else "; ".join(f"{name} lacks {names(folds)}" for name, folds in g.incomplete.items()))
+    console.print(f"out-of-fold probabilities incomplete, so no blend and no submission yet ({lacking}); "
+                  f"run `ens run {' '.join([spec, *overrides])}` without --folds to train the rest", soft_wrap=True)
 
 
 def _print_delivery(delivery) -> None:
@@ -83,12 +131,16 @@ def _with_progress(work):
     """Run `work(progress, report)` under a rich progress display; `report` prints one line per member."""
 
     def report(outcome):
-        m, metrics = outcome.member, outcome.entry.meta["metrics"]
+        from .crossval import unit_name
+
+        m, metrics = outcome.member, outcome.entry.meta.get("metrics") or {}
         how = _how(outcome)
         if outcome.trained:
             how += f" in {outcome.entry.meta['timings']['train_seconds']:.1f}s"
-        console.print(f"[green]✓[/] {m.name} ({m.arch}) {how}: valid accuracy {metrics['plain_accuracy']:.4f}, "
-                      f"TTA {metrics['tta_accuracy']:.4f}")
+        what = f"{m.name} ({m.arch})" + ("" if outcome.fold is None else f" {unit_name(outcome.fold)}")
+        scores = (f"valid accuracy {metrics['plain_accuracy']:.4f}, TTA {metrics['tta_accuracy']:.4f}" if metrics
+                  else "no validation images (trained on every training image)")
+        console.print(f"[green]✓[/] {what} {how}: {scores}")
 
     with _progress() as progress:
         result = work(progress, report)
@@ -118,9 +170,13 @@ def _how(outcome) -> str:
 
 
 def _print_run(result, proj: Project) -> None:
-    table = Table(title=f"{proj.relative(result.ensemble_path)} on {result.competition.name}")
+    g, blended, cv = result.gathered, result.blended, result.gathered.cv
+    table = Table(title=f"{proj.relative(result.ensemble_path)} on {result.competition.name}"
+                        + (f" ({g.competition.cv.folds}-fold cross-validation)" if cv else ""))
     scored = result.test_score is not None
-    columns = ["member", "arch", "size", "epochs", "valid acc", "TTA acc"] + (["test acc" if result.metric == "accuracy" else f"test {result.metric}"] if scored else [])
+    rows = "OOF" if cv else "valid"
+    columns = (["member", "arch", "size", "epochs", f"{rows} acc", "TTA acc"] + (["folds (TTA)"] if cv else [])
+               + (["test acc" if result.metric == "accuracy" else f"test {result.metric}"] if scored else []))
     for col in columns + ["time", "source"]:
         table.add_column(col, justify="left" if col in ("member", "arch", "source") else "right")
     for o in result.members:
@@ -128,16 +184,28 @@ def _print_run(result, proj: Project) -> None:
         seconds = sum(meta["timings"].values())
         test = [f"{o.test_score:.4f}"] if scored else []
         table.add_row(m.name, m.arch, str(m.final_size), str(m.total_epochs), f"{meta['metrics']['plain_accuracy']:.4f}",
-                      f"{meta['metrics']['tta_accuracy']:.4f}", *test, f"{seconds:.1f}s", _how(o))
+                      f"{meta['metrics']['tta_accuracy']:.4f}", *([_fold_scores(o)] if cv else []), *test,
+                      f"{seconds:.1f}s", _how(o))
     if scored:
+        method = result.ensemble.combine.method
+        name = (f"{'weighted ' if len({o.member.weight for o in result.members}) > 1 else ''}mean"
+                if method == "mean" else method)
         table.add_section()
-        table.add_row("ensemble", f"{'weighted ' if len({o.member.weight for o in result.members}) > 1 else ''}mean",
-                      "", "", "", f"{result.valid_score:.4f}" if result.metric == "accuracy" else "",
-                      f"{result.test_score:.4f}", f"{result.seconds:.1f}s", "")
+        table.add_row("ensemble", name, "", "", "", f"{result.valid_score:.4f}" if result.metric == "accuracy" else "",
+                      *([""] if cv else []), f"{result.test_score:.4f}", f"{result.seconds:.1f}s", "")
     console.print(table)
-    console.print(f"ensemble valid {result.metric}: [bold]{result.valid_score:.4f}[/] "
+    where = "out-of-fold" if cv else "valid"
+    honest = ""
+    if blended.learned:
+        over = f"the {g.competition.cv.folds} folds" if cv else "5 parts of the holdout"
+        honest = (f" — nested cross-validation estimate over {over} (honest); the blend scores "
+                  f"{blended.in_sample:.4f} on the rows that chose its weights (optimistic)")
+    console.print(f"ensemble {where} {result.metric}: [bold]{result.valid_score:.4f}[/]{honest} "
                   f"({', '.join(f'{n} {how}' for how, n in _sources(result.members))}, "
                   f"{result.seconds:.1f}s)")
+    if cv:
+        test_from = "a refit on every training image" if result.ensemble.refit == "full" else "the mean of the fold models"
+        console.print(f"test predictions: {test_from}")
     console.print(f"submission: {proj.relative(result.csv)} ({result.rows} rows, checked against the sample)")
     if result.test_score is not None:
         console.print(f"test {result.metric} on the local answers: [bold]{result.test_score:.4f}[/]")

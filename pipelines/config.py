@@ -66,6 +66,24 @@ class Split(Strict):
     stratified: bool = True
 
 
+class CrossValidation(Strict):
+    """The k folds of a competition's cross-validated ensembles (`validation: cv`): fixed per competition, like the
+    holdout split, so every member's out-of-fold probabilities line up row by row. With `group_column`, the
+    images of one group (a plant, a patient, a scene) are kept in one fold: group k-fold."""
+
+    folds: int = Field(5, ge=2)
+    seed: int = 42
+    stratified: bool = True
+    group_column: Optional[str] = None  # a column of the labels CSV (train.csv), or of groups_csv
+    groups_csv: Optional[str] = None  # for class-folder layouts: a CSV of train.id_column (file names) and group_column
+
+    @model_validator(mode="after")
+    def _groups_named(self):
+        if self.groups_csv and not self.group_column:
+            raise ValueError("groups_csv needs group_column: the column that holds each image's group")
+        return self
+
+
 class TrainLayout(Strict):
     """Class folders (`train_images/<label>/*.jpg`) or a labels CSV with a path template."""
 
@@ -104,6 +122,7 @@ class Competition(Strict):
     positive_class: Optional[str] = None
     metric: Literal["accuracy", "log_loss", "f1_macro", "roc_auc"] = "accuracy"
     split: Split = Split()
+    cv: CrossValidation = CrossValidation()  # the folds of ensembles with `validation: cv`
     solution: Optional[str] = None  # local answers (id and target columns), for competitions scored here
     kaggle: Optional[str] = None  # competition slug
 
@@ -111,6 +130,13 @@ class Competition(Strict):
     def _probability_needs_a_class(self):
         if self.submission_kind == "probability" and not self.positive_class:
             raise ValueError("submission_kind 'probability' needs positive_class: the class whose probability is submitted")
+        return self
+
+    @model_validator(mode="after")
+    def _groups_readable(self):
+        if self.cv.group_column and not self.cv.groups_csv and self.train.layout != "csv":
+            raise ValueError("cv.group_column with class folders needs cv.groups_csv: a CSV of image file names "
+                             f"({self.train.id_column}) and {self.cv.group_column}")
         return self
 
     def data_path(self, project: Project) -> Path:
@@ -456,10 +482,43 @@ def _square(size):
     return size
 
 
+COMBINE_METHODS = ("mean", "greedy", "hill_climb", "rank", "power", "stack")
+LEARNED = ("greedy", "hill_climb", "stack")  # blends whose weights are learned from the validation probabilities
+
+
+class Combine(Strict):
+    """How the members' probabilities become one: fixed blends (`mean` with the members' weights, `rank`, `power`)
+    or learned ones (`greedy` selection with replacement, `hill_climb` with negative weights, `stack`: a logistic
+    regression on the members' log-probabilities), learned on the validation (or out-of-fold) rows and scored by
+    nested cross-validation."""
+
+    method: Literal[COMBINE_METHODS] = "mean"
+    power: float = Field(2.0, gt=0)  # power averaging's exponent
+    rounds: int = Field(100, ge=1)  # greedy selection's and hill climbing's rounds
+    allow_negative: bool = True  # hill climbing may subtract a member
+    C: float = Field(1.0, gt=0)  # stacking's inverse L2 strength
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_name(cls, v):
+        return {"method": v} if isinstance(v, str) else v
+
+    @property
+    def learned(self) -> bool:
+        return self.method in LEARNED
+
+
 class Ensemble(Strict):
     competition: str
     description: str = ""
     probs: Literal["tta", "plain"] = "tta"  # which probabilities are averaged
+    # holdout: every member trains once, validated on the competition's split; cv: one model per fold of the
+    # competition's `cv`, the blend chosen and scored on the out-of-fold probabilities of every training image
+    validation: Literal["holdout", "cv"] = "holdout"
+    # cv only: the test predictions from the mean of the fold models (none), or from one more model per member
+    # trained on every training image (full)
+    refit: Literal["none", "full"] = "none"
+    combine: Combine = Combine()
     defaults: dict[str, Any] = {}
     members: list[Member] = Field(min_length=1)
 
@@ -470,6 +529,12 @@ class Ensemble(Strict):
             if m.name in seen:
                 raise ValueError(f"member name '{m.name}' is used twice; give each member its own name")
             seen.add(m.name)
+        return self
+
+    @model_validator(mode="after")
+    def _refit_needs_folds(self):
+        if self.refit != "none" and self.validation != "cv":
+            raise ValueError("refit: full needs validation: cv (a holdout member already predicts the test images)")
         return self
 
 

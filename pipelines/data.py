@@ -32,7 +32,8 @@ class CompetitionData:
     train_labels: list[str]
     is_valid: list[bool]
     test_paths: list[str]
-    fingerprint: str
+    fingerprint: str  # the images, labels and split: a member's training key holds it
+    images_fingerprint: str = ""  # the images and labels alone: the same for every fold of a cross-validation
 
     @property
     def vocab(self) -> list[str]:
@@ -251,6 +252,57 @@ def _group_folds(labels: list[str], groups: list[str], n_folds: int, seed: int, 
     return folds
 
 
+def read_groups(comp: Competition, root: Path, paths: list[str]) -> list[str]:
+    """Each training image's group (`cv.group_column`), from the labels CSV (csv layout) or from `cv.groups_csv`
+    (ids are image file names there): one line naming the image when one has none."""
+    import pandas as pd
+
+    cv, layout = comp.cv, comp.train
+    source = cv.groups_csv or layout.csv
+    where = f"competitions/{comp.name}.yaml"
+    try:
+        table = pd.read_csv(root / source, dtype=str)
+    except FileNotFoundError:
+        raise EnsError(f"{where}: cv groups file {root / source} is missing; fix cv.groups_csv") from None
+    for col in (layout.id_column, cv.group_column):
+        if col not in table.columns:
+            raise EnsError(f"{where}: {source} has no column '{col}' (columns: {', '.join(table.columns)}); "
+                           "fix cv.group_column (or train.id_column)")
+    if cv.groups_csv:  # ids are file names (or paths relative to the data folder)
+        by_id = dict(zip(table[layout.id_column], table[cv.group_column]))
+        groups = [by_id.get(p, by_id.get(Path(p).name)) for p in paths]
+    else:
+        by_path = {layout.path_template.format(id=i): g for i, g in zip(table[layout.id_column], table[cv.group_column])}
+        groups = [by_path.get(p) for p in paths]
+    missing = [p for p, g in zip(paths, groups) if g is None or g != g]  # None, or NaN (an empty cell)
+    if missing:
+        raise EnsError(f"{where}: {len(missing)} training images have no {cv.group_column} in {source}, first "
+                       f"{missing[0]}; give every image a group (or drop cv.group_column)")
+    return [str(g) for g in groups]
+
+
+def cv_folds(data: "CompetitionData") -> list[int]:
+    """Each training image's fold under the competition's `cv` (hash-based: fixed across machines and runs)."""
+    comp = data.competition
+    cv = comp.cv
+    groups = read_groups(comp, data.root, data.train_paths) if cv.group_column else None
+    try:
+        return fold_assignment(data.train_paths, data.train_labels, cv.folds, cv.seed, cv.stratified, groups)
+    except ValueError as e:
+        raise EnsError(f"competitions/{comp.name}.yaml: cv: {str(e).removeprefix('fold_assignment: ')}; "
+                       "lower cv.folds") from None
+
+
+def fold_data(data: "CompetitionData", folds: list[int], fold: int | None) -> "CompetitionData":
+    """The competition as fold `fold`'s model sees it: that fold's images validate, the others train. `None`: a
+    refit on every training image (no validation images). The fingerprint says which fold of which assignment,
+    so each fold model is its own cache entry."""
+    valid = [False] * len(folds) if fold is None else [f == fold for f in folds]
+    what = "refit on every training image" if fold is None else f"cv fold {fold} of {json.dumps(folds)}"
+    fingerprint = hashlib.sha256(f"{data.fingerprint}:{what}".encode()).hexdigest()
+    return replace(data, is_valid=valid, fingerprint=fingerprint)
+
+
 def list_test(comp: Competition, root: Path) -> list[str]:
     folder = root / comp.test_images
     if not folder.is_dir():
@@ -321,7 +373,7 @@ def load_data(project: Project, comp: Competition) -> CompetitionData:
         valid = validation_mask(paths, labels, split.valid_pct, split.seed, split.stratified)
         # other training images, other split: other members (the full data's fingerprint and what was left out)
         fp = hashlib.sha256(f"{fp}:damaged images left out:{json.dumps(sorted(bad_train))}".encode()).hexdigest()
-    return CompetitionData(comp, root, paths, labels, valid, test, fp)
+    return CompetitionData(comp, root, paths, labels, valid, test, fp, fp)
 
 
 def _count(items, what: str) -> str:
@@ -443,7 +495,9 @@ def prepare_data(data: CompetitionData, prepare, cache_root: Path) -> Competitio
     `prepare.max_size` (smaller ones are copied as they are), built once in parallel in
     cache/prepared/<competition>/<settings and data hash>/ and renamed into place when complete. One run builds
     a copy at a time; another that needs it waits, then uses it. Copies half-built by dead runs are swept."""
-    key = hashlib.sha256(json.dumps([data.fingerprint, prepare.model_dump()], sort_keys=True).encode()).hexdigest()[:16]
+    # the images, not the split: every fold of a cross-validation reads one copy
+    images = [data.images_fingerprint or data.fingerprint, data.train_paths, data.test_paths]
+    key = hashlib.sha256(json.dumps([images, prepare.model_dump()], sort_keys=True).encode()).hexdigest()[:16]
     dest = cache_root / "prepared" / data.competition.name / f"max{prepare.max_size}-{key}"
     if not dest.is_dir():
         with building(dest, ["*.building-{pid}", "*.tmp{pid}-*"]):

@@ -3,8 +3,8 @@ the metrics it already does well): ablation and selection will call these thousa
 
 Below the fixed blends: blends whose weights are learned from out-of-fold (OOF) probabilities (hill climbing,
 stacking), their honest score (`nested_cv_score`: a blend learned on the rows it is scored on flatters itself),
-and the statistics that say whether one ensemble really beats another (paired bootstrap, McNemar). Groundwork for
-cross-validated ensembles: not yet used by a verb."""
+and the statistics that say whether one ensemble really beats another (paired bootstrap, McNemar). Last, `blend`:
+an ensemble's `combine:` applied to its members, with the score to trust."""
 
 from __future__ import annotations
 
@@ -273,8 +273,13 @@ def hill_climb_fitter(metric: str, rounds: int = 100, allow_negative: bool = Tru
     """`hill_climb` as a `fit` for `nested_cv_score`: fit(probs_list, targets) -> predict(probs_list) -> probs."""
     def fit(probs_list, targets):
         w, _ = hill_climb(probs_list, targets, metric, rounds, allow_negative, step, eps)
-        return lambda ps: clipped_blend(ps, w, eps)
+        return _with_weights(lambda ps: clipped_blend(ps, w, eps), w)
     return fit
+
+
+def _with_weights(predict: Predict, weights) -> Predict:
+    predict.weights = np.asarray(weights, dtype="float64")  # what a verb shows and records of the learned blend
+    return predict
 
 
 def _stack_features(probs_list: list[np.ndarray], eps: float) -> np.ndarray:
@@ -371,3 +376,92 @@ def mcnemar_p(correct_a, correct_b) -> float:
     from scipy.stats import binomtest
 
     return float(binomtest(only_a, only_a + only_b, 0.5).pvalue)
+
+
+def paired_bootstrap_metric(metric: str, probs_a: np.ndarray, probs_b: np.ndarray, targets: np.ndarray,
+                            n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
+    """`paired_bootstrap` for any metric: (metric(a) - metric(b), low, high) of the 95% percentile interval over
+    images resampled with replacement (the same images for both). Accuracy and log loss are means of per-image
+    values, resampled at once; F1 and ROC AUC are recomputed per resample."""
+    targets = np.asarray(targets)
+    if metric == "accuracy":
+        return paired_bootstrap(probs_a.argmax(1) == targets, probs_b.argmax(1) == targets, n_boot, seed)
+    if metric == "log_loss":
+        def per_image(p):
+            p = np.clip(p, EPS, 1 - EPS)
+            p = p / p.sum(1, keepdims=True)
+            return -np.log(p[np.arange(len(targets)), targets])
+        # paired_bootstrap of the per-image difference, through its mean: (a - b) resampled
+        d = per_image(probs_a) - per_image(probs_b)
+        rng = np.random.default_rng(seed)
+        means = np.array([d[rng.integers(0, len(d), len(d))].mean() for _ in range(n_boot)])
+        low, high = np.percentile(means, [2.5, 97.5])
+        return float(d.mean()), float(low), float(high)
+    rng = np.random.default_rng(seed)
+    n = len(targets)
+    diffs = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, n, n)
+        a, b = score(metric, probs_a[idx], targets[idx]), score(metric, probs_b[idx], targets[idx])
+        if a == a and b == b:  # a resample with a single class has no AUC
+            diffs.append(a - b)
+    low, high = np.percentile(diffs, [2.5, 97.5]) if diffs else (float("nan"), float("nan"))
+    return float(score(metric, probs_a, targets) - score(metric, probs_b, targets)), float(low), float(high)
+
+
+# --------------------------------------------------------------------------------------------- the ensemble's blend
+def greedy_fitter(metric: str, rounds: int = 25) -> Fit:
+    """`greedy_selection` as a `fit` for `nested_cv_score`: its counts are the weights of a plain mean."""
+    def fit(probs_list, targets):
+        counts = greedy_selection(probs_list, targets, metric, rounds)[0]
+        return _with_weights(lambda ps: combine(ps, counts), counts)
+    return fit
+
+
+def _fitter(combine_cfg, metric: str) -> Fit:
+    method = combine_cfg.method
+    if method == "greedy":
+        return greedy_fitter(metric, combine_cfg.rounds)
+    if method == "hill_climb":
+        return hill_climb_fitter(metric, combine_cfg.rounds, combine_cfg.allow_negative)
+    return stacking_fitter(combine_cfg.C)
+
+
+def fixed_blend(combine_cfg, probs_list: list[np.ndarray], weights: list[float]) -> np.ndarray:
+    """A blend without learned weights: the weighted mean, rank or power average."""
+    if combine_cfg.method == "rank":
+        return rank_average(probs_list, weights)
+    if combine_cfg.method == "power":
+        return power_average(probs_list, weights, combine_cfg.power)
+    return combine(probs_list, weights)
+
+
+class Blended:
+    """An ensemble's blend of its members: validation (or out-of-fold) and test probabilities, the score on the
+    validation rows (`in_sample`: optimistic when the weights were learned on them) and `honest`, the score
+    to trust: nested cross-validation for learned blends, the plain score for fixed ones."""
+
+    def __init__(self, valid, test, in_sample, honest, per_fold, weights, learned):
+        self.valid, self.test, self.in_sample, self.honest = valid, test, in_sample, honest
+        self.per_fold, self.weights, self.learned = per_fold, weights, learned
+
+
+def blend(combine_cfg, valid_list: list[np.ndarray], test_list: list[np.ndarray], targets: np.ndarray,
+          weights: list[float], folds: np.ndarray, metric: str) -> Blended:
+    """The members blended as `combine_cfg` says (config.Combine). A learned blend is fitted on every validation
+    row and applied to the test rows; its honest score is `nested_cv_score` over `folds` (each validation row's
+    fold: the cross-validation folds, or parts of the holdout). `weights` (the members' YAML weights) weigh the
+    fixed blends."""
+    targets, folds = np.asarray(targets), np.asarray(folds)
+    if combine_cfg.learned:
+        fit = _fitter(combine_cfg, metric)
+        predict = fit(valid_list, targets)
+        valid, test = predict(valid_list), predict(test_list)
+        honest, per_fold = nested_cv_score(valid_list, targets, folds, fit, metric)
+        weights = getattr(predict, "weights", None)  # stacking has per-class coefficients, not member weights
+        in_sample = score(metric, valid, targets)
+        return Blended(valid, test, in_sample, honest, per_fold, None if weights is None else list(weights), True)
+    valid, test = fixed_blend(combine_cfg, valid_list, weights), fixed_blend(combine_cfg, test_list, weights)
+    in_sample = score(metric, valid, targets)
+    per_fold = [score(metric, valid[folds == k], targets[folds == k]) for k in np.unique(folds)]
+    return Blended(valid, test, in_sample, in_sample, per_fold, list(weights), False)

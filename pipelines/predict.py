@@ -25,12 +25,16 @@ def predict_member(learn, member: Member, data: CompetitionData, progress=None) 
     test_dl = learn.dls.test_dl([str(data.root / p) for p in data.test_paths])
     out = {}
     passes = member.tta_passes
+    vocab = list(learn.dls.vocab)
     for split, dl in (("valid", learn.dls.valid), ("test", test_dl)):
+        if not len(dl.dataset):  # a refit on every training image validates on none
+            empty = np.zeros((0, len(vocab)), dtype="float32")
+            out.update({f"{split}_{k}": empty for k in ("plain", "tta", *(("aug",) if passes else ()))})
+            continue
         task = progress.add_task(f"  TTA {split} ({passes}+1 passes)", total=None) if progress else None
         out.update({f"{split}_{k}": v for k, v in tta_probs(learn, dl, member).items()})
         if task is not None:
             progress.remove_task(task)
-    vocab = list(learn.dls.vocab)
     out["valid_targets"] = np.array([vocab.index(l) for l in data.valid_labels], dtype="int64")
     return out, time.perf_counter() - start
 

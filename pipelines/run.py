@@ -18,7 +18,8 @@ import numpy as np
 
 from . import ensemble, submission
 from .cache import Entry, MemberCache, prediction_key, train_key, version_drift
-from .config import Competition, Ensemble, Member, Project, load_ensemble
+from .config import Combine, Competition, Ensemble, Member, Project, load_ensemble
+from .crossval import costliest, join_folds, unit_name
 from .data import CompetitionData, load_data
 from .errors import EnsError
 from .models import check_arch
@@ -31,6 +32,8 @@ class MemberOutcome:
     entry: Entry
     how: str  # cached | trained | resumed | predicted (kept weights, new TTA) | derived (another beta)
     test_score: float | None = None  # on the local answers, where the competition has them
+    fold: int | str | None = None  # a fold model of a cross-validated member: its fold, or 'refit'
+    folds: list["MemberOutcome"] = field(default_factory=list)  # a cross-validated member: its fold models
 
     @property
     def trained(self) -> bool:
@@ -44,14 +47,16 @@ class RunResult:
     competition: Competition
     members: list[MemberOutcome]
     metric: str
-    valid_score: float
-    csv: Path
+    valid_score: float | None  # None when a cross-validated member's folds are incomplete (--folds): no blend
+    csv: Path | None
     rows: int
     test_score: float | None
-    delivery: submission.Delivery
+    delivery: submission.Delivery | None
     damaged: list = field(default_factory=list)
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    gathered: Gathered | None = None
+    blended: ensemble.Blended | None = None
 
     @property
     def trained(self) -> list[str]:
@@ -111,6 +116,8 @@ def _scores(probs: dict, vocab: list[str], names) -> dict:
     """Validation metrics and per-class tables of `probs`, plain and TTA."""
     targets = probs["valid_targets"]
     names = list(dict.fromkeys(["accuracy", "log_loss", *names]))
+    if not len(targets):  # a refit on every training image: nothing to score it on
+        return {"metrics": {}, "per_class": {}, "metric_names": names}
     return {"metrics": {f"{kind}_{name}": ensemble.score(name, probs[f"valid_{kind}"], targets)
                         for kind in ("plain", "tta") for name in names},
             "per_class": {kind: ensemble.per_class(probs[f"valid_{kind}"], targets, vocab) for kind in ("plain", "tta")},
@@ -199,7 +206,9 @@ def _check_aligned(outcomes: list[MemberOutcome]) -> None:
 
 @dataclass
 class Gathered:
-    """An ensemble's members with their cache entries (trained where missing)."""
+    """An ensemble's members with their cache entries (trained where missing). In a cross-validated ensemble,
+    each member's entry joins its fold models' (`crossval.join_folds`): its validation rows are every training
+    image, out of fold."""
 
     path: Path
     ensemble: Ensemble
@@ -209,51 +218,131 @@ class Gathered:
     missing: list[Member] = field(default_factory=list)  # not cached, not trained (cached_only)
     damaged: list = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # one line each, shown before the results
+    fold_ids: list[int] | None = None  # cv: each training image's fold
+    incomplete: dict = field(default_factory=dict)  # cv: member name -> its fold models not computed yet
+    units: list[MemberOutcome] = field(default_factory=list)  # every model read or computed (fold models in cv)
+
+    @property
+    def cv(self) -> bool:
+        return self.fold_ids is not None
+
+    def blend_folds(self) -> np.ndarray:
+        """The folds a learned blend is scored over by nested cross-validation: the cross-validation folds of
+        the OOF rows, or stratified parts of the holdout."""
+        arrays = self.outcomes[0].entry.arrays
+        if "valid_folds" in arrays:
+            return arrays["valid_folds"]
+        from .crossval import holdout_parts
+
+        return holdout_parts(arrays["valid_ids"], arrays["valid_targets"], self.competition.split.seed)
+
+
+@dataclass
+class _Planned:
+    member: Member
+    fold: int | str | None
+    data: CompetitionData
+    train: str
+    key: str
+    entry: Entry | None
+    compute: bool  # computed when missing (else only read: --cached-only, or a fold outside --folds)
+
+
+def _variants(ens: Ensemble, data: CompetitionData, folds: list[int] | None, shown: str):
+    """[(fold, data, compute)] every member is trained on, and the folds of the training images (cv) or None:
+    the holdout split; or each fold of the competition's cv (and a refit on every image with `refit: full`),
+    those outside `folds` read from the cache but not computed."""
+    if ens.validation != "cv":
+        if folds is not None:
+            raise EnsError(f"{shown}: --folds needs a cross-validated ensemble (validation: cv)")
+        return [(None, data, True)], None
+    from .data import cv_folds, fold_data
+
+    fold_ids = cv_folds(data)
+    k = data.competition.cv.folds
+    bad = [f for f in folds or () if not 0 <= f < k]
+    if bad:
+        raise EnsError(f"--folds {','.join(map(str, folds))}: the competition has folds 0 to {k - 1}; fix --folds")
+    variants = [(f, fold_data(data, fold_ids, f), folds is None or f in folds) for f in range(k)]
+    if ens.refit == "full":
+        variants.append(("refit", fold_data(data, fold_ids, None), folds is None))
+    return variants, fold_ids
 
 
 def gather_members(project: Project, spec: str, overrides: list[str] = (), progress=None,
-                   on_member=lambda outcome: None, cached_only: bool = False) -> Gathered:
-    """Each member's cache entry, computing the ones that are missing (unless `cached_only`): first every key and
-    cache look-up, then the checks that can fail before any training time is spent, then the work."""
+                   on_member=lambda outcome: None, cached_only: bool = False,
+                   folds: list[int] | None = None) -> Gathered:
+    """Each member's cache entry, computing the ones that are missing (unless `cached_only`; in cv, only the
+    folds in `folds` when given): first every key and cache look-up, then the checks that can fail before any
+    training time is spent, then the work. `on_member` hears of every model (each fold model in cv)."""
     path, ens, comp = check_ensemble(project, spec, list(overrides))
     data = load_data(project, comp)
     cache = MemberCache(project.cache, comp.name)
     cache.sweep()
     warnings = _warnings(ens)
-    planned = []  # (member, training key, key, entry or None)
+    variants, fold_ids = _variants(ens, data, folds, project.relative(path))
+    planned: list[_Planned] = []
     for member in ens.members:
-        train = train_key(member, data.fingerprint)
-        key = prediction_key(train, member)
-        entry = cache.load(key)
-        planned.append((member, train, key, entry))
-        drift = version_drift(entry.meta) if entry is not None else []
+        drift = []
+        for fold, d, compute in variants:
+            train = train_key(member, d.fingerprint)
+            key = prediction_key(train, member)
+            entry = cache.load(key)
+            planned.append(_Planned(member, fold, d, train, key, entry, compute and not cached_only))
+            drift = drift or (version_drift(entry.meta) if entry is not None else [])
         if drift:
             warnings.append(f"{member.name}: cached with {', '.join(drift)}; its probabilities stand, but a "
                             "retrain would not reproduce them exactly (`ens cache ls` shows the versions)")
-    missing = [m for m, _, _, e in planned if e is None]
-    if missing and not cached_only:
-        _check_before_training(missing, data)
-    outcomes, left_out = [], []
-    task = progress.add_task("members", total=len(ens.members)) if progress is not None else None
-    for member, train, key, entry in planned:
-        if progress is not None:
-            progress.update(task, description=f"member {member.name} ({member.arch})")
-        if entry is None and cached_only:
-            left_out.append(member)
+    to_compute = [u for u in planned if u.entry is None and u.compute]
+    if to_compute:
+        _check_before_training(list({id(u.member): u.member for u in to_compute}.values()), data)
+    units = []
+    task = progress.add_task("members", total=len(to_compute) + sum(u.entry is not None for u in planned)) \
+        if progress is not None else None
+    for u in planned:
+        if u.entry is None and not u.compute:
             continue
-        how = "cached"
-        if entry is None:
-            entry, how = _member_entry(member, data, cache, train, key, progress)
-        outcome = MemberOutcome(member, entry, how)
-        outcomes.append(outcome)
+        if progress is not None:
+            fold = "" if u.fold is None else f" {unit_name(u.fold)}"
+            progress.update(task, description=f"member {u.member.name} ({u.member.arch}){fold}")
+        entry, how = (u.entry, "cached") if u.entry is not None else \
+            _member_entry(u.member, u.data, cache, u.train, u.key, progress)
+        outcome = MemberOutcome(u.member, entry, how, fold=u.fold)
+        units.append(outcome)
         on_member(outcome)
         if progress is not None:
             progress.advance(task)
     if progress is not None:
         progress.remove_task(task)
+    outcomes, left_out, incomplete = _by_member(ens, units, variants, data, fold_ids)
     if outcomes:
         _check_aligned(outcomes)
-    return Gathered(path, ens, comp, data, outcomes, left_out, list(cache.damaged), warnings)
+    return Gathered(path, ens, comp, data, outcomes, left_out, list(cache.damaged), warnings, fold_ids,
+                    incomplete, units)
+
+
+def _by_member(ens: Ensemble, units: list[MemberOutcome], variants, data: CompetitionData, fold_ids):
+    """(one outcome per member with every model it needs, members left out, cv: {member: folds missing})."""
+    if fold_ids is None:
+        done = {o.member.name for o in units}
+        return units, [m for m in ens.members if m.name not in done], {}
+    outcomes, incomplete = [], {}
+    for member in ens.members:
+        mine = {o.fold: o for o in units if o.member.name == member.name}
+        lacking = [f for f, _, _ in variants if f not in mine]
+        if lacking:
+            incomplete[member.name] = lacking
+            continue
+        folds = {f: o.entry for f, o in mine.items() if f != "refit"}
+        refit = mine["refit"].entry if "refit" in mine else None
+        try:
+            entry = join_folds(member.name, data, fold_ids, folds, refit, _scores)
+        except ValueError as e:
+            raise EnsError(f"member {member.name}: its fold models do not fit together ({e}); "
+                           "`ens cache ls` shows them: delete them and run again") from None
+        outcomes.append(MemberOutcome(member, entry, costliest([o.how for o in mine.values()]),
+                                      folds=[mine[f] for f, _, _ in variants]))
+    return outcomes, [m for m in ens.members if m.name in incomplete], incomplete
 
 
 def _warnings(ens: Ensemble) -> list[str]:
@@ -277,23 +366,27 @@ def _check_before_training(members: list[Member], data: CompetitionData) -> None
 class Blend:
     csv: Path
     rows: int
-    valid_score: float
+    valid_score: float  # the score to trust: nested CV for a learned blend, else the validation (OOF) score
     test_score: float | None
     delivery: submission.Delivery
+    blended: ensemble.Blended | None = None
 
 
 def blend_and_submit(project: Project, g: Gathered, outcomes: list[MemberOutcome], weights: list[float],
-                     name: str, probs: str, submit: bool = True, wait: bool = True, force: bool = False) -> Blend:
-    """The weighted mean of `outcomes`' probabilities → a CSV checked against the sample submission, scored on
-    local answers where the competition has them, uploaded to Kaggle where it has a slug (unless `submit` is
-    off), and recorded in the history. A failed upload is recorded and returned, not raised: the CSV stays.
-    The CSV's name `<stamp>-<name>.csv` is reserved atomically (`-2`, `-3`, ... when taken), so concurrent runs
-    of one ensemble never share a file."""
+                     name: str, probs: str, submit: bool = True, wait: bool = True, force: bool = False,
+                     combine: Combine | None = None) -> Blend:
+    """`outcomes`' probabilities blended as `combine` says (default: their weighted mean) → a CSV checked against
+    the sample submission, scored on local answers where the competition has them, uploaded to Kaggle where it
+    has a slug (unless `submit` is off), and recorded in the history with its honest validation score. A failed
+    upload is recorded and returned, not raised: the CSV stays. The CSV's name `<stamp>-<name>.csv` is reserved
+    atomically (`-2`, `-3`, ... when taken), so concurrent runs of one ensemble never share a file."""
     comp, data = g.competition, g.data
+    combine = combine or Combine()
     targets = outcomes[0].entry.arrays["valid_targets"]
-    valid = ensemble.combine([o.entry.probs("valid", probs) for o in outcomes], weights)
-    test = ensemble.combine([o.entry.probs("test", probs) for o in outcomes], weights)
-    valid_score = ensemble.score(comp.metric, valid, targets)
+    blended = ensemble.blend(combine, [o.entry.probs("valid", probs) for o in outcomes],
+                             [o.entry.probs("test", probs) for o in outcomes], targets, weights, g.blend_folds(),
+                             comp.metric)
+    valid, test, valid_score = blended.valid, blended.test, blended.honest
 
     out_dir = project.submissions / comp.name
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -312,20 +405,25 @@ def blend_and_submit(project: Project, g: Gathered, outcomes: list[MemberOutcome
         for o in outcomes:
             values = submission.submission_values(comp, o.entry.probs("test", probs), data.vocab)
             o.test_score = submission.score_values(data.test_ids, values, solution, comp)
-    validation = {"metric": comp.metric, "score": valid_score, "probs": probs, "n_images": int(len(targets)),
+    validation = {"metric": comp.metric, "score": valid_score, "in_sample": blended.in_sample,
+                  "scored_on": "out-of-fold" if g.cv else "holdout", "combine": combine.model_dump(),
+                  "honest": "nested cross-validation" if blended.learned else "as blended",
+                  "per_fold": blended.per_fold, "learned_weights": blended.weights if blended.learned else None,
+                  "probs": probs, "n_images": int(len(targets)),
                   "members": {o.member.name: w for o, w in zip(outcomes, weights)},
                   "per_class": ensemble.per_class(valid, targets, data.vocab)}
     csv_path.with_suffix(".validation.json").write_text(json.dumps(validation, indent=1))
     history = out_dir / "history.csv"
     shown = project.relative(csv_path)
     members = ", ".join(o.member.name + (f"×{w:g}" if w != 1 else "") for o, w in zip(outcomes, weights))
-    message = f"ens {project.relative(g.path)}: {members}; valid {comp.metric} {valid_score:.4f}"[:500]
+    how = (f"{combine.method}, " if combine.method != "mean" else "") + ("OOF " if g.cv else "valid ")
+    message = f"ens {project.relative(g.path)}: {members}; {how}{comp.metric} {valid_score:.4f}"[:500]
     record = dict(ensemble=project.relative(g.path),
                   members=json.dumps({o.member.name: w for o, w in zip(outcomes, weights)}),
                   keys=json.dumps([o.entry.key for o in outcomes]), metric=comp.metric, valid_score=f"{valid_score:.6f}")
     if comp.kaggle and submit:  # records its row itself, as the upload goes (pending before the score wait)
         delivery = submission.deliver_to_kaggle(comp, csv_path, shown, message, history, force, wait, record=record)
-        return Blend(csv_path, rows, valid_score, test_score, delivery)
+        return Blend(csv_path, rows, valid_score, test_score, delivery, blended)
     if comp.kaggle:
         delivery = submission.Delivery("not submitted: --no-submit", note="not uploaded (--no-submit); later: "
                                        + submission.retry_command(shown, comp.name, message))
@@ -336,15 +434,23 @@ def blend_and_submit(project: Project, g: Gathered, outcomes: list[MemberOutcome
     delivery.row_id = submission.append_history(
         history, **record, file=shown, sha256=submission.file_sha256(csv_path), destination=delivery.destination,
         ref=delivery.ref, status=delivery.status, score=delivery.score, message=message)
-    return Blend(csv_path, rows, valid_score, test_score, delivery)
+    return Blend(csv_path, rows, valid_score, test_score, delivery, blended)
 
 
 def run_ensemble(project: Project, spec: str, overrides: list[str] = (), progress=None,
-                 on_member=lambda outcome: None, submit: bool = True, wait: bool = True, force: bool = False) -> RunResult:
+                 on_member=lambda outcome: None, submit: bool = True, wait: bool = True, force: bool = False,
+                 folds: list[int] | None = None) -> RunResult:
+    """Gather the members (training what is missing; in cv only `folds` when given), blend them as the
+    ensemble's `combine:` says, write, check, score and submit the CSV. When some member's fold models are
+    missing (a quick look at a few folds) there is no out-of-fold blend: the result has no CSV and says so."""
     start = time.perf_counter()
-    g = gather_members(project, spec, overrides, progress, on_member)
+    g = gather_members(project, spec, overrides, progress, on_member, folds=folds)
+    done = dict(damaged=g.damaged, warnings=g.warnings, gathered=g)
+    if g.incomplete:
+        return RunResult(g.path, g.ensemble, g.competition, g.outcomes, g.competition.metric, None, None, 0, None,
+                         None, seconds=time.perf_counter() - start, **done)
     blend = blend_and_submit(project, g, g.outcomes, [o.member.weight for o in g.outcomes], g.path.stem,
-                             g.ensemble.probs, submit, wait, force)
+                             g.ensemble.probs, submit, wait, force, g.ensemble.combine)
     return RunResult(g.path, g.ensemble, g.competition, g.outcomes, g.competition.metric, blend.valid_score,
-                     blend.csv, blend.rows, blend.test_score, blend.delivery, damaged=g.damaged, warnings=g.warnings,
-                     seconds=time.perf_counter() - start)
+                     blend.csv, blend.rows, blend.test_score, blend.delivery, seconds=time.perf_counter() - start,
+                     blended=blend.blended, **done)
