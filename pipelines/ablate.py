@@ -1,5 +1,8 @@
-"""`ens ablate`: is each member pulling its weight? Answered from the cached validation probabilities (one fixed
-split per competition makes this honest), without a Kaggle submission and without importing torch."""
+"""`ens ablate`: is each member pulling its weight? Answered from the cached validation probabilities — the
+out-of-fold ones of every training image in a cross-validated ensemble, the fixed holdout's otherwise — without a
+Kaggle submission and without importing torch. Each difference comes with a paired bootstrap interval and
+McNemar's p-value over the images (signal, or one lucky image?), every `combine:` method is scored side by side
+(learned ones by nested cross-validation), and a cross-validated member's folds show their spread."""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from . import ensemble
-from .config import Project, apply_overrides, read_yaml, write_ensemble
+from .config import COMBINE_METHODS, Combine, Project, apply_overrides, read_yaml, write_ensemble
 from .errors import EnsError
 from .run import Gathered, MemberOutcome, gather_members
 
@@ -24,6 +27,24 @@ class MemberRow:
     alone_changed: tuple  # (changed, now right, now wrong) against the full ensemble
     without: float | None  # None for a one-member ensemble
     without_changed: tuple | None
+    alone_interval: tuple  # (Δ against the full ensemble, low, high): paired bootstrap 95% interval over images
+    alone_p: float  # McNemar's exact p-value of the predicted labels' hits, against the full ensemble
+    without_interval: tuple | None
+    without_p: float | None
+    folds: list[float] | None = None  # cv: the member's score on each fold (its fold models)
+
+
+@dataclass
+class MethodRow:
+    """One `combine:` method on these members: its score on the validation rows (in-sample: optimistic for a
+    learned blend) and the honest one (nested cross-validation for a learned blend, the same for a fixed one)."""
+
+    method: str
+    learned: bool
+    in_sample: float
+    honest: float
+    per_fold: list[float]
+    log_loss: float
 
 
 @dataclass
@@ -42,6 +63,9 @@ class Ablation:
     greedy_log_loss: float
     greedy_rounds: int
     correlation: np.ndarray
+    methods: list[MethodRow]
+    scored_on: str  # 'out-of-fold' (cv) or 'holdout'
+    n_folds: int  # the folds learned blends are scored over by nested cross-validation
 
     @property
     def damaged(self) -> list:
@@ -52,12 +76,28 @@ class Ablation:
         return [o.member.name for o in self.outcomes]
 
     def pick(self, how: str) -> tuple[list[MemberOutcome], list[float]]:
-        """The chosen members and weights: greedy selection's counts, or the best subset with its YAML weights."""
+        """The chosen members and weights: greedy selection's counts, the best subset with its YAML weights, or
+        (a `combine:` method) every member with its YAML weight."""
         if how == "subset" and self.subsets:
             idx = self.subsets[0][0]
             return [self.outcomes[i] for i in idx], [self.outcomes[i].member.weight for i in idx]
+        if how in COMBINE_METHODS:
+            return list(self.outcomes), [o.member.weight for o in self.outcomes]
         chosen = [i for i, c in enumerate(self.greedy_counts) if c > 0]
         return [self.outcomes[i] for i in chosen], [float(self.greedy_counts[i]) for i in chosen]
+
+    def combine(self, how: str) -> Combine:
+        """The blend a pick is submitted with: the method picked, or the weighted mean of the picked weights."""
+        own = self.gathered.ensemble.combine
+        if how in COMBINE_METHODS:
+            return own if how == own.method else Combine(method=how)
+        return Combine()
+
+    def score_of(self, how: str) -> float:
+        """The pick's honest score on these rows."""
+        if how in COMBINE_METHODS:
+            return next(m.honest for m in self.methods if m.method == how)
+        return self.greedy_score if how == "greedy" else self.subsets[0][1]
 
 
 def ablate(project: Project, spec: str, overrides: list[str] = (), cached_only: bool = False, probs: str | None = None,
@@ -81,12 +121,40 @@ def ablate(project: Project, spec: str, overrides: list[str] = (), cached_only: 
             o.member.name, ensemble.score(metric, p[i], targets), ensemble.log_loss(p[i], targets),
             ensemble.changed(full, p[i], targets),
             None if without is None else ensemble.score(metric, without, targets),
-            None if without is None else ensemble.changed(full, without, targets)))
+            None if without is None else ensemble.changed(full, without, targets),
+            ensemble.paired_bootstrap_metric(metric, p[i], full, targets), _mcnemar(p[i], full, targets),
+            None if without is None else ensemble.paired_bootstrap_metric(metric, without, full, targets),
+            None if without is None else _mcnemar(without, full, targets),
+            _fold_scores(o, f"{kind}_{metric}")))
     subsets = ensemble.subset_scores(p, weights, targets, metric) if len(p) <= MAX_SUBSET_MEMBERS else None
     counts, g_score, g_ll, _ = ensemble.greedy_selection(p, targets, metric, rounds)
+    folds = g.blend_folds()
     return Ablation(g, outcomes, metric, kind, len(targets), ensemble.score(metric, full, targets),
                     ensemble.log_loss(full, targets), rows, subsets, counts, g_score, g_ll, rounds,
-                    ensemble.error_correlation(p, targets))
+                    ensemble.error_correlation(p, targets), _methods(g, p, weights, targets, folds, metric),
+                    "out-of-fold" if g.cv else "holdout", len(np.unique(folds)))
+
+
+def _mcnemar(a: np.ndarray, b: np.ndarray, targets: np.ndarray) -> float:
+    return ensemble.mcnemar_p(a.argmax(1) == targets, b.argmax(1) == targets)
+
+
+def _fold_scores(outcome: MemberOutcome, name: str) -> list[float] | None:
+    """A cross-validated member's score on each of its folds (from its fold models' entries)."""
+    scores = [u.entry.meta["metrics"].get(name) for u in outcome.folds if u.fold != "refit"]
+    return scores if scores and None not in scores else None
+
+
+def _methods(g: Gathered, p: list[np.ndarray], weights: list[float], targets: np.ndarray, folds: np.ndarray,
+             metric: str) -> list[MethodRow]:
+    """Every `combine:` method on these members (the ensemble's own with its settings), side by side."""
+    own = g.ensemble.combine
+    rows = []
+    for method in COMBINE_METHODS:
+        cfg = own if method == own.method else Combine(method=method)
+        b = ensemble.blend(cfg, p, p, targets, weights, folds, metric)  # no test rows wanted here
+        rows.append(MethodRow(method, b.learned, b.in_sample, b.honest, b.per_fold, ensemble.log_loss(b.valid, targets)))
+    return rows
 
 
 def write_selection(result: Ablation, overrides: list[str], dest: Path, how: str) -> Path:
@@ -96,7 +164,13 @@ def write_selection(result: Ablation, overrides: list[str], dest: Path, how: str
     chosen, weights = result.pick(how)
     by_name = {m.get("name"): m for m in raw["members"]}
     raw["members"] = [dict(by_name[o.member.name], weight=w) for o, w in zip(chosen, weights)]
-    score = result.greedy_score if how == "greedy" else result.subsets[0][1]
-    header = (f"# written by `ens ablate` from {g.path.name}: {how} selection, validation {result.metric} "
-              f"{score:.4f} on {result.n_valid} images ({result.probs} probabilities)\n")
+    combine = result.combine(how)
+    if combine.method != "mean":
+        spelled = combine.model_dump(exclude_defaults=True)
+        raw["combine"] = spelled["method"] if list(spelled) == ["method"] else spelled
+    else:
+        raw.pop("combine", None)  # the picked weights are a plain weighted mean
+    honest = " (nested cross-validation)" if combine.learned else ""
+    header = (f"# written by `ens ablate` from {g.path.name}: {how}, {result.scored_on} {result.metric} "
+              f"{result.score_of(how):.4f}{honest} on {result.n_valid} images ({result.probs} probabilities)\n")
     return write_ensemble(dest, raw, header)

@@ -34,6 +34,7 @@ class CompetitionData:
     test_paths: list[str]
     fingerprint: str  # the images, labels and split: a member's training key holds it
     images_fingerprint: str = ""  # the images and labels alone: the same for every fold of a cross-validation
+    cv_fold: dict | None = None  # a fold of a cross-validation: {fold (or 'refit'), folds, assignment (a hash)}
 
     @property
     def vocab(self) -> list[str]:
@@ -300,7 +301,9 @@ def fold_data(data: "CompetitionData", folds: list[int], fold: int | None) -> "C
     valid = [False] * len(folds) if fold is None else [f == fold for f in folds]
     what = "refit on every training image" if fold is None else f"cv fold {fold} of {json.dumps(folds)}"
     fingerprint = hashlib.sha256(f"{data.fingerprint}:{what}".encode()).hexdigest()
-    return replace(data, is_valid=valid, fingerprint=fingerprint)
+    assignment = hashlib.sha256(json.dumps(folds).encode()).hexdigest()[:12]
+    cv_fold = {"fold": "refit" if fold is None else fold, "folds": max(folds) + 1, "assignment": assignment}
+    return replace(data, is_valid=valid, fingerprint=fingerprint, cv_fold=cv_fold)
 
 
 def list_test(comp: Competition, root: Path) -> list[str]:

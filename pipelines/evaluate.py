@@ -19,12 +19,24 @@ def gather_kept(project: Project, spec: str, overrides, what: str):
     """The ensemble's members with their weights kept; a clear error before any training when some member has
     none and will not keep any (`keep_model: false`)."""
     g = gather_members(project, spec, overrides, cached_only=True)
-    lacking = [o.member.name for o in g.outcomes if o.entry.model_path is None]
+    lacking = [o.member.name for o in g.outcomes if any(u.entry.model_path is None for u in o.predictors)]
     lacking += [m.name for m in g.missing if not m.keep_model]
     if lacking:
         raise EnsError(f"{what} needs the members' weights, and {', '.join(lacking)} kept none: set keep_model: true "
                        "(e.g. `defaults.keep_model=true` on the command line); such members are then retrained once")
     return gather_members(project, spec, overrides) if g.missing else g
+
+
+def kept_probs(outcome: MemberOutcome, data, paths: list) -> dict:
+    """{'plain', 'tta'} probabilities of `paths` by the member's kept models, as its test predictions are made:
+    the mean of a cross-validated member's fold models (or its refit)."""
+    from .predict import tta_probs
+
+    out = []
+    for unit in outcome.predictors:
+        learn = kept_learner(unit, data)
+        out.append(tta_probs(learn, learn.dls.test_dl(paths), outcome.member))
+    return {k: np.mean([o[k] for o in out], axis=0) for k in ("plain", "tta")}
 
 
 def kept_learner(outcome: MemberOutcome, data):
@@ -49,6 +61,7 @@ class BenchRow:
     params: int
     memory_mb: float
     disk_mb: float
+    models: int = 1  # a cross-validated member predicts with k fold models: time, size and parameters are k-fold
 
 
 def _ms_per_image(model, x, repeats: int) -> float:
@@ -73,17 +86,18 @@ def bench(project: Project, spec: str, overrides=(), batch: int = 32, repeats: i
     device = device_precision("fp32")[0]
     rows = []
     for o in g.outcomes:
-        learn = kept_learner(o, g.data)
+        k = len(o.predictors)
+        learn = kept_learner(o.predictors[0], g.data)  # the fold models share one architecture: time one, count k
         model = learn.model.eval().to(device)
         h, w = (o.member.final_size,) * 2 if isinstance(o.member.final_size, int) else o.member.final_size
         one, many = torch.randn(1, 3, h, w, device=device), torch.randn(batch, 3, h, w, device=device)
         tensors = list(model.parameters()) + list(model.buffers())
         metrics = o.entry.meta["metrics"]
         rows.append(BenchRow(o.member.name, o.member.arch, o.member.final_size, metrics["plain_accuracy"],
-                             metrics["plain_log_loss"], _ms_per_image(model, one, repeats * 4),
-                             _ms_per_image(model, many, repeats), sum(p.numel() for p in model.parameters()),
-                             sum(t.numel() * t.element_size() for t in tensors) / 1e6,
-                             o.entry.model_path.stat().st_size / 1e6))
+                             metrics["plain_log_loss"], k * _ms_per_image(model, one, repeats * 4),
+                             k * _ms_per_image(model, many, repeats), k * sum(p.numel() for p in model.parameters()),
+                             k * sum(t.numel() * t.element_size() for t in tensors) / 1e6,
+                             sum(u.entry.model_path.stat().st_size for u in o.predictors) / 1e6, k))
     return rows, device
 
 
@@ -119,15 +133,12 @@ def labelled_folder(folder: Path, vocab: list[str], extensions) -> tuple[list[Pa
 def evaluate_on(project: Project, spec: str, folder: Path, overrides=()):
     """Each kept member (plain and with its TTA) and the ensemble on another labelled folder with the same
     classes: {name: {metric: (on folder, on validation)}} and the number of images."""
-    from .predict import tta_probs
-
     g = gather_kept(project, spec, overrides, "ens eval")
     metric = g.competition.metric
     paths, targets = labelled_folder(Path(folder), g.data.vocab, g.competition.image_extensions)
     results, probs, weights = {}, [], []
     for o in g.outcomes:
-        learn = kept_learner(o, g.data)
-        p = tta_probs(learn, learn.dls.test_dl(paths), o.member)
+        p = kept_probs(o, g.data, paths)
         plain, tta = p["plain"], p["tta"]
         meta = o.entry.meta["metrics"]
         results[o.member.name] = {
@@ -137,9 +148,10 @@ def evaluate_on(project: Project, spec: str, folder: Path, overrides=()):
         }
         probs.append(tta if g.ensemble.probs == "tta" else plain)
         weights.append(o.member.weight)
-    mixed = ensemble.combine(probs, weights)
-    valid = ensemble.combine([o.entry.probs("valid", g.ensemble.probs) for o in g.outcomes], weights)
     vt = g.outcomes[0].entry.arrays["valid_targets"]
+    blended = ensemble.blend(g.ensemble.combine, [o.entry.probs("valid", g.ensemble.probs) for o in g.outcomes],
+                             probs, vt, weights, g.blend_folds(), metric)  # a learned blend: learned on validation
+    mixed, valid = blended.test, blended.valid
     results["ensemble"] = {"accuracy": (ensemble.accuracy(mixed, targets), ensemble.accuracy(valid, vt)),
                            f"TTA {metric}": (ensemble.score(metric, mixed, targets), ensemble.score(metric, valid, vt))}
     return results, len(paths), g

@@ -39,6 +39,15 @@ class MemberOutcome:
     def trained(self) -> bool:
         return self.how in ("trained", "resumed")
 
+    @property
+    def predictors(self) -> list["MemberOutcome"]:
+        """The models whose mean predicts the test images: this one; or a cross-validated member's refit, else
+        its fold models."""
+        if not self.folds:
+            return [self]
+        refit = [u for u in self.folds if u.fold == "refit"]
+        return refit or self.folds
+
 
 @dataclass
 class RunResult:
@@ -170,6 +179,7 @@ def _train_and_predict(member: Member, data: CompetitionData, cache: MemberCache
         "train_key": train,
         "train_fields": member.train_fields(),
         "data_fingerprint": data.fingerprint,
+        "cv": data.cv_fold,  # None, or which fold of which cross-validation (`ens cache ls` groups by it)
         "history": trained.history,
         "timings": {"train_seconds": round(trained.seconds, 2)},
         "resumed_at": trained.resumed_at,
