@@ -218,7 +218,8 @@ def ablate(ensemble: str = typer.Argument(..., help="the ensemble YAML"),
            top: int = typer.Option(10, "--top", help="how many of the best subsets to show"),
            probs: Optional[str] = typer.Option(None, "--probs", help="tta or plain (default: the ensemble's)"),
            rounds: int = typer.Option(25, "--rounds", help="greedy selection rounds"),
-           pick: str = typer.Option("greedy", "--pick", help="what --write/--submit use: greedy (weights) or subset (the best)"),
+           pick: str = typer.Option("greedy", "--pick", help="what --write/--submit use: greedy (its weights), subset "
+                                    "(the best), or a combine method (mean, hill_climb, rank, power, stack) over every member"),
            write: Optional[Path] = typer.Option(None, "--write", help="write the chosen members and weights as an ensemble YAML"),
            submit: bool = typer.Option(False, "--submit", help="write, check, record (and upload, as `ens run` does) the chosen blend's submission"),
            force: bool = typer.Option(False, "--force", help="with --submit: upload even a CSV already submitted"),
@@ -234,8 +235,10 @@ def ablate(ensemble: str = typer.Argument(..., help="the ensemble YAML"),
 
     if probs not in (None, "tta", "plain"):
         raise EnsError(f"--probs {probs}: choose tta or plain")
-    if pick not in ("greedy", "subset"):
-        raise EnsError(f"--pick {pick}: choose greedy or subset")
+    from .config import COMBINE_METHODS
+
+    if pick not in ("greedy", "subset", *COMBINE_METHODS):
+        raise EnsError(f"--pick {pick}: choose greedy, subset, or a combine method ({', '.join(COMBINE_METHODS)})")
     proj = _project(project)
     result = _with_progress(lambda progress, report: run_ablation(
         proj, ensemble, overrides or [], cached_only, probs, rounds, progress, report))
@@ -246,7 +249,7 @@ def ablate(ensemble: str = typer.Argument(..., help="the ensemble YAML"),
     if submit:
         chosen, weights = result.pick(pick)
         blend = blend_and_submit(proj, result.gathered, chosen, weights, f"{result.gathered.path.stem}-{pick}",
-                                 result.probs, force=force)
+                                 result.probs, force=force, combine=result.combine(pick))
         console.print(f"submission: {proj.relative(blend.csv)} ({blend.rows} rows, checked against the sample); "
                       f"valid {result.metric} {blend.valid_score:.4f}"
                       + (f", test {blend.test_score:.4f}" if blend.test_score is not None else ""))
@@ -258,27 +261,84 @@ def _delta(value: float, reference: float) -> str:
     return f"{d:+.4f}" if abs(d) >= 5e-5 else "0"
 
 
+def _interval(ci) -> str:
+    return "" if ci is None else f"[{ci[1]:+.4f}, {ci[2]:+.4f}]"
+
+
+def _print_fold_scores(r) -> None:
+    import numpy as np
+
+    k = max(len(row.folds or ()) for row in r.members)
+    console.print(f"\n[bold]per fold[/] (each fold model on the images it did not see; {r.probs} {r.metric})")
+    t = Table()
+    t.add_column("member")
+    for f in range(k):
+        t.add_column(f"fold {f}", justify="right")
+    t.add_column("mean ± std", justify="right")
+    for row in r.members:
+        if row.folds:
+            t.add_row(row.name, *[f"{v:.4f}" for v in row.folds], f"{np.mean(row.folds):.4f} ± {np.std(row.folds):.4f}")
+    console.print(t)
+
+
+def _print_methods(r) -> None:
+    import numpy as np
+
+    over = f"the {r.n_folds} folds" if r.gathered.cv else f"{r.n_folds} parts of the holdout"
+    console.print(f"\n[bold]combine methods[/] (`combine:` in the ensemble; this one's is "
+                  f"{r.gathered.ensemble.combine.method}). A learned blend's weights are chosen on the rows it is "
+                  f"scored on, so its in-sample score flatters it: the honest score is nested cross-validation over "
+                  f"{over} (weights learned on the others, scored on the held one).", soft_wrap=True)
+    t = Table()
+    for col in ("method", "weights", "in-sample", "honest", "per part", "log loss"):
+        t.add_column(col, justify="left" if col in ("method", "weights") else "right")
+    best = max(r.methods, key=lambda m: m.honest if ensemble_greater(r.metric) else -m.honest)
+    for m in r.methods:
+        name = f"[bold]{m.method}[/]" if m is best else m.method
+        t.add_row(name, "learned" if m.learned else "fixed", f"{m.in_sample:.4f}",
+                  f"{m.honest:.4f}" + (" (nested)" if m.learned else ""),
+                  f"{np.mean(m.per_fold):.4f} ± {np.std(m.per_fold):.4f}", f"{m.log_loss:.4f}")
+    console.print(t)
+
+
+def ensemble_greater(metric: str) -> bool:
+    from .ensemble import GREATER_IS_BETTER
+
+    return GREATER_IS_BETTER[metric]
+
+
 def _moves(c) -> str:
     return "" if c is None else f"{c[0]} (+{c[1]} −{c[2]})"
 
 
 def _print_ablation(r, top: int) -> None:
     g = r.gathered
-    console.print(f"[bold]{g.path.name}[/] on {g.competition.name}: {r.metric} on {r.n_valid} validation images "
-                  f"({r.probs} probabilities); one image is {1 / r.n_valid:.4f}. 'changed' counts the images whose "
-                  "predicted label differs from the full ensemble's (+ now right, − now wrong).")
-    if g.missing:
-        console.print(f"[yellow]not cached, left out:[/] {', '.join(m.name for m in g.missing)}")
-    console.print(f"\n[bold]full ensemble: {r.full:.4f}[/] (log loss {r.full_log_loss:.4f}); each member alone, "
-                  "and the ensemble without it")
+    rows = (f"{r.n_valid} out-of-fold rows (every training image, {r.n_folds} folds)" if g.cv
+            else f"{r.n_valid} holdout validation images")
+    console.print(f"[bold]{g.path.name}[/] on {g.competition.name}: {r.metric} on {rows} ({r.probs} probabilities); "
+                  f"one image is {1 / r.n_valid:.4f}. 'changed' counts the images whose predicted label differs from "
+                  "the full ensemble's (+ now right, − now wrong); '95% CI' is a paired bootstrap interval of Δ over "
+                  "the images and 'p' McNemar's exact test of the hits: an interval holding 0, or a large p, is not "
+                  "a difference shown.", soft_wrap=True)
+    for m in g.missing:
+        lacking = g.incomplete.get(m.name)
+        console.print(f"[yellow]left out:[/] {m.name} ("
+                      + ("not cached" if lacking is None else f"{len(lacking)} fold models not cached") + ")")
+    console.print(f"\n[bold]full ensemble: {r.full:.4f}[/] (log loss {r.full_log_loss:.4f}, weighted mean); each "
+                  "member alone, and the ensemble without it")
     t = Table()
-    for col in ("member", "weight", "alone", "Δ", "changed", "without it", "Δ ", "changed "):
+    for col in ("member", "weight", "alone", "Δ", "95% CI", "p", "changed", "without it", "Δ ", "95% CI ", "p ", "changed "):
         t.add_column(col, justify="left" if col == "member" else "right")
     for o, row in zip(r.outcomes, r.members):
-        t.add_row(row.name, f"{o.member.weight:g}", f"{row.alone:.4f}", _delta(row.alone, r.full), _moves(row.alone_changed),
+        t.add_row(row.name, f"{o.member.weight:g}", f"{row.alone:.4f}", _delta(row.alone, r.full),
+                  _interval(row.alone_interval), f"{row.alone_p:.2g}", _moves(row.alone_changed),
                   "" if row.without is None else f"{row.without:.4f}",
-                  "" if row.without is None else _delta(row.without, r.full), _moves(row.without_changed))
+                  "" if row.without is None else _delta(row.without, r.full), _interval(row.without_interval),
+                  "" if row.without_p is None else f"{row.without_p:.2g}", _moves(row.without_changed))
     console.print(t)
+    if any(row.folds for row in r.members):
+        _print_fold_scores(r)
+    _print_methods(r)
     if r.subsets:
         console.print(f"\n[bold]best subsets[/] (of {len(r.subsets)}, members keeping their weights)")
         t = Table()
@@ -337,11 +397,11 @@ def bench_command(ensemble: str = typer.Argument(..., help="the ensemble YAML (m
     proj = _project(project)
     rows, device = bench(proj, ensemble, overrides or [], batch)
     table = Table(title=f"{ensemble} on {device}")
-    for col in ("member", "arch", "size", "valid acc", "valid loss", "ms/img (1)", f"ms/img ({batch})", "params",
-                "memory MB", "disk MB"):
+    for col in ("member", "arch", "size", "models", "valid acc", "valid loss", "ms/img (1)", f"ms/img ({batch})",
+                "params", "memory MB", "disk MB"):
         table.add_column(col, justify="left" if col in ("member", "arch") else "right")
-    for r in rows:
-        table.add_row(r.name, r.arch, str(r.size), f"{r.valid_accuracy:.4f}", f"{r.valid_loss:.4f}",
+    for r in rows:  # a cross-validated member predicts with each of its fold models: its costs are theirs summed
+        table.add_row(r.name, r.arch, str(r.size), str(r.models), f"{r.valid_accuracy:.4f}", f"{r.valid_loss:.4f}",
                       f"{r.ms_per_image_batch1:.3f}", f"{r.ms_per_image_batched:.3f}", f"{r.params:,}",
                       f"{r.memory_mb:.2f}", f"{r.disk_mb:.2f}")
     console.print(table)
@@ -415,9 +475,12 @@ def tune(ensemble: str = typer.Argument(..., help="the ensemble YAML"),
          trials: Optional[int] = typer.Option(None, "--trials", help="finished trials wanted in all (default tune.trials); "
                                               "trials already in the study count"),
          write: Optional[Path] = typer.Option(None, "--write", help="write the ensemble with the best values as YAML"),
+         fold: Optional[int] = typer.Option(None, "--fold", help="cv ensembles: the fold the trials are scored on "
+                                            "(default 0)"),
          project: Optional[Path] = ProjectOpt):
     """Hyperparameter search for one member with Optuna (TPE, median pruning): `tune.trials` trials of `tune.epochs`
-    epochs on `tune.fraction` of the training images, scored on the validation images. Resumes an interrupted search.
+    epochs on `tune.fraction` of the training images, scored on the validation images (in a cross-validated
+    ensemble: on one fold's). Resumes an interrupted search.
 
     Example: ens tune digits/final.yaml resnet --trials 20 --write ensembles/digits/tuned.yaml
     """
@@ -430,7 +493,7 @@ def tune(ensemble: str = typer.Argument(..., help="the ensemble YAML"),
         console.print(f"[green]✓[/] trial {row.number} {row.state}{value} ({row.epochs} epochs)")
 
     with _progress() as progress:
-        result = tune_member(proj, ensemble, member, overrides or [], trials, progress, on_trial=report)
+        result = tune_member(proj, ensemble, member, overrides or [], trials, progress, on_trial=report, fold=fold)
     render(result, console)
     if write:
         console.print(f"wrote {proj.relative(write_best(result, write))}")
@@ -467,7 +530,9 @@ def validate(ensemble: str = typer.Argument(..., help="the ensemble YAML"),
 
     proj = _project(project)
     path, ens, comp = check_ensemble(proj, ensemble, overrides or [])
-    console.print(f"{proj.relative(path)}: ok — {len(ens.members)} members on {comp.name} "
+    how = (f", {comp.cv.folds}-fold cross-validation" + (" + refit" if ens.refit == "full" else "")
+           if ens.validation == "cv" else "")
+    console.print(f"{proj.relative(path)}: ok — {len(ens.members)} members on {comp.name}{how} "
                   f"({', '.join(m.name for m in ens.members)})")
 
 
@@ -484,6 +549,14 @@ def data(competition: str = typer.Argument(..., help="a competition name (compet
     console.print(f"{comp.name}: {proj.relative(d.root)} — {len(d.train_paths)} training images "
                   f"({sum(d.is_valid)} validation, fixed), {len(d.test_paths)} test images, "
                   f"{len(d.vocab)} classes; fingerprint {d.fingerprint[:12]}")
+    from collections import Counter
+
+    from .data import cv_folds
+
+    sizes = Counter(cv_folds(d))
+    grouped = f", grouped by {comp.cv.group_column}" if comp.cv.group_column else ""
+    console.print(f"cross-validation (ensembles with validation: cv): {comp.cv.folds} folds{grouped} of "
+                  f"{', '.join(str(sizes[f]) for f in range(comp.cv.folds))} images")
 
 
 @app.command(short_help="Check a submission CSV against the sample submission (and score it on local answers).")
@@ -575,28 +648,71 @@ def submissions(competition: str = typer.Argument(..., help="a competition name"
 @cache_app.command("ls")
 def cache_ls(competition: Optional[str] = typer.Argument(None, help="only this competition"),
              project: Optional[Path] = ProjectOpt):
-    """List cached members: key, arch, size, epochs, validation accuracy, when and how long."""
+    """List cached members: key, arch, size, epochs, validation accuracy, when and how long; a cross-validated
+    member's fold models in one row (their folds, mean fold accuracy, summed time and size)."""
     from .cache import MemberCache
 
     proj = _project(project)
     names = [competition] if competition else sorted(
         p.name for p in proj.cache.iterdir() if p.is_dir() and (proj.competitions / f"{p.name}.yaml").exists()
     ) if proj.cache.is_dir() else []
+    rows = [(name, *_cache_row(group)) for name in names
+            for group in _cache_groups(MemberCache(proj.cache, name).entries())]
+    cv = any(folds.startswith("folds") for *_, folds in rows)  # the column only where some member is cross-validated
     table = Table(title=f"{proj.relative(proj.cache)}/")
-    for col in ("competition", "key", "member", "arch", "size", "epochs", "valid acc", "TTA acc", "train", "created", "MB"):
-        table.add_column(col, no_wrap=col in ("key", "arch", "created"))
-    count = 0
-    for name in names:
-        for meta in MemberCache(proj.cache, name).entries():
-            count += 1
-            if meta.get("damaged"):
-                table.add_row(name, meta["key"], "[red]damaged[/]", *[""] * 8)
-                continue
-            m, k = meta["member"], meta["key_fields"]
-            table.add_row(name, meta["key"], m["name"], m["arch"], str(k["stages"][-1][0]), str(sum(e for _, e in k["stages"])),
-                          f"{meta['metrics']['plain_accuracy']:.4f}", f"{meta['metrics']['tta_accuracy']:.4f}",
-                          f"{meta['timings']['train_seconds']:.0f}s", meta["created"][:16].replace("T", " "), f"{meta['bytes'] / 1e6:.2f}")
-    console.print(table if count else "no cached members yet")
+    for col in ("competition", "key", "member", "arch", *(("folds",) if cv else ()), "size", "epochs", "valid acc",
+                "TTA acc", "train", "created", "MB"):
+        table.add_column(col, no_wrap=col in ("key", "arch", "folds", "created"))
+    for name, cells, folds in rows:
+        table.add_row(name, *cells[:3], *((folds,) if cv else ()), *cells[3:])
+    console.print(table if rows else "no cached members yet")
+
+
+def _cache_groups(metas: list[dict]) -> list[list[dict]]:
+    """The entries in listing order, a cross-validated member's fold models (and refit) gathered into one group:
+    same member name, fold assignment and config (`key_fields`). Holdout and damaged entries stand alone."""
+    import json
+
+    groups: dict = {}
+    for i, meta in enumerate(metas):
+        try:
+            cv = None if meta.get("damaged") else meta.get("cv")
+            same = json.dumps(meta["key_fields"], sort_keys=True)  # other settings: other fold models
+            key = (meta["member"]["name"], cv["assignment"], same) if cv else i
+        except (KeyError, TypeError, ValueError):
+            key = i
+        groups.setdefault(key, []).append(meta)
+    return list(groups.values())
+
+
+def _cache_row(group: list[dict]) -> tuple[list[str], str]:
+    """(the cells from key to MB, the folds cell: 'holdout', '' when damaged) of an entry or of a fold group; the
+    accuracy is the mean over the fold models (a refit has no validation images)."""
+    first = group[0]
+    damaged = [first.get("key", "?"), "[red]damaged[/]", *[""] * 8], ""
+    if first.get("damaged"):
+        return damaged
+    try:
+        m, k, cv = first["member"], first["key_fields"], first.get("cv")
+        folds = sorted((e for e in group if cv and e["cv"]["fold"] != "refit"), key=lambda e: e["cv"]["fold"])
+        refit = [e for e in group if e not in folds] if cv else []
+        scored = folds if cv else group
+
+        def acc(name: str) -> str:
+            values = [e["metrics"][name] for e in scored if name in e["metrics"]]
+            return f"{sum(values) / len(values):.4f}" if values else ""
+
+        keys = [e["key"] for e in folds + refit] if cv else [first["key"]]
+        cells = [keys[0] + (f" +{len(keys) - 1}" if len(keys) > 1 else ""), m["name"], m["arch"],
+                 str(k["stages"][-1][0]), str(sum(e for _, e in k["stages"])), acc("plain_accuracy"),
+                 acc("tta_accuracy"), f"{sum(e['timings']['train_seconds'] for e in group):.0f}s",
+                 max(e["created"] for e in group)[:16].replace("T", " "), f"{sum(e['bytes'] for e in group) / 1e6:.2f}"]
+    except (KeyError, TypeError, ValueError, AttributeError):  # a meta.json of an older format: as unusable
+        return damaged
+    if not cv:
+        return cells, "holdout"
+    listed = f" ({', '.join(str(e['cv']['fold']) for e in folds)})" if folds else ""
+    return cells, f"folds {len(folds)}/{cv['folds']}{listed}" + (" + refit" if refit else "")
 
 
 def main() -> None:

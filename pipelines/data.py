@@ -298,6 +298,7 @@ def fold_data(data: "CompetitionData", folds: list[int], fold: int | None) -> "C
     """The competition as fold `fold`'s model sees it: that fold's images validate, the others train. `None`: a
     refit on every training image (no validation images). The fingerprint says which fold of which assignment,
     so each fold model is its own cache entry."""
+    folds = [int(f) for f in folds]
     valid = [False] * len(folds) if fold is None else [f == fold for f in folds]
     what = "refit on every training image" if fold is None else f"cv fold {fold} of {json.dumps(folds)}"
     fingerprint = hashlib.sha256(f"{data.fingerprint}:{what}".encode()).hexdigest()

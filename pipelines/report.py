@@ -5,6 +5,10 @@ timings), the ablation computed from them (`ablate.ablate`, which trains missing
 submission history and the validation images — and lands in one file beside the submissions, with every chart and
 thumbnail embedded as a base64 data URI: no server, no script, no external resource; it opens from disk offline.
 
+A cross-validated ensemble (`validation: cv`) is reported on its out-of-fold (OOF) rows — every training image,
+predicted by the fold model that did not see it — with one training curve per fold model, and every ensemble is
+scored as its `combine:` blends it (learned blends by nested cross-validation, as `ens run` records them).
+
 Charts are drawn with matplotlib's Agg canvas (no pyplot, no global state); per-class metrics are scikit-learn's.
 Both are imported inside the functions that use them, so importing this module stays cheap.
 """
@@ -24,6 +28,7 @@ from . import ensemble as ens_math
 from . import submission
 from .ablate import Ablation, ablate
 from .config import Project
+from .crossval import unit_name
 
 SECTIONS = {  # id → title, in page order (tests find the sections by these ids)
     "glance": "At a glance",
@@ -140,18 +145,13 @@ def build_report(project: Project, spec: str, overrides=(), cached_only: bool = 
     dest = Path(dest) if dest else project.submissions / g.competition.name / f"report-{g.path.stem}.html"
 
     ctx = _Context(project, result)
-    body = [
-        _section("glance", _glance(ctx)),
-        _section("curves", _curves(ctx)),
-        _section("classes", _classes(ctx)),
-        _section("ablation", _ablation(ctx)),
-        _section("similarity", _similarity(ctx)),
-        _section("submissions", _submissions(ctx)),
-        _section("mistakes", _mistakes(ctx)),
-    ]
+    titles = dict(SECTIONS, mistakes="Most confidently wrong out-of-fold images") if ctx.cv else SECTIONS
+    parts = {"glance": _glance, "curves": _curves, "classes": _classes, "ablation": _ablation,
+             "similarity": _similarity, "submissions": _submissions, "mistakes": _mistakes}
+    body = [_section(key, titles[key], parts[key](ctx)) for key in SECTIONS]
     comp = g.competition
     title = f"{project.relative(g.path)} on {comp.name}"
-    nav = "".join(f'<a href="#{k}">{_e(v)}</a>' for k, v in SECTIONS.items())
+    nav = "".join(f'<a href="#{k}">{_e(v)}</a>' for k, v in titles.items())
     page = (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
@@ -159,7 +159,7 @@ def build_report(project: Project, spec: str, overrides=(), cached_only: bool = 
         f"<title>ens report: {_e(title)}</title><style>{CSS}</style></head><body>"
         f"<header><h1>ens report: {_e(title)}</h1>"
         f"<p>{_e(g.ensemble.description or comp.title or '')}</p>"
-        f"<p>{len(result.outcomes)} members · {result.n_valid} validation images · {_e(result.probs)} probabilities"
+        f"<p>{len(result.outcomes)} members · {_e(ctx.rows)} · {_e(result.probs)} probabilities"
         f" · metric {_e(result.metric)} · written {datetime.now().strftime('%Y-%m-%d %H:%M')}</p></header>"
         f"<nav>{nav}</nav><main>{''.join(body)}</main></body></html>\n")
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -169,8 +169,8 @@ def build_report(project: Project, spec: str, overrides=(), cached_only: bool = 
     return dest
 
 
-def _section(key: str, content: str) -> str:
-    return f'<section id="{key}"><h2>{_e(SECTIONS[key])}</h2>{content}</section>'
+def _section(key: str, title: str, content: str) -> str:
+    return f'<section id="{key}"><h2>{_e(title)}</h2>{content}</section>'
 
 
 class _Context:
@@ -185,8 +185,35 @@ class _Context:
         self.targets = self.g.outcomes[0].entry.arrays["valid_targets"].astype(int)
         self.valid = [o.entry.probs("valid", result.probs).astype("float64") for o in result.outcomes]
         self.weights = [o.member.weight for o in result.outcomes]
-        self.full = ens_math.combine(self.valid, self.weights)
         self.higher_better = ens_math.GREATER_IS_BETTER[result.metric]
+        self.cv = self.g.cv
+        self.n = len(self.targets)
+        self.combine = self.g.ensemble.combine
+        self.k = len(np.unique(self.g.fold_ids)) if self.cv else None  # the cross-validation's folds
+        self._blends = {}
+        self.full = self.blend(result.probs).valid  # the ensemble as `ens run` submits it (in-sample if learned)
+
+    @property
+    def rows(self) -> str:
+        """What the scores are computed on: the holdout's validation images, or every training image out of fold."""
+        if not self.cv:
+            return f"{self.n} validation images"
+        return f"out-of-fold (OOF) over {self.n} training images, {self.k} folds"
+
+    @property
+    def scope(self) -> str:
+        """The scores' short name, for axes and column headers."""
+        return "OOF" if self.cv else "validation"
+
+    def blend(self, kind: str) -> ens_math.Blended:
+        """The members' `kind` probabilities blended as the ensemble's `combine:` says, with its honest score
+        (nested cross-validation over the blend folds for learned blends), as `ens run` scores it."""
+        if kind not in self._blends:
+            self._blends[kind] = ens_math.blend(
+                self.combine, [x.entry.probs("valid", kind) for x in self.result.outcomes],
+                [x.entry.probs("test", kind) for x in self.result.outcomes], self.targets, self.weights,
+                self.g.blend_folds(), self.result.metric)
+        return self._blends[kind]
 
     def test_score(self, test_probs: np.ndarray) -> float | None:
         """The metric on the local answers (competitions scored here), as `ens run` scores members."""
@@ -205,8 +232,11 @@ class _Context:
 def _glance(ctx: _Context) -> str:
     r, kind = ctx.result, ctx.result.probs
     has_test = bool(ctx.comp.solution)
-    header = ["member", "arch", "size", "epochs", "lr", "weight", "train", "predict", f"valid {r.metric}",
-              f"TTA {r.metric}"] + ([f"test {r.metric}"] if has_test else []) + ["cache key"]
+    oof = "OOF " if ctx.cv else ""
+    header = ["member", "arch", "size", "epochs", "lr", "weight", "train", "predict",
+              f"{'OOF' if ctx.cv else 'valid'} {r.metric}", f"{oof}TTA {r.metric}"] \
+        + ([f"per fold {kind} {r.metric}, mean ± std"] if ctx.cv else []) \
+        + ([f"test {r.metric}"] if has_test else []) + ["cache key"]
     rows, plain, tta = [], [], []
     total_train = total_predict = 0.0
     for o in r.outcomes:
@@ -215,35 +245,36 @@ def _glance(ctx: _Context) -> str:
         t = ens_math.score(r.metric, o.entry.probs("valid", "tta"), ctx.targets)
         plain.append(p)
         tta.append(t)
-        timings = meta.get("timings", {})
+        timings = meta.get("timings", {})  # a cv member's: summed over its fold models
         total_train += timings.get("train_seconds") or 0
         total_predict += timings.get("predict_seconds") or 0
         dumped = m.model_dump(mode="json")
         row = [m.name, m.arch, _sizes(dumped), _epochs(dumped), f"{m.lr:g}", f"{m.weight:g}",
                _seconds(timings.get("train_seconds")), _seconds(timings.get("predict_seconds")), _fmt(p), _fmt(t)]
+        if ctx.cv:
+            row.append(_spread(_fold_scores(meta, f"{kind}_{r.metric}")))
         if has_test:
             row.append(_fmt(ctx.test_score(o.entry.probs("test", kind))))
         rows.append(row + [o.entry.key])
-    full_plain = ens_math.score(r.metric, ens_math.combine([o.entry.probs("valid", "plain") for o in r.outcomes],
-                                                           ctx.weights), ctx.targets)
-    full_tta = ens_math.score(r.metric, ens_math.combine([o.entry.probs("valid", "tta") for o in r.outcomes],
-                                                         ctx.weights), ctx.targets)
-    test_full = ctx.test_score(ens_math.combine([o.entry.probs("test", kind) for o in r.outcomes], ctx.weights)) \
-        if has_test else None
-    rows.append(["ensemble", "weighted mean", "", "", "", "", _seconds(total_train), _seconds(total_predict),
-                 _fmt(full_plain), _fmt(full_tta)] + ([_fmt(test_full)] if has_test else []) + [""])
-    out = [f"<p>The ensemble's validation {_e(r.metric)} ({_e(kind)} probabilities): <b>{r.full:.4f}</b> "
-           f"(log loss {r.full_log_loss:.4f}) on {r.n_valid} images; one image is {1 / r.n_valid:.4f}."
-           + (f" Test {_e(r.metric)} on the local answers: <b>{test_full:.4f}</b>." if test_full is not None else "")
-           + "</p>",
-           _table(header, rows, left=3, classes=[""] * (len(rows) - 1) + ["total"])]
-    if ctx.g.missing:
-        out.append(f'<p class="bad">Not cached, left out (--cached-only): '
-                   f'{_e(", ".join(m.name for m in ctx.g.missing))}</p>')
+    full_plain, full_tta = ctx.blend("plain").honest, ctx.blend("tta").honest
+    test_full = ctx.test_score(ctx.blend(kind).test) if has_test else None
+    c = ctx.combine
+    name = "weighted mean" if c.method == "mean" else _blend_name(c) + (" (nested CV)" if c.learned else "")
+    rows.append(["ensemble", name, "", "", "", "", _seconds(total_train), _seconds(total_predict),
+                 _fmt(full_plain), _fmt(full_tta)]
+                + ([_spread(ctx.blend(kind).per_fold)] if ctx.cv else [])
+                + ([_fmt(test_full)] if has_test else []) + [""])
+    out = [_score_paragraph(ctx, test_full), _table(header, rows, left=3, classes=[""] * (len(rows) - 1) + ["total"])]
+    if ctx.g.incomplete:  # cv, --cached-only: a member is blended only with every fold model
+        shown = "; ".join(f"{m} ({', '.join(map(unit_name, folds))})" for m, folds in ctx.g.incomplete.items())
+        out.append(f'<p class="bad">Left out: folds missing (--cached-only): {_e(shown)}</p>')
+    uncached = [m.name for m in ctx.g.missing if m.name not in ctx.g.incomplete]
+    if uncached:
+        out.append(f'<p class="bad">Not cached, left out (--cached-only): {_e(", ".join(uncached))}</p>')
 
     fig = _figure(9, 0.55 * (len(r.outcomes) + 1) + 1.2)
     ax = fig.add_subplot()
-    labels = ctx.names + ["ensemble"]
+    labels = ctx.names + ["ensemble" + (" (nested CV)" if ctx.combine.learned else "")]
     y = np.arange(len(labels))
     ax.barh(y - 0.2, plain + [full_plain], height=0.4, label="plain", color="#8fb8de")
     ax.barh(y + 0.2, tta + [full_tta], height=0.4, label="TTA", color="#1f6feb")
@@ -253,11 +284,54 @@ def _glance(ctx: _Context) -> str:
     ax.set_yticks(y, labels)
     ax.invert_yaxis()
     _zoom(ax, plain + tta + [full_plain, full_tta], axis="x")
-    ax.set_xlabel(f"validation {r.metric}")
+    ax.set_xlabel(f"{ctx.scope} {r.metric}")
     ax.legend(loc="lower right", fontsize=8)
-    ax.set_title("validation score per member, plain and with test-time augmentation", fontsize=10)
-    out.append(_png(fig, "validation scores plain and TTA"))
+    ax.set_title(f"{ctx.scope} score per member, plain and with test-time augmentation", fontsize=10)
+    out.append(_png(fig, f"{ctx.scope} scores plain and TTA"))
     return "".join(out)
+
+
+def _fold_scores(meta: dict, name: str) -> list[float]:
+    """A cv member's per-fold-model scores (the refit has none: it saw every image)."""
+    return [u["metrics"][name] for u in meta.get("units") or []
+            if u.get("fold") != "refit" and (u.get("metrics") or {}).get(name) is not None]
+
+
+def _spread(values) -> str:
+    """Mean ± standard deviation (numpy's, over the folds as they are, not a sample estimate)."""
+    return f"{np.mean(values):.4f} ± {np.std(values):.4f}" if len(values) else "–"
+
+
+def _blend_name(c) -> str:
+    return f"{c.method} {c.power:g}" if c.method == "power" else c.method
+
+
+def _score_paragraph(ctx: _Context, test_full: float | None) -> str:
+    """The ensemble's score to trust, saying on what it is computed and whether its blend was learned there."""
+    r, kind, c = ctx.result, ctx.result.probs, ctx.combine
+    b = ctx.blend(kind)
+    where = f"out-of-fold (OOF) {_e(r.metric)} over {ctx.n} training images, {ctx.k} folds" if ctx.cv \
+        else f"validation {_e(r.metric)}"
+    how = "" if c.method == "mean" else f", {_e(_blend_name(c))} blend"
+    text = f"<p>The ensemble's {where} ({_e(kind)} probabilities{how}): <b>{b.honest:.4f}</b>"
+    on = "" if ctx.cv else f" on {r.n_valid} images"
+    if b.learned:
+        parts = "the cross-validation folds" if ctx.cv else f"{len(b.per_fold)} parts of the holdout"
+        text += (f"{on} by nested cross-validation (each of {parts} scored by the blend learned on the others); "
+                 f"in-sample {b.in_sample:.4f}, optimistic: its weights were learned on these very rows")
+        if b.weights is not None:
+            text += " (learned weights " + ", ".join(f"{_e(n)} {w:.2f}" for n, w in zip(ctx.names, b.weights)) + ")"
+    else:
+        text += (f" (log loss {r.full_log_loss:.4f})" if c.method == "mean" else "") + on
+    text += f"; one image is {1 / ctx.n:.4f}."
+    if ctx.cv:
+        text += f" Per fold: {_spread(b.per_fold)} (" + ", ".join(f"{v:.4f}" for v in b.per_fold) + ")."
+        how_test = ctx.g.outcomes[0].entry.meta.get("cv", {}).get("test")
+        if how_test:
+            text += f" Test predictions: {'the refit model' if how_test == 'refit' else 'the mean of the fold models'}."
+    if test_full is not None:
+        text += f" Test {_e(r.metric)} on the local answers: <b>{test_full:.4f}</b>."
+    return text + "</p>"
 
 
 def _zoom(ax, values, axis="x", pad=0.15):
@@ -269,55 +343,108 @@ def _zoom(ax, values, axis="x", pad=0.15):
 
 
 # --------------------------------------------------------------------------------------------- training curves
+FOLD_COLORS = ["#1f6feb", "#cf222e", "#1a7f37", "#8250df", "#bc4c00", "#0a7c86", "#bf3989", "#6e7781"]
+REFIT_COLOR = "#1f2328"
+
+
+def _runs(o) -> list[tuple[str | None, list[dict]]]:
+    """(label, per-epoch history) of each model behind a member: its one model (label None), or in cv each fold
+    model and the refit (a joined entry keeps their histories in `units`, its own is empty)."""
+    units = o.entry.meta.get("units")
+    if not units:
+        return [(None, o.entry.meta.get("history") or [])]
+    return [(unit_name(u["fold"]), u.get("history") or []) for u in units]
+
+
 def _curves(ctx: _Context) -> str:
-    out = ['<p class="note">Per epoch, as fastai recorded it while training; dashed lines mark a new phase '
+    what = "one line per fold model (the refit's train loss in black); dashed vertical" if ctx.cv else "dashed"
+    out = [f'<p class="note">Per epoch, as fastai recorded it while training; {what} lines mark a new phase '
            '(frozen → unfrozen) or image size.</p><div class="grid">']
     for o in ctx.result.outcomes:
-        history = o.entry.meta.get("history") or []
+        runs = [(label, h) for label, h in _runs(o) if h]
         out.append(f'<div class="card"><h3>{_e(o.member.name)} <span class="note">{_e(o.member.arch)}</span></h3>')
-        if not history:
+        if not runs:
             out.append('<p class="note">no per-epoch history in this cache entry</p></div>')
             continue
-        x = np.arange(1, len(history) + 1)
-        fixed = {"phase", "epoch", "size", "train_loss", "valid_loss"}
-        metrics = [k for k in history[0] if k not in fixed]
-        fig = _figure(5.6, 2.6)
-        loss_ax, metric_ax = fig.subplots(1, 2)
-        for key, color in (("train_loss", "#1f6feb"), ("valid_loss", "#cf222e")):
-            ys = [h.get(key) for h in history]
-            if any(v is not None for v in ys):
-                loss_ax.plot(x, [np.nan if v is None else v for v in ys], marker="o", ms=3, label=key, color=color)
-        loss_ax.set_title("loss", fontsize=9)
-        loss_ax.legend(fontsize=7)
-        for key in metrics:
-            ys = [h.get(key) for h in history]
-            metric_ax.plot(x, [np.nan if v is None else v for v in ys], marker="o", ms=3, label=key)
-        metric_ax.set_title("validation metric" + ("s" if len(metrics) > 1 else ""), fontsize=9)
-        if metrics:
-            metric_ax.legend(fontsize=7)
-        for ax in (loss_ax, metric_ax):
-            ax.set_xlabel("epoch", fontsize=8)
-            ax.tick_params(labelsize=7)
-            ax.grid(alpha=0.3)
-            if len(x) < 15:
-                ax.set_xticks(x)
-            for i in range(1, len(history)):
-                if (history[i].get("phase"), history[i].get("size")) != (history[i - 1].get("phase"),
-                                                                          history[i - 1].get("size")):
-                    ax.axvline(i + 0.5, ls="--", color="#888", lw=0.8)
-        out.append(_png(fig, f"training curves of {o.member.name}"))
-        last = history[-1]
-        out.append(f'<p class="note">{len(history)} epochs; last: '
-                   + ", ".join(f"{k} {_fmt(last.get(k))}" for k in ["train_loss", "valid_loss", *metrics]) + "</p></div>")
+        fig, metrics = _curves_figure(runs)
+        labels = [label for label, _ in runs if label]
+        alt = f"training curves of {o.member.name}" + (f", one line per fold model: {', '.join(labels)}"
+                                                         if labels else "")
+        out.append(_png(fig, alt) + _curves_note(runs, metrics) + "</div>")
     return "".join(out) + "</div>"
+
+
+def _curves_figure(runs: list[tuple[str | None, list[dict]]]):
+    """Loss and validation metrics per epoch: one model's in two colours, or each fold model's in its own
+    (train solid, valid dashed). Returns (figure, metric names)."""
+    fixed = {"phase", "epoch", "size", "train_loss", "valid_loss"}
+    metrics = list(dict.fromkeys(k for _, h in runs for k in h[0] if k not in fixed))
+    fig = _figure(5.6, 2.6)
+    loss_ax, metric_ax = fig.subplots(1, 2)
+    single = len(runs) == 1 and runs[0][0] is None
+
+    def line(ax, history, key, **style):
+        ys = [h.get(key) for h in history]
+        if any(v is not None for v in ys):
+            ax.plot(np.arange(1, len(ys) + 1), [np.nan if v is None else v for v in ys], marker="o", ms=3, **style)
+
+    for n, (label, history) in enumerate(runs):
+        if single:
+            line(loss_ax, history, "train_loss", label="train_loss", color="#1f6feb")
+            line(loss_ax, history, "valid_loss", label="valid_loss", color="#cf222e")
+            for key in metrics:
+                line(metric_ax, history, key, label=key)
+            continue
+        color = REFIT_COLOR if label == "refit" else FOLD_COLORS[n % len(FOLD_COLORS)]
+        line(loss_ax, history, "train_loss", label=label, color=color)
+        line(loss_ax, history, "valid_loss", color=color, ls="--")
+        for i, key in enumerate(metrics):
+            line(metric_ax, history, key, color=color, ls=("-", "--", ":", "-.")[i % 4],
+                 label=label if len(metrics) == 1 else f"{label} {key}")
+    loss_ax.set_title("loss" if single else "loss (train solid, valid dashed)", fontsize=9)
+    loss_ax.legend(fontsize=7)
+    metric_ax.set_title("validation metric" + ("s" if len(metrics) > 1 else "") + (": " + ", ".join(metrics)
+                        if not single and len(metrics) == 1 else ""), fontsize=9)
+    if metrics:
+        metric_ax.legend(fontsize=7)
+    history = max((h for _, h in runs), key=len)
+    x = np.arange(1, len(history) + 1)
+    for ax in (loss_ax, metric_ax):
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        if len(x) < 15:
+            ax.set_xticks(x)
+        for i in range(1, len(history)):
+            if (history[i].get("phase"), history[i].get("size")) != (history[i - 1].get("phase"),
+                                                                      history[i - 1].get("size")):
+                ax.axvline(i + 0.5, ls="--", color="#888", lw=0.8)
+    return fig, metrics
+
+
+def _curves_note(runs, metrics) -> str:
+    def last(history, every=False):  # a refit has no validation loss or metric: left out, not shown as –
+        row = history[-1]
+        return ", ".join(f"{k} {_fmt(row.get(k))}" for k in ["train_loss", "valid_loss", *metrics]
+                         if every or row.get(k) is not None)
+
+    if len(runs) == 1 and runs[0][0] is None:
+        history = runs[0][1]
+        return f'<p class="note">{len(history)} epochs; last: {last(history, every=True)}</p>'
+    epochs = sorted({len(h) for _, h in runs})
+    return (f'<p class="note">{len(runs)} models, {"/".join(map(str, epochs))} epochs each; last epoch: '
+            + "; ".join(f"{_e(label)}: {last(h)}" for label, h in runs) + "</p>")
 
 
 # --------------------------------------------------------------------------------------------- per class
 def _classes(ctx: _Context) -> str:
     from . import ensemble
 
-    models = [("ensemble", ctx.full)] + list(zip(ctx.names, ctx.valid))
-    out = [f'<p class="note">On the {ctx.result.n_valid} validation images ({_e(ctx.result.probs)} probabilities); '
+    name = "ensemble" + (f" ({ctx.combine.method}, in-sample)" if ctx.combine.learned else "")
+    models = [(name, ctx.full)] + list(zip(ctx.names, ctx.valid))
+    on = f"the out-of-fold (OOF) predictions of {ctx.n} training images ({ctx.k} folds)" if ctx.cv \
+        else f"the {ctx.result.n_valid} validation images"
+    out = [f'<p class="note">On {_e(on)} ({_e(ctx.result.probs)} probabilities); '
            "rows are the true class, columns the predicted one.</p>"]
     blocks = []
     for name, p in models:
@@ -367,9 +494,13 @@ def _confusion_figure(cm: np.ndarray, vocab: list[str], name: str):
 def _ablation(ctx: _Context) -> str:
     r = ctx.result
     names = ctx.names
-    out = [f'<p class="note">Validation {_e(r.metric)} from the cached {_e(r.probs)} probabilities; the full '
-           f"ensemble scores {r.full:.4f}; one image is {1 / r.n_valid:.4f}. Read “changed” (images whose label "
-           "differs from the full ensemble's: + now right, − now wrong) before believing a difference.</p>"]
+    scope = f"Out-of-fold (OOF) {_e(r.metric)} over {ctx.n} training images ({ctx.k} folds)" if ctx.cv \
+        else f"Validation {_e(r.metric)}"
+    mean = "" if ctx.combine.method == "mean" else \
+        f" (here the members' weighted mean, not the ensemble's {_e(ctx.combine.method)} blend)"
+    out = [f'<p class="note">{scope} from the cached {_e(r.probs)} probabilities; the full ensemble{mean} scores '
+           f"{r.full:.4f}; one image is {1 / r.n_valid:.4f}. Read “changed” (images whose label differs from the "
+           "full ensemble's: + now right, − now wrong) before believing a difference.</p>"]
 
     alone = [row.alone for row in r.members]
     without = [row.without for row in r.members]
@@ -387,7 +518,7 @@ def _ablation(ctx: _Context) -> str:
         ax.axvline(r.full, color="#1f2328", ls="--", lw=1, label=f"full ensemble {r.full:.4f}")
         ax.set_yticks(y, names)
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel(f"validation {r.metric}", fontsize=8)
+        ax.set_xlabel(f"{ctx.scope} {r.metric}", fontsize=8)
         _zoom(ax, [v for v in values if v is not None] + [r.full], pad=0.6)
         ax.legend(fontsize=7, loc="lower right")
     axes[0].invert_yaxis()
@@ -433,7 +564,7 @@ def _ablation(ctx: _Context) -> str:
         ax.axhline(r.full, color="#1f2328", ls="--", lw=1, label=f"full ensemble {r.full:.4f}")
         ax.set_xticks(np.arange(1, len(names) + 1))
         ax.set_xlabel("members in the subset", fontsize=8)
-        ax.set_ylabel(f"validation {r.metric}", fontsize=8)
+        ax.set_ylabel(f"{ctx.scope} {r.metric}", fontsize=8)
         ax.set_title(f"every subset ({len(r.subsets)}), members keeping their weights", fontsize=9)
         ax.legend(fontsize=7, loc="lower right")
         ax.grid(alpha=0.3)
@@ -461,14 +592,16 @@ def _similarity(ctx: _Context) -> str:
             ax.text(j, i, f"{corr[i, j]:.2f}", ha="center", va="center", fontsize=8,
                     color="white" if abs(corr[i, j]) > 0.6 else "black")
     ax.set_title("error correlation (of 1 − p(true class))", fontsize=9)
-    out = ['<p class="note">Pearson correlation of the members\' per-image errors on the validation set: near 1, '
+    on = "out-of-fold rows (every training image)" if ctx.cv else "validation set"
+    out = [f'<p class="note">Pearson correlation of the members\' per-image errors on the {on}: near 1, '
            "two members fail on the same images and averaging them adds little.</p>",
            _png(fig, "error correlation heatmap")]
     # how often pairs disagree on the label: a second, plainer view of the same question
     preds = np.stack([p.argmax(1) for p in ctx.valid])
     disagree = (preds[:, None, :] != preds[None, :, :]).mean(2)
     rows = [[names[i]] + [f"{disagree[i, j]:.3f}" for j in range(n)] for i in range(n)]
-    out.append("<h3>Share of validation images on which two members predict different labels</h3>"
+    images = "training images (out of fold)" if ctx.cv else "validation images"
+    out.append(f"<h3>Share of {images} on which two members predict different labels</h3>"
                + _table([""] + names, rows))
     return "".join(out)
 
@@ -584,13 +717,19 @@ def _mistakes(ctx: _Context) -> str:
     pred = ctx.full.argmax(1)
     confidence = ctx.full[np.arange(len(pred)), pred]
     wrong = np.flatnonzero(pred != ctx.targets)
+    images = "training images (out of fold)" if ctx.cv else "validation images"
     if not len(wrong):
-        return '<p class="good">The ensemble gets every validation image right.</p>'
+        every = "every training image right out of fold" if ctx.cv else "every validation image right"
+        return f'<p class="good">The ensemble gets {every}.</p>'
     order = wrong[np.argsort(-confidence[wrong], kind="stable")][:MAX_MISTAKES]
-    ids = [str(i) for i in ctx.g.outcomes[0].entry.arrays["valid_ids"]]
+    arrays = ctx.g.outcomes[0].entry.arrays
+    ids = [str(i) for i in arrays["valid_ids"]]  # paths under the data root: the training images' in cv
+    folds = arrays.get("valid_folds")
     root = ctx.g.data.root
-    out = [f'<p class="note">{len(wrong)} of {len(pred)} validation images are wrong; the {len(order)} the ensemble '
-           "was surest of, with its probability for the predicted and the true class, and each member's guess.</p>"
+    learned = f" (its {_e(ctx.combine.method)} blend in-sample)" if ctx.combine.learned else ""
+    out = [f'<p class="note">{len(wrong)} of {len(pred)} {images} are wrong; the {len(order)} the ensemble{learned} '
+           "was surest of, with its probability for the predicted and the true class, and each member's guess"
+           + (" (each image predicted by the fold models that did not train on it)" if ctx.cv else "") + ".</p>"
            '<div class="gallery">']
     for i in order:
         t, p = int(ctx.targets[i]), int(pred[i])
@@ -598,5 +737,7 @@ def _mistakes(ctx: _Context) -> str:
         out.append(f'<figure title="{_e(ids[i])}">{_thumbnail(root / ids[i], ids[i])}<figcaption>'
                    f'true <span class="good">{_e(ctx.vocab[t])}</span> ({ctx.full[i, t]:.2f}) · predicted '
                    f'<span class="bad">{_e(ctx.vocab[p])}</span> ({confidence[i]:.2f})'
-                   f'<br><span class="note">{_e(Path(ids[i]).name)}<br>{guesses}</span></figcaption></figure>')
+                   f'<br><span class="note">{_e(Path(ids[i]).name)}'
+                   + (f" · fold {int(folds[i])}" if folds is not None else "")
+                   + f'<br>{guesses}</span></figcaption></figure>')
     return "".join(out) + "</div>"

@@ -258,7 +258,7 @@ class _Planned:
     compute: bool  # computed when missing (else only read: --cached-only, or a fold outside --folds)
 
 
-def _variants(ens: Ensemble, data: CompetitionData, folds: list[int] | None, shown: str):
+def fold_variants(ens: Ensemble, data: CompetitionData, folds: list[int] | None, shown: str):
     """[(fold, data, compute)] every member is trained on, and the folds of the training images (cv) or None:
     the holdout split; or each fold of the competition's cv (and a refit on every image with `refit: full`),
     those outside `folds` read from the cache but not computed."""
@@ -290,7 +290,7 @@ def gather_members(project: Project, spec: str, overrides: list[str] = (), progr
     cache = MemberCache(project.cache, comp.name)
     cache.sweep()
     warnings = _warnings(ens)
-    variants, fold_ids = _variants(ens, data, folds, project.relative(path))
+    variants, fold_ids = fold_variants(ens, data, folds, project.relative(path))
     planned: list[_Planned] = []
     for member in ens.members:
         drift = []
@@ -430,7 +430,7 @@ def blend_and_submit(project: Project, g: Gathered, outcomes: list[MemberOutcome
     message = f"ens {project.relative(g.path)}: {members}; {how}{comp.metric} {valid_score:.4f}"[:500]
     record = dict(ensemble=project.relative(g.path),
                   members=json.dumps({o.member.name: w for o, w in zip(outcomes, weights)}),
-                  keys=json.dumps([o.entry.key for o in outcomes]), metric=comp.metric, valid_score=f"{valid_score:.6f}")
+                  keys=json.dumps([[u.entry.key for u in o.folds] if o.folds else o.entry.key for o in outcomes]), metric=comp.metric, valid_score=f"{valid_score:.6f}")
     if comp.kaggle and submit:  # records its row itself, as the upload goes (pending before the score wait)
         delivery = submission.deliver_to_kaggle(comp, csv_path, shown, message, history, force, wait, record=record)
         return Blend(csv_path, rows, valid_score, test_score, delivery, blended)

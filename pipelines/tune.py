@@ -3,7 +3,9 @@
 The member's `tune:` (its own or from `defaults:`) declares the budget and the space: `trials` trials of `epochs`
 epochs each, on a stratified `fraction` of the training images; every trial is scored with the competition's
 metric on the competition's fixed validation images (plain predictions, no TTA), after every epoch, and a median
-pruner stops trials that trail the earlier ones. TPE (Bayesian optimisation) proposes the values.
+pruner stops trials that trail the earlier ones. TPE (Bayesian optimisation) proposes the values. In a
+cross-validated ensemble (`validation: cv`) the trials are scored on one fold of the competition's cv (fold 0
+unless told) and train on the others: a trial costs one model, as in holdout, not one per fold.
 
 The study lives in SQLite in the cache (`cache/<competition>/.tune/<ensemble>-<member>.db`), named by a hash of
 everything that defines a trial but the sampled values: an interrupted search resumes where it stopped, and
@@ -24,7 +26,7 @@ from typing import Any, Callable
 
 from .config import (Competition, Ensemble, Member, Project, Tune, TuneRange, apply_overrides, read_yaml,
                      write_ensemble)
-from .data import CompetitionData, load_data, prepare_data, train_fraction
+from .data import CompetitionData, cv_folds, fold_data, load_data, prepare_data, train_fraction
 from .errors import ConfigError, EnsError
 
 
@@ -62,6 +64,12 @@ class TuneResult:
     n_train: int
     n_valid: int
     seconds: float = 0.0
+    cv_fold: dict | None = None  # cv: the fold the trials are scored on ({fold, folds, assignment})
+
+    @property
+    def scored_on(self) -> str:
+        """'the holdout', or e.g. 'fold 0 of 5'."""
+        return f"fold {self.cv_fold['fold']} of {self.cv_fold['folds']}" if self.cv_fold else "the holdout"
 
     @property
     def best(self) -> TrialRow | None:
@@ -97,6 +105,20 @@ def trial_member(member: Member, tune: Tune, params: dict[str, Any]) -> Member:
         first = e.errors()[0]
         where = ".".join(map(str, first["loc"]))
         raise InvalidTrial(f"{where + ': ' if where else ''}{first['msg'].removeprefix('Value error, ')}") from None
+
+
+def scored_data(data: CompetitionData, ens: Ensemble, fold: int | None, shown: str) -> CompetitionData:
+    """The split trials are scored on: the holdout; in a cross-validated ensemble fold `fold` (default 0) of the
+    competition's cv, the other folds training, as that fold's model in `ens run` (its fingerprint: another study)."""
+    if ens.validation != "cv":
+        if fold is not None:
+            raise EnsError(f"--fold {fold}: {shown} validates on the holdout; --fold needs validation: cv")
+        return data
+    k = data.competition.cv.folds
+    fold = 0 if fold is None else fold
+    if not 0 <= fold < k:
+        raise EnsError(f"--fold {fold}: the competition has folds 0 to {k - 1}; fix --fold")
+    return fold_data(data, cv_folds(data), fold)
 
 
 def trial_data(full: CompetitionData, member: Member, tune: Tune, cache_root: Path, seed: int) -> CompetitionData:
@@ -215,10 +237,12 @@ def find_member(ens: Ensemble, name: str, where: str) -> Member:
 
 
 def tune_member(project: Project, spec: str, member_name: str, overrides=(), n_trials: int | None = None,
-                progress=None, *, pruner=None, on_trial: Callable[[TrialRow], None] | None = None) -> TuneResult:
+                progress=None, *, pruner=None, on_trial: Callable[[TrialRow], None] | None = None,
+                fold: int | None = None) -> TuneResult:
     """Search the member's `tune.space`: run trials until `n_trials` (default `tune.trials`) have finished
     (complete or pruned) in the study, counting those of earlier calls. `pruner` replaces the one `tune.pruner`
-    names (an optuna pruner); `on_trial` is called with each finished trial's row."""
+    names (an optuna pruner); `on_trial` is called with each finished trial's row; `fold` is the fold a
+    cross-validated ensemble's trials are scored on (default 0)."""
     import optuna
 
     from .ensemble import GREATER_IS_BETTER
@@ -238,7 +262,7 @@ def tune_member(project: Project, spec: str, member_name: str, overrides=(), n_t
     if target < 1:
         raise ConfigError(f"--trials {target}: ask for at least one trial")
 
-    full = load_data(project, comp)
+    full = scored_data(load_data(project, comp), ens, fold, shown)
     base = train_fraction(full, tune.fraction, member.seed)
     metric = comp.metric
     direction = "maximize" if GREATER_IS_BETTER[metric] else "minimize"
@@ -310,7 +334,8 @@ def tune_member(project: Project, spec: str, member_name: str, overrides=(), n_t
     ran = sum(1 for t in study.trials if t.state.name in finished) - done
     n_valid = sum(base.is_valid)
     return TuneResult(path, list(overrides), ens, comp, member, tune, metric, direction, storage_path, study_name,
-                      rows, ran, target, len(base.is_valid) - n_valid, n_valid, time.perf_counter() - start)
+                      rows, ran, target, len(base.is_valid) - n_valid, n_valid, time.perf_counter() - start,
+                      base.cv_fold)
 
 
 # --------------------------------------------------------------------------------------------- output
@@ -326,8 +351,8 @@ def write_best(result: TuneResult, dest: Path) -> Path:
         _set_path(target, key, list(value) if isinstance(value, tuple) else value)
     t = result.tune
     header = (f"# written by `ens tune` from {result.ensemble_path.name}: member {result.member.name} has trial "
-              f"{best.number}'s values, validation {result.metric} {best.value:.4f} after {t.epochs} epochs on "
-              f"{t.fraction:.0%} of the training images\n")
+              f"{best.number}'s values, validation {result.metric} {best.value:.4f} on {result.scored_on} after "
+              f"{t.epochs} epochs on {t.fraction:.0%} of the training images\n")
     return write_ensemble(dest, raw, header)
 
 
@@ -366,7 +391,8 @@ def render(result: TuneResult, console) -> None:
     counts = {s: sum(r.state == s for r in result.trials) for s in ("complete", "pruned", "failed")}
     console.print(f"{len(result.trials)} trials ({counts['complete']} complete, {counts['pruned']} pruned, "
                   f"{counts['failed']} failed), {result.ran} run now; {t.epochs} epochs each on {result.n_train} "
-                  f"training images ({t.fraction:.0%}), scored on {result.n_valid} validation images; "
+                  f"training images ({t.fraction:.0%}), scored on {result.scored_on} ({result.n_valid} validation "
+                  f"images); "
                   f"study {result.study_name} in {result.storage.name}", highlight=False)
     if best is None:
         console.print("[yellow]no trial has completed yet[/]")
