@@ -81,7 +81,7 @@ class Ablation:
         if how == "subset" and self.subsets:
             idx = self.subsets[0][0]
             return [self.outcomes[i] for i in idx], [self.outcomes[i].member.weight for i in idx]
-        if how in COMBINE_METHODS:
+        if _method(how):
             return list(self.outcomes), [o.member.weight for o in self.outcomes]
         chosen = [i for i, c in enumerate(self.greedy_counts) if c > 0]
         return [self.outcomes[i] for i in chosen], [float(self.greedy_counts[i]) for i in chosen]
@@ -89,15 +89,21 @@ class Ablation:
     def combine(self, how: str) -> Combine:
         """The blend a pick is submitted with: the method picked, or the weighted mean of the picked weights."""
         own = self.gathered.ensemble.combine
-        if how in COMBINE_METHODS:
+        if _method(how):
             return own if how == own.method else Combine(method=how)
         return Combine()
 
     def score_of(self, how: str) -> float:
         """The pick's honest score on these rows."""
-        if how in COMBINE_METHODS:
+        if _method(how):
             return next(m.honest for m in self.methods if m.method == how)
         return self.greedy_score if how == "greedy" else self.subsets[0][1]
+
+
+def _method(how: str) -> bool:
+    """A pick that names a `combine:` method; `greedy` picks greedy selection's counts as member weights (a plain
+    weighted mean: the same blend as `combine: greedy` learned on every row, spelled out in the YAML)."""
+    return how in COMBINE_METHODS and how != "greedy"
 
 
 def ablate(project: Project, spec: str, overrides: list[str] = (), cached_only: bool = False, probs: str | None = None,

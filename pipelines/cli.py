@@ -320,10 +320,14 @@ def _print_ablation(r, top: int) -> None:
                   "the full ensemble's (+ now right, − now wrong); '95% CI' is a paired bootstrap interval of Δ over "
                   "the images and 'p' McNemar's exact test of the hits: an interval holding 0, or a large p, is not "
                   "a difference shown.", soft_wrap=True)
-    for m in g.missing:
-        lacking = g.incomplete.get(m.name)
-        console.print(f"[yellow]left out:[/] {m.name} ("
-                      + ("not cached" if lacking is None else f"{len(lacking)} fold models not cached") + ")")
+    from .crossval import unit_name
+
+    uncached = [m.name for m in g.missing if m.name not in g.incomplete]
+    if uncached:
+        console.print(f"[yellow]not cached, left out:[/] {', '.join(uncached)}")
+    if g.incomplete:
+        console.print("[yellow]fold models not cached, left out:[/] " + "; ".join(
+            f"{name} ({', '.join(unit_name(f) for f in folds)})" for name, folds in g.incomplete.items()))
     console.print(f"\n[bold]full ensemble: {r.full:.4f}[/] (log loss {r.full_log_loss:.4f}, weighted mean); each "
                   "member alone, and the ensemble without it")
     t = Table()

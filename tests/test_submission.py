@@ -164,14 +164,14 @@ def test_two_runs_in_the_same_second_get_two_complete_csvs(project, digits_data,
         ids = [r["image_id"] for r in csv.DictReader(f)]
     vocab = [str(i) for i in range(10)]
     g = NS(competition=comp, data=NS(root=digits_data, test_ids=ids, vocab=vocab),
-           path=project / "ensembles/digits/tiny.yaml")
+           path=project / "ensembles/digits/tiny.yaml", cv=False, blend_folds=lambda: np.arange(40) % 5)
 
     def outcome(seed):
         rng = np.random.default_rng(seed)
         arrays = {"valid_targets": rng.integers(0, 10, 40), "valid": rng.dirichlet(np.ones(10), 40),
                   "test": rng.dirichlet(np.ones(10), len(ids))}
-        return NS(member=NS(name=f"m{seed}"), entry=NS(arrays=arrays, key=f"k{seed}",
-                                                       probs=lambda split, kind: arrays[split]))
+        return NS(member=NS(name=f"m{seed}"), folds=[], entry=NS(arrays=arrays, key=f"k{seed}",
+                                                                 probs=lambda split, kind: arrays[split]))
 
     results, failures = {}, []
 
