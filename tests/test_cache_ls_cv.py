@@ -9,6 +9,8 @@ import pytest
 from conftest import ens, make_project
 from pipelines.config import Project
 
+pytestmark = pytest.mark.slow  # trains real fold models
+
 ONE = """\
 competition: digits
 defaults:

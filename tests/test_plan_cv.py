@@ -11,6 +11,8 @@ from conftest import make_project
 from pipelines.config import Project
 from pipelines.plan import plan_ensemble, render
 
+pytestmark = pytest.mark.slow  # trains real fold models
+
 CV = """\
 competition: digits
 validation: cv

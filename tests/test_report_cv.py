@@ -19,6 +19,8 @@ from pipelines.report import SECTIONS, build_report
 from pipelines.run import gather_members, run_ensemble
 from test_report import CHECK_SCRIPT, _browse, _console, chromium  # noqa: F401 (chromium: a fixture)
 
+pytestmark = pytest.mark.slow  # trains real fold models
+
 CV = """\
 competition: digits
 validation: cv

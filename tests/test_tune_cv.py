@@ -8,6 +8,8 @@ from conftest import make_project
 from pipelines.config import Project
 from pipelines.errors import EnsError
 
+pytestmark = pytest.mark.slow  # trains real fold models
+
 CV = """\
 competition: digits
 validation: cv
