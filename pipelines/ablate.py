@@ -131,7 +131,7 @@ def ablate(project: Project, spec: str, overrides: list[str] = (), cached_only: 
             ensemble.paired_bootstrap_metric(metric, p[i], full, targets), _mcnemar(p[i], full, targets),
             None if without is None else ensemble.paired_bootstrap_metric(metric, without, full, targets),
             None if without is None else _mcnemar(without, full, targets),
-            _fold_scores(o, f"{kind}_{metric}")))
+            o.fold_scores(f"{kind}_{metric}") or None))
     subsets = ensemble.subset_scores(p, weights, targets, metric) if len(p) <= MAX_SUBSET_MEMBERS else None
     counts, g_score, g_ll, _ = ensemble.greedy_selection(p, targets, metric, rounds)
     folds = g.blend_folds()
@@ -143,12 +143,6 @@ def ablate(project: Project, spec: str, overrides: list[str] = (), cached_only: 
 
 def _mcnemar(a: np.ndarray, b: np.ndarray, targets: np.ndarray) -> float:
     return ensemble.mcnemar_p(a.argmax(1) == targets, b.argmax(1) == targets)
-
-
-def _fold_scores(outcome: MemberOutcome, name: str) -> list[float] | None:
-    """A cross-validated member's score on each of its folds (from its fold models' entries)."""
-    scores = [u.entry.meta["metrics"].get(name) for u in outcome.folds if u.fold != "refit"]
-    return scores if scores and None not in scores else None
 
 
 def _methods(g: Gathered, p: list[np.ndarray], weights: list[float], targets: np.ndarray, folds: np.ndarray,

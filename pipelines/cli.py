@@ -18,6 +18,7 @@ from rich.table import Table
 
 from .config import PROJECT_ENV, Project
 from .errors import EnsError
+from .util import spread
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Ensembles of image classifiers for image-classification competitions (Kaggle's, or your own "
@@ -79,14 +80,6 @@ def _fold_list(text: Optional[str]) -> Optional[list[int]]:
     if not folds:
         raise EnsError("--folds: name at least one fold, e.g. --folds 0")
     return folds
-
-
-def _fold_scores(outcome) -> str:
-    """'0.9512 ± 0.0123' of a cross-validated member's fold models (TTA accuracy), '' otherwise."""
-    import numpy as np
-
-    scores = [u.entry.meta["metrics"]["tta_accuracy"] for u in outcome.folds if u.fold != "refit"]
-    return f"{np.mean(scores):.4f} ± {np.std(scores):.4f}" if scores else ""
 
 
 def _print_incomplete(result, proj: Project, spec: str, overrides: list[str]) -> None:
@@ -184,7 +177,7 @@ def _print_run(result, proj: Project) -> None:
         seconds = sum(meta["timings"].values())
         test = [f"{o.test_score:.4f}"] if scored else []
         table.add_row(m.name, m.arch, str(m.final_size), str(m.total_epochs), f"{meta['metrics']['plain_accuracy']:.4f}",
-                      f"{meta['metrics']['tta_accuracy']:.4f}", *([_fold_scores(o)] if cv else []), *test,
+                      f"{meta['metrics']['tta_accuracy']:.4f}", *([spread(o.fold_scores("tta_accuracy"))] if cv else []), *test,
                       f"{seconds:.1f}s", _how(o))
     if scored:
         method = result.ensemble.combine.method
@@ -266,8 +259,6 @@ def _interval(ci) -> str:
 
 
 def _print_fold_scores(r) -> None:
-    import numpy as np
-
     k = max(len(row.folds or ()) for row in r.members)
     console.print(f"\n[bold]per fold[/] (each fold model on the images it did not see; {r.probs} {r.metric})")
     t = Table()
@@ -277,13 +268,11 @@ def _print_fold_scores(r) -> None:
     t.add_column("mean ± std", justify="right")
     for row in r.members:
         if row.folds:
-            t.add_row(row.name, *[f"{v:.4f}" for v in row.folds], f"{np.mean(row.folds):.4f} ± {np.std(row.folds):.4f}")
+            t.add_row(row.name, *[f"{v:.4f}" for v in row.folds], spread(row.folds))
     console.print(t)
 
 
 def _print_methods(r) -> None:
-    import numpy as np
-
     over = f"the {r.n_folds} folds" if r.gathered.cv else f"{r.n_folds} parts of the holdout"
     console.print(f"\n[bold]combine methods[/] (`combine:` in the ensemble; this one's is "
                   f"{r.gathered.ensemble.combine.method}). A learned blend's weights are chosen on the rows it is "
@@ -297,7 +286,7 @@ def _print_methods(r) -> None:
         name = f"[bold]{m.method}[/]" if m is best else m.method
         t.add_row(name, "learned" if m.learned else "fixed", f"{m.in_sample:.4f}",
                   f"{m.honest:.4f}" + (" (nested)" if m.learned else ""),
-                  f"{np.mean(m.per_fold):.4f} ± {np.std(m.per_fold):.4f}", f"{m.log_loss:.4f}")
+                  spread(m.per_fold), f"{m.log_loss:.4f}")
     console.print(t)
 
 

@@ -29,6 +29,7 @@ from . import submission
 from .ablate import Ablation, ablate
 from .config import Project
 from .crossval import unit_name
+from .util import spread
 
 SECTIONS = {  # id → title, in page order (tests find the sections by these ids)
     "glance": "At a glance",
@@ -252,7 +253,7 @@ def _glance(ctx: _Context) -> str:
         row = [m.name, m.arch, _sizes(dumped), _epochs(dumped), f"{m.lr:g}", f"{m.weight:g}",
                _seconds(timings.get("train_seconds")), _seconds(timings.get("predict_seconds")), _fmt(p), _fmt(t)]
         if ctx.cv:
-            row.append(_spread(_fold_scores(meta, f"{kind}_{r.metric}")))
+            row.append(spread(o.fold_scores(f"{kind}_{r.metric}")) or "–")
         if has_test:
             row.append(_fmt(ctx.test_score(o.entry.probs("test", kind))))
         rows.append(row + [o.entry.key])
@@ -262,7 +263,7 @@ def _glance(ctx: _Context) -> str:
     name = "weighted mean" if c.method == "mean" else _blend_name(c) + (" (nested CV)" if c.learned else "")
     rows.append(["ensemble", name, "", "", "", "", _seconds(total_train), _seconds(total_predict),
                  _fmt(full_plain), _fmt(full_tta)]
-                + ([_spread(ctx.blend(kind).per_fold)] if ctx.cv else [])
+                + ([spread(ctx.blend(kind).per_fold)] if ctx.cv else [])
                 + ([_fmt(test_full)] if has_test else []) + [""])
     out = [_score_paragraph(ctx, test_full), _table(header, rows, left=3, classes=[""] * (len(rows) - 1) + ["total"])]
     if ctx.g.incomplete:  # cv, --cached-only: a member is blended only with every fold model
@@ -291,17 +292,6 @@ def _glance(ctx: _Context) -> str:
     return "".join(out)
 
 
-def _fold_scores(meta: dict, name: str) -> list[float]:
-    """A cv member's per-fold-model scores (the refit has none: it saw every image)."""
-    return [u["metrics"][name] for u in meta.get("units") or []
-            if u.get("fold") != "refit" and (u.get("metrics") or {}).get(name) is not None]
-
-
-def _spread(values) -> str:
-    """Mean ± standard deviation (numpy's, over the folds as they are, not a sample estimate)."""
-    return f"{np.mean(values):.4f} ± {np.std(values):.4f}" if len(values) else "–"
-
-
 def _blend_name(c) -> str:
     return f"{c.method} {c.power:g}" if c.method == "power" else c.method
 
@@ -325,7 +315,7 @@ def _score_paragraph(ctx: _Context, test_full: float | None) -> str:
         text += (f" (log loss {r.full_log_loss:.4f})" if c.method == "mean" else "") + on
     text += f"; one image is {1 / ctx.n:.4f}."
     if ctx.cv:
-        text += f" Per fold: {_spread(b.per_fold)} (" + ", ".join(f"{v:.4f}" for v in b.per_fold) + ")."
+        text += f" Per fold: {spread(b.per_fold)} (" + ", ".join(f"{v:.4f}" for v in b.per_fold) + ")."
         how_test = ctx.g.outcomes[0].entry.meta.get("cv", {}).get("test")
         if how_test:
             text += f" Test predictions: {'the refit model' if how_test == 'refit' else 'the mean of the fold models'}."

@@ -39,6 +39,12 @@ class MemberOutcome:
     def trained(self) -> bool:
         return self.how in ("trained", "resumed")
 
+    def fold_scores(self, name: str) -> list[float]:
+        """A cross-validated member's metric `name` ('tta_accuracy', ...) on each fold, from its fold models'
+        entries (the refit has none: it saw every image); [] for a holdout member."""
+        return [u.entry.meta["metrics"][name] for u in self.folds
+                if u.fold != "refit" and name in (u.entry.meta.get("metrics") or {})]
+
     @property
     def predictors(self) -> list["MemberOutcome"]:
         """The models whose mean predicts the test images: this one; or a cross-validated member's refit, else

@@ -139,3 +139,10 @@ def lock_file_for(dest: Path) -> Path:
     dest = Path(dest).absolute()
     digest = hashlib.sha256(str(dest).encode()).hexdigest()[:16]
     return user_cache() / "locks" / f"{dest.name}-{digest}.lock"
+
+
+def spread(values) -> str:
+    """'mean ± std' of per-fold scores (numpy's std: over the folds as they are, not a sample estimate); '' of none."""
+    import numpy as np
+
+    return f"{np.mean(values):.4f} ± {np.std(values):.4f}" if len(values) else ""
