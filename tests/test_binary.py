@@ -109,3 +109,41 @@ def test_per_class_matches_sklearn_on_many_classes():
     precision, recall, f1, _ = precision_recall_fscore_support(y, probs.argmax(1), labels=range(5), zero_division=0)
     np.testing.assert_allclose(got["f1"], f1, atol=1e-6)
     assert got["confusion"] == confusion_matrix(y, probs.argmax(1), labels=range(5)).tolist()
+
+
+def test_cross_validated_with_groups_from_the_labels_csv_and_a_stacked_blend(oddeven, tmp_path):
+    """cv on a labels-CSV competition: the groups come from a column of train.csv (no group straddles folds), the
+    stacked blend's roc_auc is its nested-CV estimate, and the CSV holds probabilities of the fold-mean blend."""
+    root = tmp_path / "project"
+    shutil.copytree(oddeven[0], root, ignore=shutil.ignore_patterns("submissions"))
+    comp_path = root / "competitions/oddeven.yaml"
+    data = tmp_path / "data"
+    shutil.copytree(comp_path.read_text().split("data_dir: ")[1].split("\n")[0], data)
+    with open(data / "train.csv") as f:
+        rows = list(csv.DictReader(f))
+    with open(data / "train.csv", "w", newline="") as f:  # 30 "writers", each with images of both classes
+        csv.writer(f).writerows([("id", "label", "writer"),
+                                 *((r["id"], r["label"], f"w{int(r['id'][6:]) % 30}") for r in rows)])
+    text = comp_path.read_text()
+    comp_path.write_text(text.replace(f"data_dir: {text.split('data_dir: ')[1].split(chr(10))[0]}", f"data_dir: {data}")
+                         + "cv: {folds: 3, group_column: writer}\n")
+    (root / "ensembles/oddeven/cv.yaml").write_text(
+        ODD_EVEN.replace("epochs: 2", "epochs: 1").replace("competition: oddeven",
+                                                           "competition: oddeven\nvalidation: cv\ncombine: stack"))
+    result = run_ensemble(Project(root), "oddeven/cv.yaml")
+    g = result.gathered
+    writer = {f"train/{r['id']}.png": f"w{int(r['id'][6:]) % 30}" for r in rows}
+    folds_of = {}
+    for path, fold in zip(g.data.train_paths, g.fold_ids):
+        folds_of.setdefault(writer[path], set()).add(fold)
+    assert all(len(f) == 1 for f in folds_of.values()) and sorted({f for s in folds_of.values() for f in s}) == [0, 1, 2]
+    p = [o.entry.arrays["valid_tta"] for o in result.members]
+    y = result.members[0].entry.arrays["valid_targets"]
+    honest, _ = ensemble.nested_cv_score(p, y, np.array(g.fold_ids), ensemble.stacking_fitter(), "roc_auc")
+    assert result.valid_score == pytest.approx(honest) and len(y) == len(g.data.train_paths)
+    model = ensemble.stacking_fit(p, y)
+    test = ensemble.stacking_predict(model, [o.entry.arrays["test_tta"] for o in result.members])
+    with open(result.csv) as f:
+        written = {r["id"]: float(r["odd"]) for r in csv.DictReader(f)}
+    ids = [str(i).removesuffix(".png") for i in result.members[0].entry.arrays["test_ids"]]
+    np.testing.assert_allclose([written[i] for i in ids], test[:, 1], atol=1e-5)
