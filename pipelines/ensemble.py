@@ -322,11 +322,18 @@ def stacking_fitter(C: float = 1.0, eps: float = BLEND_EPS) -> Fit:
 
 def nested_cv_score(probs_list: list[np.ndarray], targets: np.ndarray, folds, fit: Fit,
                     metric: str) -> tuple[float, list[float]]:
+    score_, per_fold, _ = nested_cv(probs_list, targets, folds, fit, metric)
+    return score_, per_fold
+
+
+def nested_cv(probs_list: list[np.ndarray], targets: np.ndarray, folds, fit: Fit,
+              metric: str) -> tuple[float, list[float], np.ndarray]:
     """The honest score of a blend whose weights are learned (hill climbing, stacking): for each fold k, learn on
     the other folds' OOF rows, predict fold k's rows; no row is ever scored by a blend learned on it. `folds` is
     each row's fold id (the k-fold split that produced the OOF probabilities). Returns (the metric over all
     held-out predictions together, the metric of each fold in sorted fold-id order). Expect it below the
-    in-sample score of the same blend; the gap is the blend's own overfitting."""
+    in-sample score of the same blend; the gap is the blend's own overfitting. `nested_cv` also returns the
+    held-out probabilities themselves (every row blended by weights learned without it)."""
     targets = np.asarray(targets)
     folds = np.asarray(folds)
     if folds.shape != targets.shape:
@@ -342,7 +349,7 @@ def nested_cv_score(probs_list: list[np.ndarray], targets: np.ndarray, folds, fi
         predict = fit([p[~test] for p in stacked], targets[~test])
         held_out[test] = predict([p[test] for p in stacked])
         per_fold.append(float(score(metric, held_out[test], targets[test])))
-    return float(score(metric, held_out, targets)), per_fold
+    return float(score(metric, held_out, targets)), per_fold, held_out
 
 
 # --------------------------------------------------------------------------------------------- is it better?
@@ -441,9 +448,12 @@ class Blended:
     validation rows (`in_sample`: optimistic when the weights were learned on them) and `honest`, the score
     to trust: nested cross-validation for learned blends, the plain score for fixed ones."""
 
-    def __init__(self, valid, test, in_sample, honest, per_fold, weights, learned):
+    def __init__(self, valid, test, in_sample, honest, per_fold, weights, learned, held_out=None):
         self.valid, self.test, self.in_sample, self.honest = valid, test, in_sample, honest
         self.per_fold, self.weights, self.learned = per_fold, weights, learned
+        # the validation rows as the honest score sees them: a learned blend's nested-CV predictions (each row
+        # blended by weights learned without it), a fixed blend's own
+        self.held_out = valid if held_out is None else held_out
 
 
 def blend(combine_cfg, valid_list: list[np.ndarray], test_list: list[np.ndarray], targets: np.ndarray,
@@ -457,10 +467,11 @@ def blend(combine_cfg, valid_list: list[np.ndarray], test_list: list[np.ndarray]
         fit = _fitter(combine_cfg, metric)
         predict = fit(valid_list, targets)
         valid, test = predict(valid_list), predict(test_list)
-        honest, per_fold = nested_cv_score(valid_list, targets, folds, fit, metric)
+        honest, per_fold, held_out = nested_cv(valid_list, targets, folds, fit, metric)
         weights = getattr(predict, "weights", None)  # stacking has per-class coefficients, not member weights
         in_sample = score(metric, valid, targets)
-        return Blended(valid, test, in_sample, honest, per_fold, None if weights is None else list(weights), True)
+        return Blended(valid, test, in_sample, honest, per_fold, None if weights is None else list(weights), True,
+                       held_out)
     valid, test = fixed_blend(combine_cfg, valid_list, weights), fixed_blend(combine_cfg, test_list, weights)
     in_sample = score(metric, valid, targets)
     per_fold = [score(metric, valid[folds == k], targets[folds == k]) for k in np.unique(folds)]

@@ -192,7 +192,9 @@ class _Context:
         self.combine = self.g.ensemble.combine
         self.k = len(np.unique(self.g.fold_ids)) if self.cv else None  # the cross-validation's folds
         self._blends = {}
-        self.full = self.blend(result.probs).valid  # the ensemble as `ens run` submits it (in-sample if learned)
+        # the ensemble's validation rows as its honest score sees them: a learned blend's nested-CV predictions
+        # (each row blended by weights learned without it), not the in-sample ones that flatter it
+        self.full = self.blend(result.probs).held_out
 
     @property
     def rows(self) -> str:
@@ -430,7 +432,7 @@ def _curves_note(runs, metrics) -> str:
 def _classes(ctx: _Context) -> str:
     from . import ensemble
 
-    name = "ensemble" + (f" ({ctx.combine.method}, in-sample)" if ctx.combine.learned else "")
+    name = "ensemble" + (f" ({ctx.combine.method}, nested CV)" if ctx.combine.learned else "")
     models = [(name, ctx.full)] + list(zip(ctx.names, ctx.valid))
     on = f"the out-of-fold (OOF) predictions of {ctx.n} training images ({ctx.k} folds)" if ctx.cv \
         else f"the {ctx.result.n_valid} validation images"
@@ -716,7 +718,8 @@ def _mistakes(ctx: _Context) -> str:
     ids = [str(i) for i in arrays["valid_ids"]]  # paths under the data root: the training images' in cv
     folds = arrays.get("valid_folds")
     root = ctx.g.data.root
-    learned = f" (its {_e(ctx.combine.method)} blend in-sample)" if ctx.combine.learned else ""
+    learned = (f" (its {_e(ctx.combine.method)} blend, each row by weights learned without it)"
+               if ctx.combine.learned else "")
     out = [f'<p class="note">{len(wrong)} of {len(pred)} {images} are wrong; the {len(order)} the ensemble{learned} '
            "was surest of, with its probability for the predicted and the true class, and each member's guess"
            + (" (each image predicted by the fold models that did not train on it)" if ctx.cv else "") + ".</p>"

@@ -127,6 +127,11 @@ def test_cv_confusion_and_mistakes_are_on_oof_rows(cv_report):
     n = len(g.data.train_paths)
     classes = _section(text, "classes")
     assert classes.count("<td class=l>macro</td>") == 3  # ensemble and both members
+    # the learned blend's confusion is its honest one: each row blended by weights learned without that row
+    probs = [o.entry.probs("valid", "tta") for o in g.outcomes]
+    targets, folds = g.outcomes[0].entry.arrays["valid_targets"], g.outcomes[0].entry.arrays["valid_folds"]
+    honest, _, _ = ensemble.nested_cv(probs, targets, folds, ensemble.hill_climb_fitter("accuracy"), "accuracy")
+    assert f"ensemble (hill_climb, nested CV) <span class=\"note\">accuracy {honest:.4f}" in classes
     assert len(re.findall(rf"<td class=l>macro</td>(?:<td>[^<]*</td>){{3}}<td>{n}</td>", classes)) == 3
     for o in g.outcomes:
         acc = ensemble.accuracy(o.entry.probs("valid", "tta"), o.entry.arrays["valid_targets"])
