@@ -222,14 +222,14 @@ def hill_climb(probs_list: list[np.ndarray], targets: np.ndarray, metric: str, r
                allow_negative: bool = True, step=(0.05, 0.1, 0.2, 0.5),
                eps: float = BLEND_EPS) -> tuple[np.ndarray, float]:
     """Coordinate-wise hill climbing on the blend weights, as top Kaggle competitors blend OOF predictions: start
-    from the best single member at weight 1; each round try +s and -s on every member's weight for every step
+    from the best single member at weight 1, or from the plain mean where it scores better; each round try +s and -s on every member's weight for every step
     size s in `step` (a number or several: one small fixed step stalls on accuracy's plateaus, where each move
     first loses an image — on synthetic data 0.05 alone stopped ~8 points below the plain mean), keep the
     candidate that most improves (metric, then log loss as tie-breaker — so for accuracy it climbs log loss while
     accuracy ties), stop after `rounds` or when nothing improves. It may subtract a member (a negative weight
     cancels noise that member shares with others); the blend is then `clipped_blend`'s. Deterministic (members
-    in order, small steps first, + before -; ties keep the earliest). Starting from the best member, it never
-    scores below it on these rows — which is why its in-sample score is optimistic: `nested_cv_score` is honest.
+    in order, small steps first, + before -; ties keep the earliest). Starting from the better of the two, it never
+    scores below the best member or the plain mean on these rows — which is why its in-sample score is optimistic: `nested_cv_score` is honest.
     Returns (weights summing to one, score of the blend on these rows)."""
     stacked = np.stack(probs_list).astype("float64")
     m = len(stacked)
@@ -247,6 +247,9 @@ def hill_climb(probs_list: list[np.ndarray], targets: np.ndarray, metric: str, r
     w = np.zeros(m)
     w[start] = 1.0
     total, best = stacked[start].copy(), keys[start]
+    mean_key = _key(metric, stacked.mean(0), targets)
+    if _improves(mean_key, best):  # climb from the plain mean when it is better: from one member, accuracy's
+        w, total, best = np.full(m, 1.0 / m), stacked.sum(0) / m, mean_key  # plateaus can stop the climb below it
     for _ in range(rounds):
         found = None
         for i in range(m):
