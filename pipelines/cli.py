@@ -273,6 +273,8 @@ def _print_fold_scores(r) -> None:
 
 
 def _print_methods(r) -> None:
+    from .ensemble import GREATER_IS_BETTER
+
     over = f"the {r.n_folds} folds" if r.gathered.cv else f"{r.n_folds} parts of the holdout"
     console.print(f"\n[bold]combine methods[/] (`combine:` in the ensemble; this one's is "
                   f"{r.gathered.ensemble.combine.method}). A learned blend's weights are chosen on the rows it is "
@@ -281,19 +283,13 @@ def _print_methods(r) -> None:
     t = Table()
     for col in ("method", "weights", "in-sample", "honest", "per part", "log loss"):
         t.add_column(col, justify="left" if col in ("method", "weights") else "right")
-    best = max(r.methods, key=lambda m: m.honest if ensemble_greater(r.metric) else -m.honest)
+    best = max(r.methods, key=lambda m: m.honest if GREATER_IS_BETTER[r.metric] else -m.honest)
     for m in r.methods:
         name = f"[bold]{m.method}[/]" if m is best else m.method
         t.add_row(name, "learned" if m.learned else "fixed", f"{m.in_sample:.4f}",
                   f"{m.honest:.4f}" + (" (nested)" if m.learned else ""),
                   spread(m.per_fold), f"{m.log_loss:.4f}")
     console.print(t)
-
-
-def ensemble_greater(metric: str) -> bool:
-    from .ensemble import GREATER_IS_BETTER
-
-    return GREATER_IS_BETTER[metric]
 
 
 def _moves(c) -> str:

@@ -24,7 +24,7 @@ def unit_name(fold) -> str:
     return "refit" if fold == "refit" else f"fold {fold}"
 
 
-def join_folds(member_name: str, data: CompetitionData, fold_ids: list[int], folds: dict[int, Entry],
+def join_folds(data: CompetitionData, fold_ids: list[int], folds: dict[int, Entry],
                refit: Entry | None, scores) -> Entry:
     """One entry for the member: `valid_*` are the OOF probabilities of every training image in `data`'s order
     (`valid_ids` the training paths, `valid_folds` the fold that held each out), `test_*` the mean of the fold

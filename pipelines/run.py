@@ -352,7 +352,7 @@ def _by_member(ens: Ensemble, units: list[MemberOutcome], variants, data: Compet
         folds = {f: o.entry for f, o in mine.items() if f != "refit"}
         refit = mine["refit"].entry if "refit" in mine else None
         try:
-            entry = join_folds(member.name, data, fold_ids, folds, refit, _scores)
+            entry = join_folds(data, fold_ids, folds, refit, _scores)
         except ValueError as e:
             raise EnsError(f"member {member.name}: its fold models do not fit together ({e}); "
                            "`ens cache ls` shows them: delete them and run again") from None

@@ -45,11 +45,29 @@ def digits_data(tmp_path_factory) -> Path:
     return root
 
 
-def make_project(root: Path, digits_data: Path, ensembles: dict[str, str] | None = None) -> Path:
-    """A project folder: the repo's digits competition (pointed at the session's data) and `ensembles`."""
+# one small member, for the cross-validation tests ("validation: cv\n" + ONE_RESNET: one model per fold)
+ONE_RESNET = """\
+competition: digits
+defaults:
+  pretrained: false
+  size: 32
+  epochs: 1
+  lr: 0.005
+  batch_size: 64
+  num_workers: 0
+  aug_transforms: {do_flip: false, max_rotate: 10}
+  tta: {n: 0}
+members:
+  - {name: resnet, arch: test_resnet}
+"""
+
+
+def make_project(root: Path, digits_data: Path, ensembles: dict[str, str] | None = None, cv: str | None = None) -> Path:
+    """A project folder: the repo's digits competition (pointed at the session's data, with `cv` as its
+    cross-validation when given, e.g. "{folds: 3}": the later `cv:` key wins) and `ensembles`."""
     (root / "competitions").mkdir(parents=True)
-    text = (REPO / "competitions" / "digits.yaml").read_text()
-    (root / "competitions" / "digits.yaml").write_text(text + f"\ndata_dir: {digits_data}\n")
+    text = (REPO / "competitions" / "digits.yaml").read_text() + f"\ndata_dir: {digits_data}\n"
+    (root / "competitions" / "digits.yaml").write_text(text + (f"cv: {cv}\n" if cv else ""))
     for name, body in (ensembles or {}).items():
         path = root / "ensembles" / "digits" / f"{name}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)

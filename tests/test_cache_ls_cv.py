@@ -6,25 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ens, make_project
+from conftest import ONE_RESNET, ens, make_project
 from pipelines.config import Project
 
 pytestmark = pytest.mark.slow  # trains real fold models
 
-ONE = """\
-competition: digits
-defaults:
-  pretrained: false
-  size: 32
-  epochs: 1
-  lr: 0.005
-  batch_size: 64
-  num_workers: 0
-  aug_transforms: {do_flip: false, max_rotate: 10}
-  tta: {n: 0}
-members:
-  - {name: resnet, arch: test_resnet}
-"""
+ONE = ONE_RESNET
 CV = "validation: cv\nrefit: full\n" + ONE
 
 
@@ -44,9 +31,8 @@ def listings(tmp_path_factory, digits_data):
     """The listing after folds 0 and 1 of the cv member, then after everything: (project, first, last)."""
     from pipelines.run import run_ensemble
 
-    root = make_project(tmp_path_factory.mktemp("ls_cv") / "project", digits_data, {"cv": CV, "one": ONE})
-    comp = root / "competitions" / "digits.yaml"
-    comp.write_text(comp.read_text() + "cv: {folds: 3}\n")  # the later `cv:` key wins
+    root = make_project(tmp_path_factory.mktemp("ls_cv") / "project", digits_data, {"cv": CV, "one": ONE},
+                        cv="{folds: 3}")
     run_ensemble(Project(root), "digits/cv.yaml", folds=[0, 1])
     first = ens("cache", "ls", cwd=root)
     run_ensemble(Project(root), "digits/cv.yaml")  # fold 2 and the refit

@@ -34,11 +34,9 @@ members:
 """
 
 
-def cv_project(root, digits_data, folds=3, ensembles=None, extra=""):
-    root = make_project(root, digits_data, ensembles or {"cv": CV.replace("COMBINE", "mean")})
-    comp = root / "competitions/digits.yaml"
-    comp.write_text(comp.read_text() + f"cv: {{folds: {folds}, seed: 7{extra}}}\n")
-    return root
+def cv_project(root, digits_data, ensembles=None, extra=""):
+    return make_project(root, digits_data, ensembles or {"cv": CV.replace("COMBINE", "mean")},
+                        cv=f"{{folds: 3, seed: 7{extra}}}")
 
 
 @pytest.fixture(scope="module")

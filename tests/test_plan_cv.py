@@ -7,36 +7,13 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from conftest import make_project
+from conftest import ONE_RESNET, make_project
 from pipelines.config import Project
 from pipelines.plan import plan_ensemble, render
 
 pytestmark = pytest.mark.slow  # trains real fold models
 
-CV = """\
-competition: digits
-validation: cv
-refit: full
-defaults:
-  pretrained: false
-  size: 32
-  epochs: 1
-  lr: 0.005
-  batch_size: 64
-  num_workers: 0
-  aug_transforms: {do_flip: false, max_rotate: 10}
-  tta: {n: 0}
-members:
-  - {name: resnet, arch: test_resnet}
-"""
-
-
-def cv_project(root: Path, digits_data: Path, ensembles: dict[str, str]) -> Path:
-    """A project whose digits competition has 3 folds (the later `cv:` key wins)."""
-    root = make_project(root, digits_data, ensembles)
-    comp = root / "competitions" / "digits.yaml"
-    comp.write_text(comp.read_text() + "cv: {folds: 3}\n")
-    return root
+CV = "validation: cv\nrefit: full\n" + ONE_RESNET
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +21,7 @@ def cv_run(tmp_path_factory, digits_data):
     """Folds 0 and 1 trained (fold 2 and the refit not): (project, RunResult)."""
     from pipelines.run import run_ensemble
 
-    root = cv_project(tmp_path_factory.mktemp("plan_cv") / "project", digits_data, {"cv": CV})
+    root = make_project(tmp_path_factory.mktemp("plan_cv") / "project", digits_data, {"cv": CV}, cv="{folds: 3}")
     return root, run_ensemble(Project(root), "digits/cv.yaml", folds=[0, 1])
 
 

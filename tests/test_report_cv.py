@@ -45,9 +45,7 @@ FOLDS = 3
 @pytest.fixture(scope="module")
 def cv_report(tmp_path_factory, digits_data):
     """(project root, report text, Gathered, RunResult): trained and submitted once by `ens run`, then reported."""
-    root = make_project(tmp_path_factory.mktemp("cv") / "project", digits_data, {"cv": CV})
-    comp = root / "competitions" / "digits.yaml"
-    comp.write_text(comp.read_text() + f"cv: {{folds: {FOLDS}}}\n")
+    root = make_project(tmp_path_factory.mktemp("cv") / "project", digits_data, {"cv": CV}, cv=f"{{folds: {FOLDS}}}")
     run = run_ensemble(Project(root), "digits/cv.yaml")
     path = build_report(Project(root), "digits/cv.yaml")
     g = gather_members(Project(root), "digits/cv.yaml", cached_only=True)

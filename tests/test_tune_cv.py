@@ -40,9 +40,7 @@ def tuned(tmp_path_factory, digits_data):
     import pipelines.train
     from pipelines.tune import tune_member
 
-    root = make_project(tmp_path_factory.mktemp("tune_cv") / "project", digits_data, {"cv": CV})
-    comp = root / "competitions" / "digits.yaml"
-    comp.write_text(comp.read_text() + "cv: {folds: 3}\n")  # the later `cv:` key wins
+    root = make_project(tmp_path_factory.mktemp("tune_cv") / "project", digits_data, {"cv": CV}, cv="{folds: 3}")
     seen, real = [], pipelines.train.train_member
 
     def recording(member, data, *a, **k):
