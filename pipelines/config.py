@@ -292,7 +292,8 @@ class Tune(Strict):
 
 
 # member fields a search may not vary: trials set epochs (and drop stages) themselves; the rest change no result
-TUNE_FIXED = ("name", "tune", "epochs", "stages", "weight", "num_workers", "keep_model", "gpu_memory", "deterministic")
+TUNE_FIXED = ("name", "tune", "epochs", "stages", "weight", "num_workers", "keep_model", "gpu_memory", "deterministic",
+              "decode", "compile")
 
 
 def member_field(path: str):
@@ -356,6 +357,9 @@ class Member(Strict):
     batch_size: int = Field(64, ge=1)
     resize: ItemResize = ItemResize()
     prepare: Optional[Prepare] = None  # read a resized copy of the data instead of the originals
+    # read batches from a uint8 copy decoded once at each pre-size (cache/decoded/): no JPEG decoded after the
+    # first build, the augmentation on the batch. The same pixels as the JPEG path, so kept out of the cache key
+    decode: bool = False
     aug_transforms: Optional[AugTransforms] = AugTransforms()
     stages: Optional[list[tuple[Size, int]]] = None  # progressive resizing: [[size, epochs], ...], one schedule
     freeze_epochs: int = Field(1, ge=0)  # fine_tune's frozen epochs (pretrained bodies only)
@@ -371,6 +375,8 @@ class Member(Strict):
     # bit-exact reruns (true) or cudnn.benchmark's speed (false); None: exact on the CPU, fast on CUDA. It changes
     # the last bits of the results, not what is learned, so it is kept out of the cache key (RUN_ONLY)
     deterministic: Optional[bool] = None
+    # on CUDA: torch.compile the model (compiles again for every stage size; the first epochs pay for it)
+    compile: bool = False
     tune: Optional[Tune] = None  # `ens tune`'s search space and budget
 
     @field_validator("tune", mode="wrap")
@@ -416,6 +422,13 @@ class Member(Strict):
         return v
 
     @model_validator(mode="after")
+    def _decoded_copy_is_fixed(self):
+        if self.decode and self.resize.method != "squish":
+            raise ValueError(f"decode: true stores one fixed image per file, but resize.method {self.resize.method} "
+                             "draws a random window per training epoch; use resize.method squish or drop decode")
+        return self
+
+    @model_validator(mode="after")
     def _prepared_copy_large_enough(self):
         if self.prepare:
             sizes = [self.resize.size] if self.resize.size else [s for s, _ in self.stage_plan]
@@ -435,12 +448,24 @@ class Member(Strict):
         return self.stage_plan[-1][0]
 
     @property
+    def presizes(self) -> list[tuple[int, int]]:
+        """(height, width) of the items per distinct stage, before the batch augmentation: `resize.size` where a
+        batch augmentation brings items to the stage size, else the stage size (`data.dataloaders`)."""
+        out = []
+        for size, _ in self.stage_plan:
+            pre = self.resize.size if self.resize.size is not None and self.aug_transforms is not None else size
+            hw = (pre, pre) if isinstance(pre, int) else (int(pre[0]), int(pre[1]))
+            if hw not in out:
+                out.append(hw)
+        return out
+
+    @property
     def total_epochs(self) -> int:
         return sum(e for _, e in self.stage_plan)
 
     # fields that do not change a member's predictions
     RUN_ONLY: ClassVar[tuple] = ("name", "weight", "num_workers", "keep_model", "gpu_memory", "tune",
-                                 "deterministic")
+                                 "deterministic", "decode", "compile")
 
     @property
     def tta_passes(self) -> int:
