@@ -101,6 +101,24 @@ class TrainLayout(Strict):
         return self
 
 
+class Expected(Strict):
+    """Facts copied from the competition's page (its Data tab), for what `ens plan` can say before the data is
+    downloaded: the class count sizes the networks' heads (parameters, FLOPs), the image counts give time
+    estimates and the decoded copies' disk. Once the data is there it governs; the plan notes a disagreement."""
+
+    classes: Optional[int] = Field(None, ge=2)
+    train_images: Optional[int] = Field(None, ge=1)  # labelled images, validation split included
+    test_images: Optional[int] = Field(None, ge=1)
+    image_size: Optional[tuple[int, int]] = None  # [height, width] of most images, as shown to a reader
+
+    @field_validator("image_size")
+    @classmethod
+    def _positive(cls, v):
+        if v is not None and min(v) < 1:
+            raise ValueError("image_size is [height, width] in pixels, both positive")
+        return v
+
+
 class Competition(Strict):
     name: str
     title: str = ""
@@ -125,6 +143,7 @@ class Competition(Strict):
     cv: CrossValidation = CrossValidation()  # the folds of ensembles with `validation: cv`
     solution: Optional[str] = None  # local answers (id and target columns), for competitions scored here
     kaggle: Optional[str] = None  # competition slug
+    expected: Optional[Expected] = None  # facts from the competition's page, for `ens plan` before the download
 
     @model_validator(mode="after")
     def _probability_needs_a_class(self):
@@ -487,6 +506,7 @@ class Member(Strict):
         d["resize"] = {"size": presize, "method": self.resize.method}
         if self.pretrained is False:
             d["freeze_epochs"] = None
+        d["pixels"] = PIXELS  # how images become pixels (the JPEG path and decoded copies alike)
         # unset optional features leave no trace: adding one to ens does not retrain every cached member
         return {k: v for k, v in d.items() if v is not None or k == "aug_transforms"}
 
@@ -498,6 +518,11 @@ class Member(Strict):
     def key_fields(self) -> dict[str, Any]:
         """Everything that changes the predictions, canonical (meta.json keeps it; `cache.member_key` hashes it)."""
         return self.train_fields() | {"tta": self.tta_fields()}
+
+
+# how an image file becomes a member's pixels (`data.decoded.load_item`): a change that changes pixels changes this,
+# and so every cache key and decoded copy
+PIXELS = "pil-draft-bilinear-1"
 
 
 def _square(size):

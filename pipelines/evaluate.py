@@ -44,7 +44,9 @@ def kept_learner(outcome: MemberOutcome, data):
     from .predict import learner_from_weights
 
     member = Member.model_validate(outcome.entry.meta["member"])
-    learn = learner_from_weights(member.model_copy(update={"num_workers": 0}), data, outcome.entry.model_path,
+    # from the images: it predicts whatever paths it is given (a decoded copy holds the same pixels)
+    learn = learner_from_weights(member.model_copy(update={"num_workers": 0, "decode": False}), data,
+                                 outcome.entry.model_path,
                                  outcome.entry.meta["normalize"])
     return learn.to_fp32()
 

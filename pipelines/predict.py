@@ -22,7 +22,9 @@ def predict_member(learn, member: Member, data: CompetitionData, progress=None) 
 
     start = time.perf_counter()
     set_seed(member.seed + 1)  # seeds only (cuDNN flags are training's); not the training seed: TTA draws its own augmentations
-    test_dl = learn.dls.test_dl([str(data.root / p) for p in data.test_paths])
+    from .data import test_loader
+
+    test_dl = test_loader(learn.dls, data)
     out = {}
     passes = member.tta_passes
     vocab = list(learn.dls.vocab)
@@ -42,16 +44,61 @@ def predict_member(learn, member: Member, data: CompetitionData, progress=None) 
 def tta_probs(learn, dl, member: Member) -> dict:
     """{'plain', 'tta'} (and 'aug' with augmented passes) probabilities of `dl`'s images as float32 arrays:
     the member's augmented passes blended with the plain one by beta (fastai's `tta`). Without augmented
-    passes worth making (`Member.tta_passes`: none asked, or all would equal the plain pass) TTA is the plain pass."""
+    passes worth making (`Member.tta_passes`: none asked, or all would equal the plain pass) TTA is the plain pass.
+
+    With a squish resize (items are the same in every pass) each batch is loaded once and augmented n times
+    (`_OnceLoaded`); fastai's `tta` loads the images again for every pass, which is how crop and pad resizes,
+    random per item, are still predicted."""
     from .cache import tta_blend
 
     passes = member.tta_passes
     if passes == 0:
         plain = learn.get_preds(dl=dl)[0].float().numpy()
         return {"plain": plain, "tta": plain}
-    aug, plain = learn.tta(dl=dl, n=passes, beta=None)[0]
+    if member.resize.method == "squish":
+        stream = _OnceLoaded(dl, passes)
+        preds = learn.get_preds(dl=stream)[0].float()
+        plain, aug = stream.split(preds)
+    else:
+        aug, plain = learn.tta(dl=dl, n=passes, beta=None)[0]
     aug, plain = aug.float().numpy(), plain.float().numpy()
     return {"plain": plain, "aug": aug, "tta": tta_blend(aug, plain, member.tta.beta)}
+
+
+class _OnceLoaded:
+    """`dl`'s batches, each loaded once and yielded 1 + n times through its batch transforms: plain (validation
+    mode), then n augmented (training mode, as fastai's `tta` sets it), for `Learner.get_preds` to predict in one
+    loop with every callback (precision, memory format) in place; `split` puts the predictions back per pass."""
+
+    def __init__(self, dl, passes: int):
+        self.raw = dl.new(after_batch=None, shuffle=False, drop_last=False)  # collated items, moved to the device
+        self.transforms, self.passes, self.sizes = dl.after_batch, passes, []
+
+    def __len__(self):
+        return len(self.raw) * (self.passes + 1)
+
+    def __iter__(self):
+        self.sizes = []
+        try:
+            for batch in self.raw:
+                self.sizes.append(len(batch[0]))
+                for split_idx in [1] + [0] * self.passes:
+                    self.transforms.split_idx = split_idx
+                    yield self.transforms(batch)
+        finally:
+            self.transforms.split_idx = 1
+
+    def split(self, preds):
+        """(plain, mean of the augmented passes) from the predictions of one iteration, rows in `dl`'s order."""
+        import torch
+
+        plain, aug, at = [], [], 0
+        for size in self.sizes:
+            chunk = preds[at:at + size * (self.passes + 1)].reshape(self.passes + 1, size, -1)
+            plain.append(chunk[0])
+            aug.append(chunk[1:].mean(0))
+            at += size * (self.passes + 1)
+        return torch.cat(plain), torch.cat(aug)
 
 
 def learner_from_weights(member: Member, data: CompetitionData, weights, normalize, precision: str = "fp32"):
@@ -60,6 +107,7 @@ def learner_from_weights(member: Member, data: CompetitionData, weights, normali
     import torch
     from fastai.vision.all import Normalize, accuracy, noop
 
+    from .accel import accelerate
     from .data import dataloaders
     from .models import build_learner
 
@@ -75,4 +123,6 @@ def learner_from_weights(member: Member, data: CompetitionData, weights, normali
         learn.to_fp16()
     elif precision == "bf16":
         learn.to_bf16()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    accelerate(learn, member, device, precision=precision, compile_model=False)  # channels-last where it pays
     return learn

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -57,6 +58,29 @@ def file_lock(path: Path, on_wait: Optional[Callable[[], None]] = None, poll: fl
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def _die_with_parent(parent: int) -> None:
+    """A pool worker's initializer: killed when the process that started it dies (Linux's PR_SET_PDEATHSIG).
+    A forked worker inherits its parent's open files, lock files included: one that outlived a killed parent
+    would hold the parent's lock, and every later run would wait for it forever."""
+    if sys.platform == "linux":
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the line above
+        os._exit(1)
+
+
+def process_pool(workers: int):
+    """A ProcessPoolExecutor of `workers` forked workers (fork starts at once and re-imports nothing; spawn would
+    re-run the main module, which fails for `python -` or a REPL) that die with this process."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else None)
+    return ProcessPoolExecutor(workers, mp_context=context, initializer=_die_with_parent, initargs=(os.getpid(),))
 
 
 def unique_suffix() -> str:

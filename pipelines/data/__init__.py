@@ -1,7 +1,9 @@
-"""A competition's files on disk: the embedded digits build, the layout (class folders or a labels CSV), the fixed
-validation split, a content fingerprint, and fastai DataLoaders at a size.
+"""The data stage. This module: a competition's files on disk — the embedded digits build, the layout (class
+folders or a labels CSV), the fixed validation split and folds, a content fingerprint, damaged-image checks and
+prepared (shrunk) copies. `loaders`: fastai DataLoaders at a size, from the JPEGs or from `decoded`, the uint8
+copies decoded once per pre-size.
 
-fastai is imported only inside `dataloaders`: listing and fingerprinting stay cheap.
+fastai is imported only inside the loaders' functions: listing and fingerprinting stay cheap.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .config import Competition, Project
-from .errors import ConfigError, EnsError
-from .util import file_lock, lock_file_for, sweep_dead, write_json
+from ..config import Competition, Project
+from ..errors import ConfigError, EnsError
+from ..util import file_lock, lock_file_for, process_pool, sweep_dead, write_json
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,7 @@ class CompetitionData:
     fingerprint: str  # the images, labels and split: a member's training key holds it
     images_fingerprint: str = ""  # the images and labels alone: the same for every fold of a cross-validation
     cv_fold: dict | None = None  # a fold of a cross-validation: {fold (or 'refit'), folds, assignment (a hash)}
+    cache_root: Path | None = None  # the project's cache/: decoded copies are built under it (`decoded`)
 
     @property
     def vocab(self) -> list[str]:
@@ -123,7 +126,7 @@ def ensure_data(project: Project, comp: Competition) -> Path:
                 if not root.is_dir():
                     BUILDERS[comp.builtin](root)
         elif comp.kaggle:
-            from . import kaggle
+            from .. import kaggle
 
             print(f"downloading {comp.kaggle} from Kaggle into {project.relative(root)} ...", file=sys.stderr, flush=True)
             kaggle.download(comp.kaggle, root)
@@ -377,7 +380,7 @@ def load_data(project: Project, comp: Competition) -> CompetitionData:
         valid = validation_mask(paths, labels, split.valid_pct, split.seed, split.stratified)
         # other training images, other split: other members (the full data's fingerprint and what was left out)
         fp = hashlib.sha256(f"{fp}:damaged images left out:{json.dumps(sorted(bad_train))}".encode()).hexdigest()
-    return CompetitionData(comp, root, paths, labels, valid, test, fp, fp)
+    return CompetitionData(comp, root, paths, labels, valid, test, fp, fp, cache_root=project.cache)
 
 
 def _count(items, what: str) -> str:
@@ -441,15 +444,9 @@ def find_damaged(root: Path, relative_paths: list[str]) -> dict[str, str]:
     if workers <= 1:
         problems = [_decode_problem(f) for f in files]
     else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
         import PIL.Image  # noqa: F401 - imported before the fork: the workers only decode
 
-        # fork, as fastcore.parallel does for the prepared copies: it starts at once and re-imports nothing (spawn
-        # would re-run the main module, which fails for `python -` or a REPL)
-        context = multiprocessing.get_context("fork" if sys.platform == "linux" else None)
-        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        with process_pool(workers) as pool:
             problems = list(pool.map(_decode_problem, files, chunksize=max(1, len(files) // (workers * 16))))
     return {p: why for p, why in zip(relative_paths, problems) if why is not None}
 
@@ -510,15 +507,27 @@ def prepare_data(data: CompetitionData, prepare, cache_root: Path) -> Competitio
     return replace(data, root=dest)
 
 
-def _build_prepared(data: CompetitionData, prepare, dest: Path) -> None:
+def _shrink(file: Path, **kwargs) -> None:
+    """fastai's resize_image of one file; an image it cannot read is left out (and named by the caller)."""
     from fastai.vision.utils import resize_image
-    from fastcore.parallel import parallel
+
+    try:
+        resize_image(file, **kwargs)
+    except Exception:  # noqa: BLE001 - reported as a missing copy
+        pass
+
+
+def _build_prepared(data: CompetitionData, prepare, dest: Path) -> None:
+    from functools import partial
+
+    import fastai.vision.utils  # noqa: F401 - imported before the fork: the workers only resize
 
     tmp = dest.with_name(dest.name + f".building-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     files = [Path(p) for p in data.train_paths + data.test_paths]
-    parallel(resize_image, files, src=data.root, dest=tmp, max_size=prepare.max_size, quality=prepare.quality,
-             n_workers=os.cpu_count() or 1, progress=False)
+    resize = partial(_shrink, src=data.root, dest=tmp, max_size=prepare.max_size, quality=prepare.quality)
+    with process_pool(os.cpu_count() or 1) as pool:  # fastcore's `parallel`, with workers that die with this run
+        list(pool.map(resize, files, chunksize=max(1, len(files) // ((os.cpu_count() or 1) * 8))))
     unreadable = [str(f) for f in files if not (tmp / f).is_file()]
     if unreadable:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -527,26 +536,4 @@ def _build_prepared(data: CompetitionData, prepare, dest: Path) -> None:
     tmp.rename(dest)
 
 
-# --------------------------------------------------------------------------------------------- DataLoaders
-def dataloaders(data: CompetitionData, member, size, device=None):
-    """fastai DataLoaders for the training/validation split at `size` (normalisation is added by the caller, who
-    knows the model's statistics).
-
-    Call fastai's `set_seed` first: DataLoaders draw their own shuffling RNG from Python's `random` when built.
-    """
-    from fastai.vision.all import CategoryBlock, DataBlock, ImageBlock, IndexSplitter, ItemGetter, Resize, aug_transforms
-
-    # (path, label) pairs, not a DataFrame: reading pandas rows per item cost ~5% of a small member's run
-    items = [(str(data.root / p), label) for p, label in zip(data.train_paths, data.train_labels)]
-    valid_idx = [i for i, v in enumerate(data.is_valid) if v]
-    resize = member.resize
-    batch_tfms = []
-    if member.aug_transforms is not None:  # presizing: items at resize.size, the batch augmentation brings them to size
-        batch_tfms += aug_transforms(size=size, **member.aug_transforms.model_dump())
-    # without a batch augmentation nothing would bring a presized item to the stage's size: the stage size governs
-    item_tfms = [Resize(resize.size or size if batch_tfms else size, method=resize.method)]
-    block = DataBlock(blocks=(ImageBlock, CategoryBlock(vocab=data.vocab)), get_x=ItemGetter(0),
-                      get_y=ItemGetter(1), splitter=IndexSplitter(valid_idx),
-                      item_tfms=item_tfms, batch_tfms=batch_tfms)
-    workers = member.num_workers if member.num_workers is not None else min(8, os.cpu_count() or 1)
-    return block.dataloaders(items, bs=member.batch_size, num_workers=workers, device=device)
+from .loaders import dataloaders, test_loader  # noqa: E402,F401 - fastai is imported inside them
