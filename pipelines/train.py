@@ -208,10 +208,13 @@ def memory_plan(member: Member, data: CompetitionData, device: str, precision: s
     steps, `memory.cuda_probe`) and the gradient accumulation that keeps its effective batch; None on the CPU."""
     if device != "cuda":
         return None
+    from .accel import channels_last_model
     from .memory import plan_member
     from .models import build_model
 
-    return plan_member(member, lambda: build_model(member.arch, len(data.vocab), member.final_size), precision)
+    # probed in the memory layout training will use (`accel.accelerate`)
+    build = lambda: channels_last_model(build_model(member.arch, len(data.vocab), member.final_size), device, precision)  # noqa: E731
+    return plan_member(member, build, precision)
 
 
 def train_member(member: Member, data: CompetitionData, progress=None, checkpoint_dir: Path | None = None,
@@ -249,6 +252,7 @@ def _fit(member, data, progress, checkpoint_dir, cbs, device, precision, plan) -
     from fastai.callback.core import CancelFitException
     from fastai.vision.all import Normalize, accuracy, noop
 
+    from .accel import accelerate, loader_options
     from .cache import disk_full, disk_full_error
 
     start = time.perf_counter()
@@ -269,6 +273,8 @@ def _fit(member, data, progress, checkpoint_dir, cbs, device, precision, plan) -
         learn.to_fp16()
     elif precision == "bf16":
         learn.to_bf16()
+    for note in accelerate(learn, member, device, precision=precision) + loader_options(member, device)[1]:
+        say(progress)(f"{member.name}: {note}")
 
     ProgressiveResize, EpochLog = _callbacks()
     size_per_epoch = [s for s, e in member.stage_plan for _ in range(e)]
