@@ -356,11 +356,13 @@ def _print_ablation(r, top: int) -> None:
     console.print(t)
 
 
-@app.command(short_help="A dry run: per member, cached or to train, batch, parameters, FLOPs and an estimated time.")
+@app.command(short_help="A dry run: per member, cached or to train, batch, parameters, FLOPs (saved by stages), time.")
 def plan(ensemble: str = typer.Argument(..., help="the ensemble YAML"),
          overrides: Optional[List[str]] = OverridesArg, project: Optional[Path] = ProjectOpt):
     """A dry run, nothing trained: per member, cached or not, stages, batch (micro-batch × accumulation on
-    CUDA), parameters, FLOPs per image at each stage size, and an estimated time where one was measured before.
+    CUDA), parameters, FLOPs per image at each stage size, the FLOPs its stages save, and an estimated time where
+    one was measured before; the disk of the decoded copies (decode: true). Before the data is downloaded, what
+    the YAMLs tell (the competition's `expected:` counts) and a line on what is not known; nothing is downloaded.
 
     Example: ens plan paddy/final.yaml
     """

@@ -19,6 +19,19 @@ it knows nothing of batch size, workers or precision beyond what the measured en
 A cross-validated ensemble (`validation: cv`) is planned members × folds: each fold model (and the refit of
 `refit: full`) is its own cache entry, cached or to train, estimated on its own training images (all but its
 fold's; the refit's: all); a member's time is the sum over the fold models still to compute.
+
+Progressive resizing (`stages:`) is costed against the same member trained every epoch at its final size: the
+training work above for both, its ratio the FLOPs saved (per member, and for the ensemble).
+
+Members with `decode: true` read uint8 copies of the training and test images decoded once per pre-size
+(`Member.presizes`): the plan gives their disk, (training + test images) × h × w × 3 bytes per copy, each copy
+counted once (every member and fold at that pre-size, reading the same originals or prepared copy, shares it),
+and the RAM training touches at once: the largest copy, read through the page cache as a memmap.
+
+Before the data is downloaded the plan says what it can: members, stages, parameters and FLOPs (sized by the
+competition's `expected: {classes}`, else counted with a 2-class head, a lower bound), FLOPs saved, and, given
+`expected:` image counts, time estimates and the decoded copies' disk; whether a member is cached is unknown (its
+cache key hashes the data). Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -30,7 +43,7 @@ from typing import Callable, Optional
 
 from .cache import MemberCache, prediction_key, train_key
 from .config import Competition, Ensemble, Member, Project
-from .errors import EnsError
+from .data.decoded import decoded_bytes  # noqa: F401 - the plan prints it (tests import it from here)
 from .memory import MemoryBudgetError, MicroBatchPlan, _size_text
 from .models import package_version
 from .util import user_cache, write_json
@@ -42,6 +55,11 @@ def _hw(size) -> tuple[int, int]:
 
 def _text(size) -> str:
     return _size_text(size if isinstance(size, int) else tuple(size))
+
+
+# the class count the networks are built with when neither the data nor the competition's `expected:` gives one:
+# the fewest a classifier has, so parameters and FLOPs are lower bounds (more classes only widen the last layer)
+PLACEHOLDER_CLASSES = 2
 
 
 # --------------------------------------------------------------------------------------------- params and FLOPs
@@ -127,11 +145,12 @@ class ModelStats:
 class FoldPlan:
     """One model of a cross-validated member: a fold's, or the refit's on every training image."""
 
-    fold: int | str  # or 'refit'
-    n_train: int  # the training images minus the fold's (the refit: all of them)
-    n_valid: int  # the fold's images (the refit: none)
-    key: str
+    fold: int | str | None  # or 'refit'; None: the holdout split
+    n_train: Optional[int]  # the training images minus the fold's (the refit: all of them); None: unknown
+    n_valid: Optional[int]  # the fold's images (the refit: none)
+    key: Optional[str]  # None: unknown until the data is downloaded (the key hashes the data)
     cached: bool
+    known: bool = True  # False: cached or not is unknown (no data); planned as to train
     weights_kept: bool = False
     cached_seconds: Optional[float] = None
     est_train_seconds: Optional[float] = None
@@ -148,9 +167,8 @@ class FoldPlan:
 class MemberPlan:
     name: str
     arch: str
-    key: str  # its cache entry; cv: fold 0's (each fold model's in `folds`)
+    key: Optional[str]  # its cache entry; cv: fold 0's (each fold model's in `folds`); None: no data
     cached: bool  # cv: every fold model (and the refit)
-    cached: bool
     stages: list  # [(size, epochs)]
     frozen_epochs: int  # fine_tune's frozen epochs before the stages (pretrained bodies only)
     effective_batch: int
@@ -165,12 +183,42 @@ class MemberPlan:
     cached_seconds: Optional[float] = None  # train + predict seconds of the cache entry, when cached
     weights_kept: bool = False  # not cached, but its trained weights are: only the prediction is left to do
     folds: list[FoldPlan] = field(default_factory=list)  # cv: its fold models (and the refit); the est_* sum them
+    known: bool = True  # False: cached or not is unknown until the data is downloaded
+    # training work per training image (Σ epochs × forward GFLOPs, frozen epochs included), with its stages and
+    # with every epoch at its final size; None when a size does not fit the arch
+    train_gflops: Optional[float] = None
+    final_size_gflops: Optional[float] = None
+    train_images: Optional[int] = None  # images trained on, summed over its models (cv: fold models); None: unknown
+    decode: bool = False
+    presizes: list = field(default_factory=list)  # [(h, w)] its decoded copies (decode: true)
+    prepare: Optional[dict] = None  # the prepared copy it reads (decoded copies are made from it)
 
     @property
     def est_seconds(self) -> Optional[float]:
         if self.est_train_seconds is None:
             return None
         return self.est_train_seconds + (self.est_predict_seconds or 0.0)
+
+    @property
+    def staged(self) -> bool:
+        return len(self.stages) > 1
+
+    @property
+    def saved(self) -> Optional[float]:
+        """The fraction of training FLOPs its stages save against every epoch at its final size."""
+        if self.train_gflops is None or not self.final_size_gflops:
+            return None
+        return 1 - self.train_gflops / self.final_size_gflops
+
+
+@dataclass
+class DecodedCopy:
+    """One decoded copy (decode: true): the training and test images at one pre-size, shared by the members."""
+
+    hw: tuple[int, int]
+    prepare: Optional[dict]  # the prepared copy it is decoded from (None: the originals)
+    members: list[str]
+    bytes: Optional[int]  # None: the image counts are unknown
 
 
 @dataclass
@@ -179,23 +227,61 @@ class Plan:
     ensemble: Ensemble
     competition: Competition
     device: str
-    n_train: int  # cv: every training image (a fold model trains on n_train minus its fold)
-    n_valid: int  # cv: 0 (each fold validates its own images)
-    n_test: int
+    n_train: Optional[int]  # cv: every training image (a fold model trains on n_train minus its fold); None: unknown
+    n_valid: Optional[int]  # cv: 0 (each fold validates its own images)
+    n_test: Optional[int]
     members: list[MemberPlan] = field(default_factory=list)
     rate_entries: int = 0  # cached members the estimates are fitted on
     models_built: int = 0  # networks built for FLOP counts (0: all from the memo)
     folds: Optional[int] = None  # cv: the competition's number of folds
+    data_known: bool = True  # False: the data is not downloaded (what is known comes from the YAMLs)
+    data_folder: str = ""  # where the data is (or will be), relative to the project
+    n_classes: int = 0  # what the networks were built with
+    classes_from: str = "data"  # 'data', 'expected' (the competition's `expected:`) or 'placeholder'
+    counts_from: Optional[str] = "data"  # 'data', 'expected' or None (unknown)
+    decoded: list[DecodedCopy] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # e.g. the data disagrees with the competition's `expected:`
 
     @property
     def to_train(self) -> list[MemberPlan]:
-        return [m for m in self.members if not m.cached and not m.weights_kept]
+        """Members known to be not cached (and without kept weights)."""
+        return [m for m in self.members if m.known and not m.cached and not m.weights_kept]
+
+    @property
+    def unknown(self) -> list[MemberPlan]:
+        """Members whose cache status is unknown (no data): planned as to train."""
+        return [m for m in self.members if not m.known]
 
     @property
     def est_seconds(self) -> Optional[float]:
-        """Estimated seconds for the members to train; None when any of them has no estimate."""
-        times = [m.est_seconds for m in self.to_train]
+        """Estimated seconds for the members to train (and, without the data, every member); None when any of
+        them has no estimate."""
+        times = [m.est_seconds for m in self.to_train + self.unknown]
         return None if any(t is None for t in times) else sum(times)
+
+    @property
+    def train_flops(self) -> tuple[Optional[float], Optional[float]]:
+        """(training FLOPs with the members' stages, with every epoch at the final sizes) over the ensemble:
+        forward FLOPs × epochs × training images; per training image when the counts are unknown. None when a
+        member's FLOPs are unknown."""
+        ms = self.members
+        if not ms or any(m.train_gflops is None for m in ms):
+            return None, None
+        images = [m.train_images if m.train_images is not None else 1 for m in ms]
+        staged = sum(m.train_gflops * 1e9 * n for m, n in zip(ms, images))
+        final = sum(m.final_size_gflops * 1e9 * n for m, n in zip(ms, images))
+        return staged, final
+
+    @property
+    def decoded_total(self) -> Optional[int]:
+        sizes = [c.bytes for c in self.decoded]
+        return None if not sizes or None in sizes else sum(sizes)
+
+    @property
+    def decoded_ram(self) -> Optional[int]:
+        """What training touches at once: the largest copy (a memmap read through the page cache)."""
+        sizes = [c.bytes for c in self.decoded]
+        return None if not sizes or None in sizes else max(sizes)
 
 
 def _train_work(n_train: int, stages, frozen_epochs: int, gflops: Callable) -> float:
@@ -295,48 +381,115 @@ def _detect_device() -> tuple[str, bool]:
     return ("cuda" if facts["cuda"] else "cpu"), facts["bf16"]
 
 
+def _offline_units(ens: Ensemble, comp: Competition, n_images: Optional[int]) -> list[FoldPlan]:
+    """The models a member needs when the data is not downloaded: their image counts from `n_images` (the
+    competition's `expected:`; the split's validation share and a fold's 1/k, rounded) or unknown; keys unknown."""
+    def unit(fold, n_valid):
+        n_train = None if n_images is None else n_images - n_valid
+        return FoldPlan(fold, n_train, None if n_images is None else n_valid, None, False, known=False)
+
+    if ens.validation != "cv":
+        return [unit(None, round(n_images * comp.split.valid_pct) if n_images is not None else 0)]
+    k = comp.cv.folds
+    units = [unit(f, round(n_images / k) if n_images is not None else 0) for f in range(k)]
+    if ens.refit == "full":
+        units.append(unit("refit", 0))
+    return units
+
+
+def _expected_notes(comp: Competition, n_classes: int, n_images: int, n_test: int) -> list[str]:
+    """Where the data disagrees with the competition's `expected:` (a wrong copy from the page, or other data)."""
+    e = comp.expected
+    if e is None:
+        return []
+    pairs = (("classes", e.classes, n_classes), ("train_images", e.train_images, n_images),
+             ("test_images", e.test_images, n_test))
+    wrong = [f"{name} {want} (the data has {have})" for name, want, have in pairs if want is not None and want != have]
+    return [f"competitions/{comp.name}.yaml expected: says {', '.join(wrong)}; the data governs"] if wrong else []
+
+
+def _decoded_copies(members: list[MemberPlan], n_images: Optional[int]) -> list[DecodedCopy]:
+    """The decoded copies of the members with decode: true: one per pre-size (and prepared copy it is decoded
+    from), however many members and folds read it; `n_images` training + test images, None: unknown."""
+    copies: dict = {}
+    for m in members:
+        if not m.decode:
+            continue
+        for hw in m.presizes:
+            key = (tuple(hw), json.dumps(m.prepare, sort_keys=True))
+            if key not in copies:
+                copies[key] = DecodedCopy(tuple(hw), m.prepare, [],
+                                          None if n_images is None else decoded_bytes(n_images, hw))
+            copies[key].members.append(m.name)
+    return sorted(copies.values(), key=lambda c: (c.hw[0] * c.hw[1], c.hw))
+
+
 def plan_ensemble(project: Project, spec: str, overrides: list[str] = (), *, device: Optional[str] = None,
                   bf16_supported: Optional[bool] = None, probe: Optional[Callable] = None,
                   memo: Optional[Path] = None, build: Optional[Callable] = None) -> Plan:
     """What `ens run` would do, without training. The keyword arguments are for tests: `device` ("cpu"/"cuda",
     default detected), `probe` (memory.cuda_probe's signature, default the real one), `memo` (the FLOP memo
-    file), `build` (models.build_model's signature)."""
-    from .data import load_data
+    file), `build` (models.build_model's signature). Before the data is downloaded: what the YAMLs tell (see the
+    module docstring); nothing is downloaded."""
     from .memory import cuda_probe, plan_member
     from .models import build_model
     from .run import fold_variants, check_ensemble
     from .train import resolve_precision
 
     path, ens, comp = check_ensemble(project, spec, list(overrides))
-    if not comp.builtin and not comp.data_path(project).is_dir():
-        raise EnsError(f"competitions/{comp.name}.yaml: data folder {project.relative(comp.data_path(project))} "
-                       f"is missing; `ens plan` downloads nothing: run `ens data {comp.name}` first")
-    data = load_data(project, comp)
-    variants, fold_ids = fold_variants(ens, data, None, project.relative(path))  # what `ens run` would train
-    cv = fold_ids is not None
-    n_classes = len(data.vocab)
-    n_images, n_test, holdout_valid = len(data.train_paths), len(data.test_paths), sum(data.is_valid)
-    n_valid = 0 if cv else holdout_valid
+    data_known = bool(comp.builtin) or comp.data_path(project).is_dir()  # an embedded one is built, not downloaded
+    notes = []
+    if data_known:
+        from .data import load_data
+
+        data = load_data(project, comp)
+        variants, fold_ids = fold_variants(ens, data, None, project.relative(path))  # what `ens run` would train
+        n_classes, classes_from, counts_from = len(data.vocab), "data", "data"
+        n_images, n_test, holdout_valid = len(data.train_paths), len(data.test_paths), sum(data.is_valid)
+        notes += _expected_notes(comp, n_classes, n_images, n_test)
+    else:
+        expected = comp.expected
+        variants = fold_ids = None
+        n_classes, classes_from = ((expected.classes, "expected") if expected and expected.classes
+                                   else (PLACEHOLDER_CLASSES, "placeholder"))
+        n_images = expected.train_images if expected else None
+        n_test = expected.test_images if expected else None
+        counts_from = "expected" if n_images is not None and n_test is not None else None
+        if counts_from is None:
+            n_images = n_test = None
+        holdout_valid = round(n_images * comp.split.valid_pct) if n_images is not None else None
+    cv = ens.validation == "cv"
+    n_valid = None if holdout_valid is None else 0 if cv else holdout_valid
     if device is None:
         device, detected_bf16 = _detect_device()
         bf16_supported = detected_bf16 if bf16_supported is None else bf16_supported
     bf16_supported = bool(bf16_supported)
     cache = MemberCache(project.cache, comp.name)
     stats = ModelStats(memo, build)
-    rates = _rates(cache, device, stats, n_classes, lambda c: _images(c, n_images, holdout_valid, n_test))
-    plan = Plan(path, ens, comp, device, n_images - n_valid, n_valid, n_test, rate_entries=len(rates),
-                folds=comp.cv.folds if cv else None)
+    rates = [] if counts_from is None else _rates(cache, device, stats, n_classes,
+                                                  lambda c: _images(c, n_images, holdout_valid, n_test))
+    plan = Plan(path, ens, comp, device, None if n_images is None else n_images - n_valid, n_valid, n_test,
+                rate_entries=len(rates), folds=comp.cv.folds if cv else None, data_known=data_known,
+                data_folder=project.relative(comp.data_path(project)), n_classes=n_classes,
+                classes_from=classes_from, counts_from=counts_from, notes=notes)
     for member in ens.members:
-        units = [_unit(member, fold, d, cache) for fold, d, _ in variants]
+        if data_known:
+            units = [_unit(member, fold, d, cache) for fold, d, _ in variants]
+        else:
+            units = _offline_units(ens, comp, n_images)
         stages = [(s if isinstance(s, int) else tuple(s), e) for s, e in member.stage_plan]
         sizes = list(dict.fromkeys(s for s, _ in stages))
         params, flops = stats.get(member.arch, n_classes, member.final_size, sizes)
         mp = MemberPlan(member.name, member.arch, units[0].key, all(u.cached for u in units), stages,
                         _frozen(member.pretrained, member.freeze_epochs), member.batch_size, device, params, flops,
-                        folds=units if cv else [])
+                        folds=units if cv else [], known=data_known, decode=member.decode,
+                        presizes=list(member.presizes),
+                        prepare=member.prepare.model_dump() if member.prepare else None)
         mp.weights_kept = not mp.cached and all(u.cached or u.weights_kept for u in units)
         seconds = [u.cached_seconds for u in units if u.cached]
         mp.cached_seconds = sum(seconds) if seconds and None not in seconds else None
+        if all(u.n_train is not None for u in units):
+            mp.train_images = sum(u.n_train for u in units)
         unfit = [s for s in sizes if flops[_text(s)] is None]
         if unfit:
             reason = stats.error(member.arch, n_classes, member.final_size, unfit[0])
@@ -345,7 +498,12 @@ def plan_ensemble(project: Project, spec: str, overrides: list[str] = (), *, dev
             plan.members.append(mp)
             continue
         gflops = lambda s: flops[_text(s)] / 1e9  # noqa: E731
+        final = stages[-1][0]
+        mp.train_gflops = _train_work(1, stages, mp.frozen_epochs, gflops)
+        mp.final_size_gflops = _train_work(1, [(final, member.total_epochs)], mp.frozen_epochs, gflops)
         for u in units:
+            if u.n_train is None:
+                continue
             est = _estimate(rates, member.arch, _train_work(u.n_train, stages, mp.frozen_epochs, gflops),
                             _predict_work(u.n_valid + n_test, member.tta.n, member.final_size, gflops))
             if est:
@@ -364,6 +522,7 @@ def plan_ensemble(project: Project, spec: str, overrides: list[str] = (), *, dev
             except MemoryBudgetError as e:
                 mp.problem = str(e)
         plan.members.append(mp)
+    plan.decoded = _decoded_copies(plan.members, None if n_images is None else n_images + n_test)
     stats.save()
     plan.models_built = stats.built
     return plan
@@ -373,10 +532,16 @@ def plan_ensemble(project: Project, spec: str, overrides: list[str] = (), *, dev
 def _si(n: float | None) -> str:
     if n is None:
         return ""
-    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+    for unit, scale in (("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= scale:
             return f"{n / scale:.3g}{unit}"
     return f"{n:.3g}"
+
+
+def _flop(n: float) -> str:
+    """5.94e15 → '5.94 PFLOP'."""
+    text = _si(n)
+    return f"{text[:-1]} {text[-1]}FLOP" if text[-1:].isalpha() else f"{text} FLOP"
 
 
 def _duration(seconds: float | None) -> str:
@@ -397,14 +562,19 @@ def _time(unit) -> str:
 
 
 def _unit_status(unit) -> str:
+    if not unit.known:
+        return "unknown"
     return "cached" if unit.cached else "to predict" if unit.weights_kept else "to train"
 
 
-_COLOURS = {"cached": "green", "to predict": "cyan", "to train": "yellow"}
+_COLOURS = {"cached": "green", "to predict": "cyan", "to train": "yellow", "unknown": "magenta"}
 
 
 def _status(m: MemberPlan) -> str:
-    """'cached' | 'to predict' | 'to train'; cv: e.g. '1/3 folds cached, 2 to train, refit to train'."""
+    """'cached' | 'to predict' | 'to train' | 'unknown' (no data); cv: e.g. '1/3 folds cached, 2 to train, refit
+    to train'."""
+    if not m.known:
+        return "[magenta]unknown[/]"
     if not m.folds:
         status = _unit_status(m)
         return f"[{_COLOURS[status]}]{status}[/]"
@@ -417,16 +587,21 @@ def _status(m: MemberPlan) -> str:
     return f"[{colour}]{', '.join(parts)}[/]"
 
 
+def _count(n: Optional[int], approx: bool) -> str:
+    return "?" if n is None else f"≈{n}" if approx else str(n)
+
+
 def _fold_table(plan: Plan):
     """Members × fold models: each cached (its time) or to compute (its estimate), under the fold's sizes."""
     from rich.table import Table
 
-    table = Table(title=f"fold models ({plan.folds} folds of {plan.n_train} training images)")
+    approx = not plan.data_known
+    table = Table(title=f"fold models ({plan.folds} folds of {_count(plan.n_train, approx)} training images)")
     table.add_column("member")
     for u in plan.members[0].folds:
-        valid = f", {u.n_valid} valid" if u.n_valid else ""
+        valid = f", {_count(u.n_valid, approx)} valid" if u.n_valid or (approx and u.fold != "refit") else ""
         name = "refit" if u.fold == "refit" else f"fold {u.fold}"
-        table.add_column(f"{name}\n{u.n_train} train{valid}", justify="right")
+        table.add_column(f"{name}\n{_count(u.n_train, approx)} train{valid}", justify="right")
     for m in plan.members:
         cells = []
         for u in m.folds:
@@ -436,17 +611,130 @@ def _fold_table(plan: Plan):
     return table
 
 
+def _bytes(n: Optional[int]) -> str:
+    if n is None:
+        return "?"
+    if n >= 2**30:
+        return f"{n / 2**30:.1f} GiB"
+    return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
+
+
+def _title(plan: Plan) -> str:
+    folds = f" in {plan.folds} folds" if plan.folds else ""
+    if plan.data_known:
+        images = f"{plan.n_train} training images{folds}"
+    elif plan.n_train is not None:
+        images = f"≈{plan.n_train} training images{folds} by expected:, data not downloaded"
+    else:
+        images = f"data not downloaded{folds}"
+    return f"{plan.path.name} on {plan.competition.name}: plan on {plan.device} ({images})"
+
+
+def _summary(plan: Plan) -> str:
+    """The members line: cached / to predict / to train, and the estimated time."""
+    if not plan.data_known:
+        line = f"{len(plan.members)} members: cached or not is unknown until the data is downloaded"
+        todo = plan.unknown
+        them = "them all"
+    else:
+        todo = plan.to_train
+        kept = sum(m.weights_kept for m in plan.members)
+        line = (f"{len(plan.members)} members: {len(plan.members) - len(todo) - kept} cached, "
+                + (f"{kept} to predict (weights kept), " if kept else "") + f"{len(todo)} to train")
+        if plan.folds:
+            units = [u for m in plan.members for u in m.folds]
+            line += (f" ({sum(not u.cached and not u.weights_kept for u in units)} of {len(units)} fold models to "
+                     "train)")
+        them = ""
+    if todo:
+        known = [m.est_seconds for m in todo if m.est_seconds is not None]
+        if plan.est_seconds is not None:
+            line += f"; estimated {_duration(plan.est_seconds)}" + (f" to train {them}" if them else "")
+        elif known:
+            line += f"; estimated {_duration(sum(known))} for {len(known)} of them"
+        if len(known) < len(todo) and plan.counts_from is None:
+            line += "; no time estimate (the image counts are unknown)"
+        elif len(known) < len(todo) and plan.rate_entries == 0:
+            line += f" (no estimate: nothing of {plan.competition.name} was trained on {plan.device} yet)"
+        elif known:
+            line += f" (from {plan.rate_entries} cached member{'s' * (plan.rate_entries > 1)} on {plan.device}, by FLOPs)"
+    return line
+
+
+def _saved_line(plan: Plan) -> Optional[str]:
+    """What progressive resizing saves over the ensemble, when a member has stages."""
+    staged, at_final = plan.train_flops
+    if not any(m.staged for m in plan.members) or staged is None or not at_final:
+        return None
+    if plan.counts_from is None:
+        per = "per training image, the image counts being unknown"
+    else:
+        per = (f"× the training images of every fold model" if plan.folds else
+               f"× {'≈' if not plan.data_known else ''}{plan.n_train} training images")
+    return (f"progressive resizing: {1 - staged / at_final:.0%} fewer training FLOPs, {_flop(staged)} instead of "
+            f"{_flop(at_final)} with every epoch at each member's final size (forward FLOPs × epochs, frozen "
+            f"epochs included, {per})")
+
+
+def _decoded_line(plan: Plan) -> Optional[str]:
+    if not plan.decoded:
+        return None
+    same_hw = {c.hw for c in plan.decoded if sum(d.hw == c.hw for d in plan.decoded) > 1}
+
+    def name(c: DecodedCopy) -> str:
+        text = f"{c.hw[0]}x{c.hw[1]}"
+        if c.hw in same_hw:
+            text += f" (from {'the max_size ' + str(c.prepare['max_size']) + ' copy' if c.prepare else 'the originals'})"
+        return text
+
+    where = f"cache/decoded/{plan.competition.name}/"
+    if plan.decoded_total is None:
+        return (f"decoded copies (decode: true): {len(plan.decoded)}, at {', '.join(map(name, plan.decoded))}, in "
+                f"{where}; their size is unknown without the image counts")
+    n = plan.n_train + plan.n_valid + plan.n_test
+    source = "" if plan.data_known else " (by expected:)"
+    sizes = ", ".join(f"{name(c)} {_bytes(c.bytes)}" for c in plan.decoded)
+    return (f"decoded copies (decode: true) of the {n} training and test images{source}, one per pre-size shared by "
+            f"its members: {sizes}; {_bytes(plan.decoded_total)} on disk in {where}; training reads one at a time "
+            f"as a memmap through the page cache: up to {_bytes(plan.decoded_ram)} of RAM (the largest copy)")
+
+
+def _unknown_line(plan: Plan) -> Optional[str]:
+    """One line: what is not known without the data, and the command that fixes it."""
+    if plan.data_known:
+        return None
+    comp = plan.competition
+    yaml_file = f"competitions/{comp.name}.yaml"
+    missing = ["whether each member is cached (cache keys hash the data)"]
+    if plan.classes_from == "placeholder":
+        missing.append(f"the class count (params and FLOPs counted with a {PLACEHOLDER_CLASSES}-class head: lower "
+                       "bounds, marked ≥)")
+    if plan.counts_from is None:
+        missing.append("the image counts (no time estimate, no decoded-copy size)")
+    given = [what for what, src in (("classes", plan.classes_from), ("image counts", plan.counts_from))
+             if src == "expected"]
+    known = f"; {' and '.join(given)} from {yaml_file} expected:" if given else ""
+    fix = (f"`ens data {comp.name}` downloads it" if comp.kaggle else
+           f"put the competition's files in {plan.data_folder} (or set data_dir)")
+    if plan.classes_from == "placeholder" or plan.counts_from is None:
+        fix += (f", or copy expected: {{classes: N, train_images: N, test_images: N}} from the competition's page "
+                f"into {yaml_file}")
+    return f"not known before the data is downloaded ({plan.data_folder} is missing): {', '.join(missing)}{known}. {fix}"
+
+
 def render(plan: Plan, console) -> None:
-    """The plan as a rich table and a totals line."""
+    """The plan as a rich table and its lines: members, FLOPs saved, decoded copies, what is not known."""
     from rich.markup import escape
     from rich.table import Table
 
-    folds = f" in {plan.folds} folds" if plan.folds else ""
-    table = Table(title=f"{plan.path.name} on {plan.competition.name}: plan on {plan.device} "
-                        f"({plan.n_train} training images{folds})")
-    for col in ("member", "arch", "stages", "batch", "params", "FLOPs/img", "status", "est. time"):
+    staged = any(m.staged for m in plan.members)
+    table = Table(title=_title(plan))
+    columns = ["member", "arch", "stages", "batch", "params", "FLOPs/img", *(["FLOPs saved"] if staged else []),
+               "status", "est. time"]
+    for col in columns:
         table.add_column(col, justify="left" if col in ("member", "arch", "status", "stages") else "right",
                          no_wrap=col in ("arch",))
+    lower = "≥" if plan.classes_from == "placeholder" else ""
     for m in plan.members:
         stages = " → ".join(f"{_text(s)}×{e}" for s, e in m.stages)
         if m.frozen_epochs:
@@ -456,30 +744,22 @@ def render(plan: Plan, console) -> None:
             batch = f"{m.effective_batch} = {m.memory.describe()}" if m.memory.accumulation_steps > 1 else batch
         elif m.problem and m.device == "cuda":
             batch += " [red](does not fit)[/]"
-        flops = " → ".join(_si(m.flops[_text(s)]) or "[red]fails[/]" for s in dict.fromkeys(s for s, _ in m.stages))
-        table.add_row(m.name, m.arch, stages, batch, _si(m.params), flops, _status(m), _time(m))
+        flops = " → ".join(lower + _si(m.flops[_text(s)]) if m.flops[_text(s)] is not None else "[red]fails[/]"
+                           for s in dict.fromkeys(s for s, _ in m.stages))
+        saved = ([f"{m.saved:.0%}" if m.staged and m.saved is not None else ""] if staged else [])
+        table.add_row(m.name, m.arch, stages, batch, lower + _si(m.params), flops, *saved, _status(m), _time(m))
     console.print(table)
     if plan.folds:
         console.print(_fold_table(plan))
     for m in plan.members:
         if m.problem:
             console.print(f"[red]problem:[/] {escape(m.problem)}", highlight=False, soft_wrap=True)
-    todo = plan.to_train
-    kept = sum(m.weights_kept for m in plan.members)
-    line = (f"{len(plan.members)} members: {len(plan.members) - len(todo) - kept} cached, "
-            + (f"{kept} to predict (weights kept), " if kept else "") + f"{len(todo)} to train")
-    if plan.folds:
-        units = [u for m in plan.members for u in m.folds]
-        line += (f" ({sum(not u.cached and not u.weights_kept for u in units)} of {len(units)} fold models to "
-                 "train)")
-    if todo:
-        known = [m.est_seconds for m in todo if m.est_seconds is not None]
-        if plan.est_seconds is not None:
-            line += f"; estimated {_duration(plan.est_seconds)}"
-        elif known:
-            line += f"; estimated {_duration(sum(known))} for {len(known)} of them"
-        if len(known) < len(todo) and plan.rate_entries == 0:
-            line += f" (no estimate: nothing of {plan.competition.name} was trained on {plan.device} yet)"
-        elif known:
-            line += f" (from {plan.rate_entries} cached member{'s' * (plan.rate_entries > 1)} on {plan.device}, by FLOPs)"
-    console.print(line, highlight=False)
+    console.print(_summary(plan), highlight=False)
+    for line in (_saved_line(plan), _decoded_line(plan)):
+        if line:
+            console.print(escape(line), highlight=False, soft_wrap=True)
+    for note in plan.notes:
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
+    unknown = _unknown_line(plan)
+    if unknown:
+        console.print(f"[magenta]{escape(unknown)}[/]", highlight=False, soft_wrap=True)

@@ -9,7 +9,6 @@ from rich.console import Console
 
 from conftest import make_project
 from pipelines.config import Project, load_ensemble
-from pipelines.errors import EnsError
 from pipelines.plan import plan_ensemble, render
 
 
@@ -151,11 +150,18 @@ def test_a_size_too_small_is_a_problem_not_a_crash(project, memo, no_training):
     assert plan.members[2].problem is None
 
 
-def test_plan_downloads_nothing(tmp_path, digits_data):
+def test_plan_downloads_nothing(tmp_path, digits_data, monkeypatch):
+    import pipelines.kaggle
+
+    def refuse(*a, **k):
+        raise AssertionError("ens plan downloaded")
+
+    monkeypatch.setattr(pipelines.kaggle, "download", refuse)
     root = make_project(tmp_path / "p", digits_data)
     (root / "competitions" / "remote.yaml").write_text("kaggle: some-competition\n")
     (root / "ensembles" / "remote").mkdir(parents=True)
     (root / "ensembles" / "remote" / "a.yaml").write_text(
-        "competition: remote\nmembers: [{name: a, arch: test_resnet, pretrained: false}]\n")
-    with pytest.raises(EnsError, match=r"data folder cache/data/remote is missing; `ens plan` downloads nothing"):
-        plan_ensemble(Project(root), "remote/a", device="cpu")
+        "competition: remote\nmembers: [{name: a, arch: test_resnet, pretrained: false, size: 32}]\n")
+    plan = plan_ensemble(Project(root), "remote/a", device="cpu", memo=tmp_path / "flops.json")
+    assert not plan.data_known and not (root / "cache" / "data" / "remote").exists()
+    assert "`ens data remote` downloads it" in text(plan)  # tests/test_plan_offline.py: what else it says
