@@ -16,6 +16,10 @@ ENV = dict(os.environ, HF_HUB_OFFLINE="1")
 def digits_project(ensembles: dict[str, str]) -> Path:
     """A temporary project on the repo's digits data (built once in the repo's cache)."""
     subprocess.run(ENS + ["data", "digits"], cwd=REPO, check=True, capture_output=True, env=ENV)
+    # ens's own modules as bytecode, like the installed libraries': with PYTHONDONTWRITEBYTECODE set (as in this
+    # sandbox and some CI images) nothing writes pipelines/__pycache__, and every `ens` process would compile
+    # its ~8k lines again (~0.1 s) where fastai, torch and a hand-written script's imports load .pyc files
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "pipelines")], check=True, env=ENV)
     root = Path(tempfile.mkdtemp(prefix="ens-bench-"))
     (root / "competitions").mkdir()
     text = (REPO / "competitions/digits.yaml").read_text()

@@ -113,11 +113,14 @@ def _print_delivery(delivery) -> None:
 
 
 def _progress():
-    """The progress display of long verbs: members, epochs, batches, trials (transient: gone when done)."""
+    """The progress display of long verbs: members, epochs, batches, trials (transient: gone when done). Redrawn
+    ten times a second on a terminal; into a file or a pipe (logs, `nohup`, a benchmark) nothing is drawn, so no
+    redrawing thread is started there: it would only build tables nobody sees, and wake beside the training."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    return Progress(*columns, console=console, transient=True)
+    return Progress(*columns, console=console, transient=True,
+                    auto_refresh=console.is_terminal or console.is_jupyter)
 
 
 def _with_progress(work):

@@ -328,7 +328,20 @@ def check_input_size(member, n_classes: int) -> None:
     2 px, a 16 px patch on 8 px): the network is built with random weights (nothing is downloaded) and run
     forward once per distinct size, one image, in eval mode without gradients, on the CPU. The error names the
     member, the size and a size the network does take (doubling the failing one). Costs one model build and a
-    forward pass per size (well under a second for most nets); call it before training a member."""
+    forward pass per size (well under a second for most nets); call it before training a member. Runs on one
+    CPU thread: one image through a network gains nothing from a second one, which only adds the wake-ups (and on
+    a loaded machine the waits: up to half a second) of torch's thread pool; the count is put back after."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _check_input_size(member, n_classes)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_input_size(member, n_classes: int) -> None:
     import torch
 
     model = build_model(member.arch, n_classes, member.final_size).eval()

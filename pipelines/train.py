@@ -285,6 +285,9 @@ def _fit(member, data, progress, checkpoint_dir, cbs, device, precision, plan) -
     def save(phase: str, epochs_done: int) -> None:
         if checkpoint_dir is None:
             return
+        if member.keep_model and (phase, epochs_done) == (phases[-1].name, phases[-1].epochs):
+            return  # the trained weights: kept at once by the caller (`run`), the model alone; an interruption
+            # before they are kept redoes the last epoch, from the checkpoint before it
         tmp = checkpoint_dir / f"{CHECKPOINT}.tmp{os.getpid()}"
         try:
             checkpoint_dir.mkdir(parents=True, exist_ok=True)
