@@ -75,7 +75,7 @@ def test_decoded_copy_holds_the_jpeg_paths_pixels_and_draft_decodes_at_half(padd
     assert open_image(jpeg, (299, 299)).size == (480, 640)  # more than half: a full decode
     full = np.asarray(Image.open(jpeg).convert("RGB").resize((224, 224), Image.BILINEAR), dtype="float32")
     drafted = np.asarray(load_item(jpeg, (224, 224)), dtype="float32")
-    assert 0 < np.abs(full - drafted).mean() < 3  # measured ≈ 1 grey level on these noisy images
+    assert 0 < np.abs(full - drafted).mean() < 4  # measured 2.4 grey levels on these noisy images (σ = 25)
 
 
 def test_decoded_copy_is_rebuilt_when_the_data_change(tmp_path):
