@@ -35,7 +35,7 @@ def kept_probs(outcome: MemberOutcome, data, paths: list) -> dict:
     out = []
     for unit in outcome.predictors:
         learn = kept_learner(unit, data)
-        out.append(tta_probs(learn, learn.dls.test_dl(paths), outcome.member))
+        out.append(tta_probs(learn, learn.dls.test_dl([str(p) for p in paths]), outcome.member))
     return {k: np.mean([o[k] for o in out], axis=0) for k in ("plain", "tta")}
 
 
