@@ -352,3 +352,9 @@ def test_importing_the_module_is_cheap():
     code = "import sys, pipelines.accel; print(sorted(m for m in ('torch', 'fastai', 'timm') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_decoded_copy_loads_in_the_main_process_by_default():
+    """Its batches are one memory copy: workers would only copy each batch again through shared memory."""
+    assert loader_options(member(decode=True), "cuda")[0]["num_workers"] == 0
+    assert loader_options(member(decode=True, num_workers=2), "cuda")[0]["num_workers"] == 2
