@@ -37,6 +37,33 @@ def timed(cmd: list[str], cwd: Path) -> tuple[float, str]:
     return time.perf_counter() - start, out.stdout
 
 
+def trained_images_per_second(member, data) -> float:
+    """ens's training throughput of `member` on `data`: images per second over the epochs after the first (the
+    first warms up), timed by a fastai callback around each training phase."""
+    from fastai.callback.core import Callback
+
+    from pipelines.train import train_member
+
+    class Clock(Callback):
+        def __init__(self):
+            self.images, self.seconds = 0, 0.0
+
+        def before_train(self):
+            self.start = time.perf_counter()
+
+        def after_batch(self):
+            if self.training and self.epoch >= 1:
+                self.images += len(self.xb[0])
+
+        def after_train(self):
+            if self.epoch >= 1:
+                self.seconds += time.perf_counter() - self.start
+
+    clock = Clock()
+    train_member(member, data, cbs=[clock])
+    return clock.images / clock.seconds
+
+
 def median(values) -> float:
     return statistics.median(values)
 

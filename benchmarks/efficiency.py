@@ -5,39 +5,19 @@ runs it (its DataLoader workers, the batch augmentation on the CPU here), from i
 
 import time
 
-from common import ONE_MEMBER, digits_project, median
+from common import ONE_MEMBER, digits_project, median, trained_images_per_second
 
 
 def ens_images_per_second(root, decode: bool) -> float:
-    from fastai.callback.core import Callback
-
     from pipelines.config import Member, Project, load_competition
     from pipelines.data import load_data
-    from pipelines.train import train_member
-
-    class Clock(Callback):
-        def __init__(self):
-            self.images, self.seconds = 0, 0.0
-
-        def before_train(self):
-            self.start = time.perf_counter()
-
-        def after_batch(self):
-            if self.training and self.epoch >= 1:
-                self.images += len(self.xb[0])
-
-        def after_train(self):
-            if self.epoch >= 1:
-                self.seconds += time.perf_counter() - self.start
 
     project = Project(root)
     data = load_data(project, load_competition(project, "digits"))
     member = Member(name="m", arch="test_resnet", pretrained=False, size=32, epochs=4, lr=0.005, batch_size=64,
                     decode=decode, aug_transforms={"do_flip": False, "max_rotate": 10, "max_warp": 0.1,
                                                    "max_lighting": 0.2})
-    clock = Clock()
-    train_member(member, data, cbs=[clock])
-    return clock.images / clock.seconds
+    return trained_images_per_second(member, data)
 
 
 def plain_images_per_second(n_images: int = 1152, epochs: int = 3) -> float:

@@ -58,28 +58,10 @@ def model_only(member, size, steps: int = 20) -> tuple[float, float]:
 
 def end_to_end(member, size, data) -> float:
     """ens's training images/s at `size` (the epochs after the first), from the decoded copy."""
-    from fastai.callback.core import Callback
+    from common import trained_images_per_second
 
-    from pipelines.train import train_member
-
-    class Clock(Callback):
-        images, seconds = 0, 0.0
-
-        def before_train(self):
-            self.start = time.perf_counter()
-
-        def after_batch(self):
-            if self.training and self.epoch >= 1:
-                self.images += len(self.xb[0])
-
-        def after_train(self):
-            if self.epoch >= 1:
-                self.seconds += time.perf_counter() - self.start
-
-    clock = Clock()
     staged = member.model_copy(update={"stages": [(size, 3)], "decode": True, "freeze_epochs": 0})
-    train_member(staged, data, cbs=[clock])
-    return clock.images / clock.seconds
+    return trained_images_per_second(staged, data)
 
 
 def main() -> list[str]:
