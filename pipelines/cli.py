@@ -41,6 +41,26 @@ def _project(root: Optional[Path]) -> Project:
     return Project.find(root)
 
 
+ParallelOpt = typer.Option(None, "--parallel", "-j", metavar="N",
+                           help="train up to N missing members (fold models, trials) at once as Ray tasks on a local "
+                                "Ray cluster (one GPU each where there are GPUs); needs ens[ray]")
+AddressOpt = typer.Option(None, "--address", envvar="RAY_ADDRESS", metavar="HOST:PORT|auto",
+                          help="join a running Ray cluster instead (every node must see this project folder)")
+GpusOpt = typer.Option(1.0, "--gpus-per-member", help="with --parallel/--address on GPUs: each task's share of a "
+                       "GPU (0.5: two members per card)")
+CpusOpt = typer.Option(None, "--cpus-per-member", help="with --parallel/--address: each task's CPUs and torch "
+                       "threads (default: a node's CPUs shared among its tasks)")
+
+
+def _parallel(n: Optional[int], address: Optional[str], gpus: float, cpus: Optional[int]):
+    """The Ray options of --parallel/--address, or None (then Ray is not imported)."""
+    if n is None and not address:
+        return None
+    from .schedule import Parallel
+
+    return Parallel(n=n, address=address, gpus_per_member=gpus, cpus_per_member=cpus)
+
+
 @app.command(short_help="Train what is not cached, write and check the submission CSV, upload it to Kaggle.")
 def run(ensemble: str = typer.Argument(..., help="ensembles/<competition>/<name>.yaml, or e.g. digits/final.yaml"),
         overrides: Optional[List[str]] = OverridesArg,
@@ -50,6 +70,8 @@ def run(ensemble: str = typer.Argument(..., help="ensembles/<competition>/<name>
                                    "(or whose upload's outcome is unknown)"),
         folds: Optional[str] = typer.Option(None, "--folds", help="cross-validated ensembles: train only these folds "
                                             "(e.g. 0,1) for a quick look; no submission until every fold is done"),
+        parallel: Optional[int] = ParallelOpt, address: Optional[str] = AddressOpt,
+        gpus_per_member: float = GpusOpt, cpus_per_member: Optional[int] = CpusOpt,
         project: Optional[Path] = ProjectOpt):
     """Train an ensemble and write its submission: members not in the cache are trained, their predictions
     averaged, the CSV written and checked against the sample submission (and scored at once where the answers are
@@ -61,8 +83,9 @@ def run(ensemble: str = typer.Argument(..., help="ensembles/<competition>/<name>
 
     proj = _project(project)
     chosen = _fold_list(folds)
+    spread_on = _parallel(parallel, address, gpus_per_member, cpus_per_member)
     result = _with_progress(lambda progress, report: run_ensemble(
-        proj, ensemble, overrides or [], progress, report, not no_submit, not no_wait, force, chosen))
+        proj, ensemble, overrides or [], progress, report, not no_submit, not no_wait, force, chosen, spread_on))
     if result.csv is None:
         _print_incomplete(result, proj, ensemble, overrides or [])
         return

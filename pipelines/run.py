@@ -6,6 +6,7 @@ Returns what happened; `cli.py` prints it.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
 import time
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -24,6 +26,9 @@ from .data import CompetitionData, load_data
 from .errors import EnsError
 from .models import check_arch
 from .util import file_lock, say
+
+if TYPE_CHECKING:
+    from .schedule import Parallel
 
 
 @dataclass
@@ -90,11 +95,12 @@ def versions() -> dict:
     return {p: version(p) for p in ("fastai", "timm", "torch", "torchvision", "numpy")} | {"python": platform.python_version()}
 
 
-def _member_entry(member: Member, data: CompetitionData, cache: MemberCache, train: str, key: str,
-                  progress) -> tuple[Entry, str]:
+def member_entry(member: Member, data: CompetitionData, cache: MemberCache, train: str, key: str,
+                 progress, worker: dict | None = None) -> tuple[Entry, str]:
     """The member's entry, computed as cheaply as the cache allows, and how: 'derived' (the arrays of an entry
     of the same weights and passes give another beta), 'predicted' (kept weights, new TTA), 'trained' or
-    'resumed'. Under the training key's lock: a second run wanting the same weights waits, then reads them."""
+    'resumed'. Under the training key's lock: a second run wanting the same weights waits, then reads them.
+    `worker` (a Ray task's host, pid, node, GPUs) joins the meta of what is trained."""
     waiting = lambda: say(progress)(f"{member.name}: another ens run is computing it (key {train}); "
                                     "waiting for it to finish")
     with file_lock(cache.lock(train), on_wait=waiting):
@@ -111,7 +117,7 @@ def _member_entry(member: Member, data: CompetitionData, cache: MemberCache, tra
         kept = cache.model_meta(train)
         if kept is not None:
             return _predict_kept(member, data, cache, train, key, kept, progress), "predicted"
-        return _train_and_predict(member, data, cache, train, key, progress)
+        return _train_and_predict(member, data, cache, train, key, progress, worker)
 
 
 def _derive(member: Member, sibling: Entry, cache: MemberCache, key: str) -> Entry:
@@ -168,7 +174,7 @@ def _predict_kept(member, data, cache: MemberCache, train: str, key: str, kept: 
 
 
 def _train_and_predict(member: Member, data: CompetitionData, cache: MemberCache, train: str, key: str,
-                       progress) -> tuple[Entry, str]:
+                       progress, worker: dict | None = None) -> tuple[Entry, str]:
     from .train import train_member
 
     partial = cache.partial(train)  # per-epoch checkpoints of an unfinished member: a rerun resumes there
@@ -194,6 +200,7 @@ def _train_and_predict(member: Member, data: CompetitionData, cache: MemberCache
         "device": trained.device,
         "precision": trained.precision,
         "threads": _threads(),
+        "worker": worker or {"host": platform.node(), "pid": os.getpid()},
         "deterministic": trained.deterministic,
         "versions": versions(),
     }
@@ -287,10 +294,11 @@ def fold_variants(ens: Ensemble, data: CompetitionData, folds: list[int] | None,
 
 def gather_members(project: Project, spec: str, overrides: list[str] = (), progress=None,
                    on_member=lambda outcome: None, cached_only: bool = False,
-                   folds: list[int] | None = None) -> Gathered:
+                   folds: list[int] | None = None, parallel: "Parallel | None" = None) -> Gathered:
     """Each member's cache entry, computing the ones that are missing (unless `cached_only`; in cv, only the
     folds in `folds` when given): first every key and cache look-up, then the checks that can fail before any
-    training time is spent, then the work. `on_member` hears of every model (each fold model in cv)."""
+    training time is spent, then the work — in this process, or with `parallel` as Ray tasks
+    (`schedule.compute_member`). `on_member` hears of every model (each fold model in cv)."""
     path, ens, comp = check_ensemble(project, spec, list(overrides))
     data = load_data(project, comp)
     cache = MemberCache(project.cache, comp.name)
@@ -312,29 +320,62 @@ def gather_members(project: Project, spec: str, overrides: list[str] = (), progr
     to_compute = [u for u in planned if u.entry is None and u.compute]
     if to_compute:
         _check_before_training(list({id(u.member): u.member for u in to_compute}.values()), data)
-    units = []
     task = progress.add_task("members", total=len(to_compute) + sum(u.entry is not None for u in planned)) \
         if progress is not None else None
+    computed: dict[int, MemberOutcome] = {}
+
+    def done(u: _Planned, entry: Entry, how: str) -> None:
+        computed[id(u)] = outcome = MemberOutcome(u.member, entry, how, fold=u.fold)
+        on_member(outcome)
+        if progress is not None:
+            progress.advance(task)
+
+    if parallel is not None and to_compute:  # the cached first, then the missing ones as Ray finishes them
+        for u in planned:
+            if u.entry is not None:
+                done(u, u.entry, "cached")
+        _compute_on_ray(project, path, list(overrides), to_compute, parallel, cache, progress, done, warnings)
     for u in planned:
-        if u.entry is None and not u.compute:
+        if id(u) in computed or (u.entry is None and not u.compute):
             continue
         if progress is not None:
             fold = "" if u.fold is None else f" {unit_name(u.fold)}"
             progress.update(task, description=f"member {u.member.name} ({u.member.arch}){fold}")
-        entry, how = (u.entry, "cached") if u.entry is not None else \
-            _member_entry(u.member, u.data, cache, u.train, u.key, progress)
-        outcome = MemberOutcome(u.member, entry, how, fold=u.fold)
-        units.append(outcome)
-        on_member(outcome)
-        if progress is not None:
-            progress.advance(task)
+        done(u, *((u.entry, "cached") if u.entry is not None else
+                  member_entry(u.member, u.data, cache, u.train, u.key, progress)))
     if progress is not None:
         progress.remove_task(task)
+    units = [computed[id(u)] for u in planned if id(u) in computed]
     outcomes, left_out, incomplete = _by_member(ens, units, variants, data, fold_ids)
     if outcomes:
         _check_aligned(outcomes)
     return Gathered(path, ens, comp, data, outcomes, left_out, list(cache.damaged), warnings, fold_ids,
                     incomplete, units)
+
+
+def _compute_on_ray(project: Project, path: Path, overrides: list[str], todo: list[_Planned], parallel: "Parallel",
+                    cache: MemberCache, progress, done, warnings: list[str]) -> None:
+    """The missing units as Ray tasks; each finished one read back from the cache by its key and passed to
+    `done`. A unit whose worker died and was retried is named in `warnings`."""
+    from .schedule import Connection, Unit, compute_member, run_units
+
+    units = [Unit(u.member.name + ("" if u.fold is None else f" {unit_name(u.fold)}"), compute_member,
+                  (str(project.root), str(path), overrides, u.member.name, u.fold, u.train, u.key)) for u in todo]
+    planned = {unit.label: u for unit, u in zip(units, todo)}
+
+    def finished(unit: Unit) -> None:
+        entry = cache.load(unit.result["key"])
+        if entry is None:
+            raise EnsError(f"{unit.label}: its Ray task wrote cache entry {unit.result['key']}, but {cache.root} does "
+                           "not hold it: every node must see the project folder at the same path")
+        done(planned[unit.label], entry, unit.result["how"])
+        if len(unit.starts) > 1:
+            where = entry.meta.get("resumed_at")
+            warnings.append(f"{unit.label}: its Ray worker died {len(unit.starts) - 1} time(s) and Ray retried it"
+                            + (f" (resumed at {where})" if where else ""))
+
+    with Connection(parallel) as conn:
+        run_units(conn, units, progress, finished)
 
 
 def _by_member(ens: Ensemble, units: list[MemberOutcome], variants, data: CompetitionData, fold_ids):
@@ -455,12 +496,12 @@ def blend_and_submit(project: Project, g: Gathered, outcomes: list[MemberOutcome
 
 def run_ensemble(project: Project, spec: str, overrides: list[str] = (), progress=None,
                  on_member=lambda outcome: None, submit: bool = True, wait: bool = True, force: bool = False,
-                 folds: list[int] | None = None) -> RunResult:
+                 folds: list[int] | None = None, parallel: "Parallel | None" = None) -> RunResult:
     """Gather the members (training what is missing; in cv only `folds` when given), blend them as the
     ensemble's `combine:` says, write, check, score and submit the CSV. When some member's fold models are
     missing (a quick look at a few folds) there is no out-of-fold blend: the result has no CSV and says so."""
     start = time.perf_counter()
-    g = gather_members(project, spec, overrides, progress, on_member, folds=folds)
+    g = gather_members(project, spec, overrides, progress, on_member, folds=folds, parallel=parallel)
     done = dict(damaged=g.damaged, warnings=g.warnings, gathered=g)
     if g.incomplete:
         return RunResult(g.path, g.ensemble, g.competition, g.outcomes, g.competition.metric, None, None, 0, None,
