@@ -19,7 +19,7 @@ import numpy as np
 
 from .config import Member
 from .errors import EnsError
-from .util import sweep_dead
+from .util import owner_tag, sweep_dead
 
 # bump when what an entry holds, or how a member is trained, changes meaning. 2: keys canonical (equivalent
 # configs share one), training and prediction keys split, weights kept, TTA seeded, stage size governs without
@@ -193,7 +193,7 @@ class MemberCache:
         leaves either nothing or a complete folder (plus a stray temporary one, swept on the next run). A full disk
         leaves nothing either, and says so in one line."""
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.parent / f".tmp-{dest.name}-{os.getpid()}"
+        tmp = dest.parent / f".tmp-{dest.name}-{owner_tag()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             tmp.mkdir()
@@ -261,7 +261,7 @@ class MemberCache:
 
     def sweep(self) -> list[Path]:
         """Remove temporary folders and files left by runs that are no longer alive."""
-        removed = sweep_dead(self.root, [".tmp-*-{pid}"]) + sweep_dead(self.root / "models", [".tmp-*-{pid}"])
+        removed = sweep_dead(self.root, [".tmp-*-{owner}"]) + sweep_dead(self.root / "models", [".tmp-*-{owner}"])
         # weights of cache format 1, written under a name without a pid: stale once an hour old (format 2 writes
         # weights through a temporary folder, swept above)
         for old in self.root.glob(".model-*.pth") if self.root.is_dir() else ():

@@ -23,14 +23,14 @@ import shutil
 import stat
 import subprocess
 import sys
+import glob
 import tempfile
 import time
-import uuid
 import zipfile
 from pathlib import Path, PurePosixPath
 
 from .errors import EnsError
-from .util import file_lock, lock_file_for, process_alive
+from .util import file_lock, lock_file_for, owner_tag, sweep_dead
 
 RULES_URL = "https://www.kaggle.com/competitions/{slug}/rules"
 TOKEN_URL = "https://www.kaggle.com/settings/api"
@@ -242,17 +242,12 @@ def _check_slug(slug: str) -> None:
 
 
 def _partial_path(dest: Path, what: str) -> Path:
-    return dest.parent / f".{dest.name}{_PARTIAL}{what}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    return dest.parent / f".{dest.name}{_PARTIAL}{what}-{owner_tag()}"
 
 
 def _sweep_partials(dest: Path) -> None:
-    """Remove the temporary siblings of `dest` left by processes that no longer run."""
-    if not dest.parent.is_dir():
-        return
-    for path in dest.parent.glob(f".{dest.name}{_PARTIAL}*"):
-        match = re.search(r"-(\d+)-[0-9a-f]{8}$", path.name)
-        if match and not process_alive(int(match.group(1))):
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    """Remove the temporary siblings of `dest` left by processes of this host that no longer run."""
+    sweep_dead(dest.parent, [f".{glob.escape(dest.name)}{_PARTIAL}*-{{owner}}"])
 
 
 def _replace_dir(tmp: Path, dest: Path) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from . import submission
 from .ablate import Ablation, ablate
 from .config import Project
 from .crossval import unit_name
-from .util import spread
+from .util import spread, unique_suffix
 
 SECTIONS = {  # id → title, in page order (tests find the sections by these ids)
     "glance": "At a glance",
@@ -164,7 +163,7 @@ def build_report(project: Project, spec: str, overrides=(), cached_only: bool = 
         f" · metric {_e(result.metric)} · written {datetime.now().strftime('%Y-%m-%d %H:%M')}</p></header>"
         f"<nav>{nav}</nav><main>{''.join(body)}</main></body></html>\n")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    tmp = dest.with_name(f".{dest.name}{unique_suffix()}")
     tmp.write_text(page, encoding="utf-8")
     tmp.replace(dest)
     return dest

@@ -203,7 +203,7 @@ def update_history(history: Path, row_id: str, **fields) -> None:
 def _write_history(history: Path, rows: list[dict]) -> None:
     """Rewrite the whole history atomically (older files with fewer columns gain the new ones). Hold the lock."""
     history.parent.mkdir(parents=True, exist_ok=True)
-    sweep_dead(history.parent, [f"{glob.escape(history.name)}.tmp{{pid}}-*"])  # of writers killed mid-write
+    sweep_dead(history.parent, [f"{glob.escape(history.name)}.tmp{{owner}}", f"{glob.escape(history.name)}.tmp{{owner}}-*"])  # of writers killed mid-write
     tmp = history.with_name(history.name + unique_suffix())
     try:
         with open(tmp, "w", newline="") as f:

@@ -11,7 +11,7 @@ from pathlib import Path
 from .config import Member
 from .data import CompetitionData, dataloaders
 from .models import build_learner
-from .util import say
+from .util import say, unique_suffix
 
 
 def resolve_precision(requested: str, cuda: bool, bf16_supported: bool) -> str:
@@ -288,7 +288,7 @@ def _fit(member, data, progress, checkpoint_dir, cbs, device, precision, plan) -
         if member.keep_model and (phase, epochs_done) == (phases[-1].name, phases[-1].epochs):
             return  # the trained weights: kept at once by the caller (`run`), the model alone; an interruption
             # before they are kept redoes the last epoch, from the checkpoint before it
-        tmp = checkpoint_dir / f"{CHECKPOINT}.tmp{os.getpid()}"
+        tmp = checkpoint_dir / f"{CHECKPOINT}{unique_suffix()}"
         try:
             checkpoint_dir.mkdir(parents=True, exist_ok=True)
             torch.save({"phase": phase, "epochs_done": epochs_done, "model": learn.model.state_dict(),

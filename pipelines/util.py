@@ -83,19 +83,41 @@ def process_pool(workers: int):
     return ProcessPoolExecutor(workers, mp_context=context, initializer=_die_with_parent, initargs=(os.getpid(),))
 
 
+def _host() -> str:
+    import re
+    import socket
+
+    return re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname()) or "host"
+
+
+def owner_tag() -> str:
+    """What names a temporary file or folder as this process's, unique on a filesystem shared by several hosts:
+    `<host>~<pid>~<random>` (the host with anything but letters and digits as `_`). `sweep_dead` removes one only
+    on its own host, once its pid is gone there: on a shared filesystem another node's live folder is never taken
+    for a dead one (pids collide across hosts), and a pid reused later on one host never revives a dead name."""
+    import secrets
+
+    return f"{_host()}~{os.getpid()}~{secrets.token_hex(4)}"
+
+
 def unique_suffix() -> str:
-    """A temporary-file suffix no other process or thread uses at the same time: `.tmp<pid>-<ns>`."""
-    return f".tmp{os.getpid()}-{time.monotonic_ns()}"
+    """A temporary-file suffix no other process or thread uses at the same time: `.tmp<owner tag>`."""
+    return f".tmp{owner_tag()}"
+
+
+# an owner tag in a name: host~pid~random, or an older version's bare pid (or pid-nanoseconds, pid-random)
+OWNER = r"(?:(?P<host>[A-Za-z0-9_]+)~(?P<pid>\d+)~[0-9a-f]+|(?P<pid_only>\d+)(?:-[0-9a-f]+)?)"
 
 
 def sweep_dead(folder: Path, patterns) -> list[Path]:
     """Remove from `folder` the leftovers of processes that no longer run; the removed paths.
 
-    Each pattern is an fnmatch pattern of names in which `{pid}` stands for the process id its writer put in the
-    name: `"*.building-{pid}"`, `"*.tmp{pid}-*"` (`unique_suffix()` names), `".model-*.tmp{pid}-*"`. A match whose
-    process is dead is deleted, file or folder (symbolic links as links); a live process's, and a name whose pid
-    part is not a number, stay. Safe to call while other runs work in `folder`: they only lose what is theirs
-    when they are dead."""
+    Each pattern is an fnmatch pattern of names in which `{owner}` stands for the `owner_tag()` its writer put in
+    the name: `"*.building-{owner}"`, `"*.tmp{owner}"` (`unique_suffix()` names). A match written on this host
+    whose process is dead is deleted, file or folder (symbolic links as links); another host's, a live process's,
+    and a name without an owner tag stay. Names of older ens versions (a bare pid, or `<pid>-<ns>`) count as this
+    host's. Safe to call while other runs, on this host or others, work in `folder`: they only lose what is
+    theirs when they are dead."""
     import fnmatch
     import re
     import shutil
@@ -103,14 +125,15 @@ def sweep_dead(folder: Path, patterns) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    removed = []
+    removed, host = [], _host()
     for pattern in patterns:
-        if "{pid}" not in pattern:
-            raise ValueError(f"sweep pattern {pattern!r} has no {{pid}}: without the writer's pid nothing is safe to remove")
-        regex = re.compile(fnmatch.translate(pattern.replace("{pid}", "\0")).replace("\0", r"(\d+)"))
-        for path in folder.glob(pattern.replace("{pid}", "*")):
+        if "{owner}" not in pattern:
+            raise ValueError(f"sweep pattern {pattern!r} has no {{owner}}: without the writer's pid and host nothing "
+                             "is safe to remove")
+        regex = re.compile(fnmatch.translate(pattern.replace("{owner}", "\0")).replace("\0", OWNER))
+        for path in folder.glob(pattern.replace("{owner}", "*")):
             match = regex.match(path.name)
-            if not match or process_alive(int(match.group(1))):
+            if not match or match["host"] not in (None, host) or process_alive(int(match["pid"] or match["pid_only"])):
                 continue
             try:
                 if path.is_dir() and not path.is_symlink():
@@ -149,7 +172,8 @@ def write_json(path: Path, value, **dump_options) -> None:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sweep_dead(path.parent, [f"{glob.escape(path.name)}.tmp{{pid}}-*", f"{glob.escape(path.stem)}.tmp{{pid}}"])
+    sweep_dead(path.parent, [f"{glob.escape(path.name)}.tmp{{owner}}", f"{glob.escape(path.name)}.tmp{{owner}}-*",
+                             f"{glob.escape(path.stem)}.tmp{{owner}}"])
     tmp = path.with_name(path.name + unique_suffix())
     tmp.write_text(json.dumps(value, **dump_options))
     os.replace(tmp, path)

@@ -139,10 +139,28 @@ def test_sweep_dead_removes_only_dead_processes_leftovers(tmp_path):
     for name in names:
         (tmp_path / name).write_text("")
     (tmp_path / f"d.building-{dead}" / "sub").mkdir(parents=True)
-    removed = sweep_dead(tmp_path, [".model-*.tmp{pid}-*", "*.building-{pid}"])
+    removed = sweep_dead(tmp_path, [".model-*.tmp{owner}-*", "*.building-{owner}"])
     assert sorted(p.name for p in removed) == sorted([f".model-abc.tmp{dead}-77.pth", f"x.building-{dead}",
                                                       f"d.building-{dead}"])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [f".model-abc.tmp{live}-78.pth", f"x.building-{live}", "x.building-notapid", f"y.tmp{dead}-1", "keep.pth"])
     with pytest.raises(ValueError):
         sweep_dead(tmp_path, ["*.tmp*"])
+
+
+def test_sweep_dead_takes_only_this_hosts_leftovers(tmp_path):
+    """On a filesystem shared by several hosts (a Ray cluster's project folder) a pid says nothing about another
+    host's process: names carry host, pid and a random part, and only this host's dead ones are swept."""
+    from pipelines.util import _host, owner_tag
+
+    dead = _dead_pid()
+    mine = owner_tag()
+    assert mine.startswith(f"{_host()}~{os.getpid()}~") and mine != owner_tag()  # random part: two calls differ
+    names = {f"a.building-{_host()}~{dead}~0badcafe": False,  # this host, dead: swept
+             f"b.building-otherhost~{dead}~0badcafe": True,  # another host's (its pid may be alive there): kept
+             f"c.building-{mine}": True,  # this process: kept
+             f"d.building-{dead}": False}  # an older ens version's bare pid: this host's, dead: swept
+    for name in names:
+        (tmp_path / name).mkdir()
+    sweep_dead(tmp_path, ["*.building-{owner}"])
+    assert {p.name for p in tmp_path.iterdir()} == {n for n, kept in names.items() if kept}

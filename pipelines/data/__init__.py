@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..config import Competition, Project
 from ..errors import ConfigError, EnsError
-from ..util import file_lock, lock_file_for, process_pool, sweep_dead, write_json
+from ..util import file_lock, lock_file_for, owner_tag, process_pool, sweep_dead, write_json
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ def build_digits(dest: Path, test_fraction: float = 0.2) -> None:
     digits = load_digits()
     order = np.random.RandomState(0).permutation(len(digits.images))
     n_test = int(round(len(order) * test_fraction))
-    tmp = dest.with_name(dest.name + f".building-{os.getpid()}")
+    tmp = dest.with_name(dest.name + f".building-{owner_tag()}")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "test_images").mkdir(parents=True)
 
@@ -122,7 +122,7 @@ def ensure_data(project: Project, comp: Competition) -> Path:
     root = comp.data_path(project)
     if not root.is_dir():
         if comp.builtin:
-            with building(root, [f"{glob.escape(root.name)}.building-{{pid}}"], lock_file_for(root)):
+            with building(root, [f"{glob.escape(root.name)}.building-{{owner}}"], lock_file_for(root)):
                 if not root.is_dir():
                     BUILDERS[comp.builtin](root)
         elif comp.kaggle:
@@ -501,7 +501,7 @@ def prepare_data(data: CompetitionData, prepare, cache_root: Path) -> Competitio
     key = hashlib.sha256(json.dumps([images, prepare.model_dump()], sort_keys=True).encode()).hexdigest()[:16]
     dest = cache_root / "prepared" / data.competition.name / f"max{prepare.max_size}-{key}"
     if not dest.is_dir():
-        with building(dest, ["*.building-{pid}", "*.tmp{pid}-*"]):
+        with building(dest, ["*.building-{owner}", "*.tmp{owner}", "*.tmp{owner}-*"]):
             if not dest.is_dir():
                 _build_prepared(data, prepare, dest)
     return replace(data, root=dest)
@@ -522,7 +522,7 @@ def _build_prepared(data: CompetitionData, prepare, dest: Path) -> None:
 
     import fastai.vision.utils  # noqa: F401 - imported before the fork: the workers only resize
 
-    tmp = dest.with_name(dest.name + f".building-{os.getpid()}")
+    tmp = dest.with_name(dest.name + f".building-{owner_tag()}")
     shutil.rmtree(tmp, ignore_errors=True)
     files = [Path(p) for p in data.train_paths + data.test_paths]
     resize = partial(_shrink, src=data.root, dest=tmp, max_size=prepare.max_size, quality=prepare.quality)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import PIXELS
-from ..util import process_pool
+from ..util import owner_tag, process_pool
 
 IMAGES = "images.npy"
 INDEX = "index.json"
@@ -98,7 +98,7 @@ def decoded_images(data, hw: tuple[int, int], say=None) -> Decoded:
     dest = decoded_folder(data, hw)
     paths = list(data.train_paths) + list(data.test_paths)
     if not (dest / INDEX).is_file():
-        with building(dest, ["*.building-{pid}"]):
+        with building(dest, ["*.building-{owner}"]):
             if not (dest / INDEX).is_file():
                 _build(data, paths, hw, dest, say or (lambda text: print(text, file=sys.stderr, flush=True)))
     return Decoded(dest, paths)
@@ -124,7 +124,7 @@ def _build(data, paths: list[str], hw: tuple[int, int], dest: Path, say) -> None
     from ..cache import disk_full, disk_full_error
 
     start = time.perf_counter()
-    tmp = dest.with_name(dest.name + f".building-{os.getpid()}")
+    tmp = dest.with_name(dest.name + f".building-{owner_tag()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     shape = (len(paths), hw[0], hw[1], 3)
