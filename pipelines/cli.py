@@ -741,8 +741,25 @@ def main() -> None:
         err.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        err.print("interrupted: finished members are cached; run the same command again to go on")
-        sys.exit(130)
+        _interrupted()
+    except SystemExit as e:  # typer turns Ctrl-C inside a command into a silent exit 130
+        if e.code == 130 and _caused_by_ctrl_c(e):
+            _interrupted()
+        raise
+
+
+def _caused_by_ctrl_c(e: BaseException) -> bool:
+    while e is not None:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _interrupted():
+    err.print("interrupted: finished members are cached (and an unfinished one's last epoch); run the same command "
+              "again to go on")
+    sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -95,9 +96,38 @@ def copy_project(source: Path, dest: Path) -> Path:
     return dest
 
 
-def ens(*args, cwd: Path, timeout=300, **kw) -> subprocess.CompletedProcess:
-    """The real `ens` command in a subprocess."""
+def ens(*args, cwd: Path, timeout=300, env_extra: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    """The real `ens` command in a subprocess (never joining a Ray cluster unless `env_extra` says)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="200")
     env.pop("ENS_PROJECT", None)
+    env.pop("RAY_ADDRESS", None)
+    env.update(env_extra or {})
     return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout, **kw)
+
+
+# Ray in tests: every listener on 127.0.0.1, and temp folders with short paths (Unix sockets live there: pytest's
+# tmp_path would exceed the socket path limit)
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
+
+@pytest.fixture
+def ray_tmp():
+    """A short temporary folder for a Ray cluster a test (or the `ens` it starts) makes itself."""
+    folder = tempfile.mkdtemp(prefix="ensray-", dir="/tmp")
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """The session's local Ray cluster, joined by this process: 2 CPUs and 2 declared GPUs (Ray gives each task
+    a CUDA_VISIBLE_DEVICES of its own, on a CPU machine too; the tasks train on the CPU)."""
+    import ray
+
+    folder = tempfile.mkdtemp(prefix="ensray-", dir="/tmp")
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=folder,
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
+    yield ray
+    ray.shutdown()
+    shutil.rmtree(folder, ignore_errors=True)
