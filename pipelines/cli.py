@@ -494,10 +494,13 @@ def tune(ensemble: str = typer.Argument(..., help="the ensemble YAML"),
          write: Optional[Path] = typer.Option(None, "--write", help="write the ensemble with the best values as YAML"),
          fold: Optional[int] = typer.Option(None, "--fold", help="cv ensembles: the fold the trials are scored on "
                                             "(default 0)"),
+         parallel: Optional[int] = ParallelOpt, address: Optional[str] = AddressOpt,
+         gpus_per_member: float = GpusOpt, cpus_per_member: Optional[int] = CpusOpt,
          project: Optional[Path] = ProjectOpt):
     """Hyperparameter search for one member with Optuna (TPE, median pruning): `tune.trials` trials of `tune.epochs`
     epochs on `tune.fraction` of the training images, scored on the validation images (in a cross-validated
-    ensemble: on one fold's). Resumes an interrupted search.
+    ensemble: on one fold's). Resumes an interrupted search. With --parallel N (or --address), N trials at once
+    on Ray Tune, in the same study.
 
     Example: ens tune digits/final.yaml resnet --trials 20 --write ensembles/digits/tuned.yaml
     """
@@ -510,7 +513,8 @@ def tune(ensemble: str = typer.Argument(..., help="the ensemble YAML"),
         console.print(f"[green]✓[/] trial {row.number} {row.state}{value} ({row.epochs} epochs)")
 
     with _progress() as progress:
-        result = tune_member(proj, ensemble, member, overrides or [], trials, progress, on_trial=report, fold=fold)
+        result = tune_member(proj, ensemble, member, overrides or [], trials, progress, on_trial=report, fold=fold,
+                             parallel=_parallel(parallel, address, gpus_per_member, cpus_per_member))
     render(result, console)
     if write:
         console.print(f"wrote {proj.relative(write_best(result, write))}")

@@ -283,7 +283,7 @@ class Tune(Strict):
     trials: int = Field(10, ge=1)
     epochs: int = Field(2, ge=1)
     fraction: float = Field(0.25, gt=0, le=1)
-    pruner: Literal["median", "none"] = "median"  # stop trials below the median of earlier ones at the same epoch
+    pruner: Literal["median", "asha", "none"] = "median"  # stop trailing trials: below the median of earlier ones at the same epoch, or successive halving
     space: dict[str, Union[TuneRange, list[Any]]] = Field(min_length=1)
 
     @field_validator("space", mode="before")

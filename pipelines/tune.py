@@ -18,16 +18,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from .config import (Competition, Ensemble, Member, Project, Tune, TuneRange, apply_overrides, read_yaml,
                      write_ensemble)
 from .data import CompetitionData, cv_folds, fold_data, load_data, prepare_data, train_fraction
 from .errors import ConfigError, EnsError
+
+if TYPE_CHECKING:
+    from .schedule import Parallel
 
 
 class InvalidTrial(Exception):
@@ -190,7 +194,7 @@ def _reporter(trial, metric: str, steps: int):
         def __init__(self):
             self.step, self.values = 0, []
 
-        def before_validate(self):
+        def before_epoch(self):  # also before an epoch a resumed fit skips (no validation follows)
             self.preds, self.targets = [], []
 
         def after_batch(self):
@@ -238,11 +242,12 @@ def find_member(ens: Ensemble, name: str, where: str) -> Member:
 
 def tune_member(project: Project, spec: str, member_name: str, overrides=(), n_trials: int | None = None,
                 progress=None, *, pruner=None, on_trial: Callable[[TrialRow], None] | None = None,
-                fold: int | None = None) -> TuneResult:
+                fold: int | None = None, parallel: "Parallel | None" = None) -> TuneResult:
     """Search the member's `tune.space`: run trials until `n_trials` (default `tune.trials`) have finished
     (complete or pruned) in the study, counting those of earlier calls. `pruner` replaces the one `tune.pruner`
     names (an optuna pruner); `on_trial` is called with each finished trial's row; `fold` is the fold a
-    cross-validated ensemble's trials are scored on (default 0)."""
+    cross-validated ensemble's trials are scored on (default 0). With `parallel`, the trials run at once on Ray
+    Tune (`_optimize_on_ray`), in the same study."""
     import optuna
 
     from .ensemble import GREATER_IS_BETTER
@@ -284,9 +289,10 @@ def tune_member(project: Project, spec: str, member_name: str, overrides=(), n_t
     study.sampler = optuna.samplers.TPESampler(seed=member.seed + len(study.trials),
                                                n_startup_trials=min(10, max(2, target // 3)))
     if pruner is None:
-        pruner = (optuna.pruners.MedianPruner(n_startup_trials=min(5, max(2, target // 3)))
-                  if tune.pruner == "median" else optuna.pruners.NopPruner())
+        pruner = (optuna.pruners.MedianPruner(n_startup_trials=min(5, max(2, target // 3))) if tune.pruner == "median"
+                  else optuna.pruners.SuccessiveHalvingPruner() if tune.pruner == "asha" else optuna.pruners.NopPruner())
     study.pruner = pruner
+    steps = tune.epochs + (member.freeze_epochs if member.pretrained else 0)  # scored epochs of a whole trial
 
     def objective(trial) -> float:
         params = _suggest(trial, tune)
@@ -319,7 +325,10 @@ def tune_member(project: Project, spec: str, member_name: str, overrides=(), n_t
 
     task = progress.add_task(f"tuning {member.name}", total=todo) if progress is not None else None
     try:
-        if todo:
+        if todo and parallel is not None:
+            _optimize_on_ray(parallel, project, study, storage, member, tune, full, metric, target, steps, progress,
+                             task, on_trial, shown)
+        elif todo:
             # a trial that fails (invalid values) does not count: run until `todo` trials have finished
             while sum(t.state.name in finished for t in study.trials) < target:
                 study.optimize(objective, n_trials=1, catch=(InvalidTrial,), callbacks=[finished_trial])
@@ -336,6 +345,181 @@ def tune_member(project: Project, spec: str, member_name: str, overrides=(), n_t
     return TuneResult(path, list(overrides), ens, comp, member, tune, metric, direction, storage_path, study_name,
                       rows, ran, target, len(base.is_valid) - n_valid, n_valid, time.perf_counter() - start,
                       base.cv_fold)
+
+
+# --------------------------------------------------------------------------------------------- on Ray Tune
+def _optimize_on_ray(parallel: "Parallel", project: Project, study, storage, member: Member, tune: Tune,
+                     full: CompetitionData, metric: str, target: int, steps: int, progress, task, on_trial,
+                     shown: str) -> None:
+    """Trials at once on Ray Tune until `target` have finished in `study`: Optuna's sampler proposes the values
+    through Tune's OptunaSearch, in ens's own study (its SQLite storage, so a search resumes, sequentially or in
+    parallel alike); Tune's scheduler stops trailing trials in place of the pruner (median stopping, or ASHA);
+    a trial whose worker dies is restarted by Tune and resumes from its last epoch checkpoint (kept under
+    cache/<competition>/.tune/<study>/); each trial gets the task shape of `ens run --parallel`."""
+    import shutil
+    from datetime import datetime
+
+    from ray import tune as rt
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
+
+    from .schedule import Connection, _cause
+
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")  # Ctrl-C stops ens at once, as in a sequential search
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: Tune prints nothing (ens shows the trials)
+    warnings.filterwarnings("ignore", "Heartbeat of storage")  # Tune asks and tells; the heartbeat still marks the
+    # trials of a killed search failed
+    mode = "max" if study.direction.name == "MAXIMIZE" else "min"
+    checkpoints = storage_folder(project, full) / study.study_name
+    finished = ("COMPLETE", "PRUNED")
+    failed_before = sum(t.state.name == "FAIL" for t in study.trials)
+    with Connection(parallel) as conn:
+        shape = conn.slots()
+        while (done := sum(t.state.name in finished for t in study.trials)) < target:
+            searcher = _searcher(tune, mode, study, storage, steps)
+            scheduler = (MedianStoppingRule(time_attr="training_iteration", grace_period=1,
+                                            min_samples_required=min(5, max(2, target // 3)))
+                         if tune.pruner == "median" else
+                         ASHAScheduler(time_attr="training_iteration", max_t=steps) if tune.pruner == "asha"
+                         else FIFOScheduler())
+            trainable = rt.with_resources(rt.with_parameters(
+                _ray_trial, member=member, tune=tune, full=full, cache_root=str(project.cache), metric=metric,
+                steps=steps, cpus=shape.cpus, checkpoints=str(checkpoints)), {"cpu": shape.cpus, "gpu": shape.gpus})
+            name = f"{study.study_name}-{datetime.now():%Y%m%d-%H%M%S}"
+            tuner = rt.Tuner(trainable, tune_config=rt.TuneConfig(
+                metric="score", mode=mode, search_alg=searcher, scheduler=scheduler, num_samples=target - done,
+                max_concurrent_trials=shape.concurrent),
+                run_config=rt.RunConfig(name=name, storage_path=str(checkpoints.parent / "ray"), verbose=0,
+                                        failure_config=rt.FailureConfig(max_failures=parallel.retries),
+                                        callbacks=[_TrialCallback(searcher, tune, steps, progress, task, on_trial)]))
+            grid = tuner.fit()
+            shutil.rmtree(checkpoints.parent / "ray" / name, ignore_errors=True)  # the study is the record
+            errors = [r.error for r in grid if r.error is not None]
+            if errors:
+                raise _cause(errors[0])
+            failed = [t for t in study.trials if t.state.name == "FAIL"]
+            if len(failed) - failed_before > max(3, target):
+                raise EnsError(f"{len(failed) - failed_before} trials of {member.name} made no valid member, last: "
+                               f"{failed[-1].user_attrs.get('error')}; fix {shown}'s tune.space")
+
+
+def storage_folder(project: Project, data: CompetitionData) -> Path:
+    return project.cache / data.competition.name / ".tune"
+
+
+def _searcher(tune: Tune, mode: str, study, storage, steps: int):
+    """Tune's OptunaSearch on ens's study, telling Optuna what ens records: a trial stopped by the scheduler
+    before its last epoch is pruned (not complete), values that make no valid member fail with the reason, and
+    each trial's seconds (and whether it resumed after its worker died)."""
+    from optuna.trial import TrialState
+    from ray.tune.search.optuna import OptunaSearch
+
+    class EnsOptunaSearch(OptunaSearch):
+        def save(self, checkpoint_path):  # Tune's experiment checkpoint: ens's study is the record (and resumes)
+            pass
+
+        def restore(self, checkpoint_path):
+            pass
+
+        def on_trial_result(self, trial_id, result):  # stepped by epoch, as a sequential search (a restarted
+            # trial's training_iteration starts over; its epochs go on from the checkpoint)
+            if "score" in result and trial_id in self._ot_trials and trial_id not in self._completed_trials:
+                self._ot_trials[trial_id].report(result["score"], result["epochs"] - 1)
+
+        def on_trial_complete(self, trial_id, result=None, error=False):
+            ot_trial, result = self._ot_trials.get(trial_id), result or {}
+            if ot_trial is None or trial_id in self._completed_trials:
+                return super().on_trial_complete(trial_id, result, error)
+            if "time_total_s" in result:
+                ot_trial.set_user_attr("seconds", round(result["time_total_s"], 2))
+            if result.get("resumed"):
+                ot_trial.set_user_attr("resumed", True)
+            if result.get("invalid") or (result.get("epochs", steps) < steps and not error):
+                if result.get("invalid"):
+                    ot_trial.set_user_attr("error", result["invalid"])
+                self._ot_study.tell(ot_trial, state=TrialState.FAIL if result.get("invalid") else TrialState.PRUNED)
+                self._completed_trials.add(trial_id)
+                return None
+            return super().on_trial_complete(trial_id, result, error)
+
+    # define-by-run: ens's own suggestions (lists and sizes encoded as Optuna needs them)
+    return EnsOptunaSearch(space=lambda trial: (_suggest(trial, tune), None)[1], metric="score", mode=mode,
+                           sampler=study.sampler, study_name=study.study_name, storage=storage)
+
+
+class _TrialCallback:
+    """Tune's callback in the driver: the progress bar and `on_trial` rows, as a sequential search shows them."""
+
+    def __new__(cls, *args):
+        from ray.tune import Callback
+
+        class TrialCallback(Callback):
+            def __init__(self, searcher, tune, steps, progress, task, on_trial):
+                self.searcher, self.tune, self.steps = searcher, tune, steps
+                self.progress, self.task, self.on_trial = progress, task, on_trial
+
+            def on_trial_start(self, iteration, trials, trial, **info):
+                if self.progress is not None:
+                    running = sum(t.status == "RUNNING" for t in trials) or 1
+                    self.progress.update(self.task, description=f"tuning: {running} trial(s) running")
+
+            def on_trial_complete(self, iteration, trials, trial, **info):
+                self._finished(trial)
+
+            def on_trial_error(self, iteration, trials, trial, **info):
+                self._finished(trial)
+
+            def _finished(self, trial):
+                ot = self.searcher._ot_trials.get(trial.trial_id)
+                last = trial.last_result or {}
+                if last.get("invalid") or ot is None:
+                    return
+                epochs = last.get("epochs", 0)
+                state = "complete" if epochs >= self.steps else "pruned"
+                if self.progress is not None:
+                    self.progress.advance(self.task)
+                if self.on_trial is not None:
+                    self.on_trial(TrialRow(ot.number, state, _decode(self.tune, ot.params), last.get("score"), epochs,
+                                           last.get("time_total_s")))
+
+        return TrialCallback(*args)
+
+
+def _ray_trial(config: dict, member: Member, tune: Tune, full: CompetitionData, cache_root: str, metric: str,
+               steps: int, cpus: int, checkpoints: str) -> None:
+    """One trial inside a Tune worker: torch's threads set to its CPUs, the member trained with an epoch
+    checkpoint under `checkpoints`/<trial id> (a restarted trial resumes there), the score reported after every
+    epoch (`_reporter`)."""
+    import multiprocessing
+    import shutil
+
+    import torch
+    from ray import tune as rt
+
+    from .train import load_checkpoint, train_member
+
+    torch.set_num_threads(cpus)
+    multiprocessing.set_start_method("forkserver", force=True)
+    try:
+        m = trial_member(member, tune, _decode(tune, config))
+    except InvalidTrial as e:
+        rt.report({"invalid": str(e)})
+        return
+    folder = Path(checkpoints) / rt.get_context().get_trial_id()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "pid").write_text(str(os.getpid()))  # whose trial this is (a test kills it)
+    ckpt = load_checkpoint(folder)
+    done = len(ckpt["history"]) if ckpt else 0  # epochs scored before a restart
+
+    class ToTune:
+        def report(self, value, step):
+            rt.report({"score": value, "epochs": done + step + 1, "resumed": bool(ckpt)})
+
+        def should_prune(self):
+            return False  # Tune's scheduler stops trials itself
+
+    data = trial_data(full, m, tune, Path(cache_root), member.seed)
+    train_member(m, data, None, checkpoint_dir=folder, cbs=[_reporter(ToTune(), metric, steps - done)])
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------- output

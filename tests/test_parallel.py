@@ -292,3 +292,67 @@ def test_ctrl_c_cancels_the_tasks_and_the_rerun_resumes(tmp_path, digits_data, r
                                                                                     "RAY_ADDRESS": ""})
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed (train epoch" in again.stdout
+
+
+# ----------------------------------------------------------------------------------------------- ens tune
+def test_a_parallel_tune_fills_the_same_study_a_sequential_one_resumes(ray_cluster, tmp_path, digits_data):
+    """Trials on Ray Tune (OptunaSearch in ens's SQLite study, Tune's median stopping): as many finished trials as
+    asked, each value what retraining its member gives; a later sequential call counts them and adds one more."""
+    import torch
+
+    from pipelines.data import load_data, train_fraction
+    from pipelines.train import train_member
+    from pipelines.tune import tune_member, trial_member
+    from test_tune import SEARCH
+
+    root = make_project(tmp_path / "p", digits_data, {"search": SEARCH.replace("pruner: none", "pruner: median")})
+    rows = []
+    r = tune_member(Project(root), "digits/search.yaml", "effnet", n_trials=4, parallel=Parallel(n=2),
+                    on_trial=rows.append)
+    assert r.ran == 4 and len(rows) == 4
+    assert sorted(t.state for t in r.trials) == sorted(row.state for row in rows)
+    assert all(t.state in ("complete", "pruned") for t in r.trials) and len({t.params["lr"] for t in r.trials}) == 4
+    best = r.best
+    assert best.epochs == 2 and best.seconds > 0
+    member = trial_member(r.member, r.tune, best.params)
+    data = train_fraction(load_data(Project(root), r.competition), r.tune.fraction, r.member.seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the trial's thread count (a task of the session cluster has 1 CPU)
+    try:
+        assert train_member(member, data).history[-1]["accuracy"] == pytest.approx(best.value, abs=1e-6)
+    finally:
+        torch.set_num_threads(threads)
+    again = tune_member(Project(root), "digits/search.yaml", "effnet", n_trials=5)
+    assert again.ran == 1 and len(again.trials) == 5 and again.study_name == r.study_name
+
+
+def test_a_killed_trial_is_restored_from_its_checkpoint(ray_cluster, tmp_path, digits_data):
+    import optuna
+
+    from pipelines.tune import tune_member
+    from test_tune import SEARCH
+
+    search = SEARCH.replace("epochs: 2", "epochs: 5").replace("trials: 3", "trials: 1")
+    root = make_project(tmp_path / "p", digits_data, {"search": search})
+    folder = root / "cache" / "digits" / ".tune"
+    killed = []
+
+    def watch():
+        end = time.time() + 240
+        while time.time() < end and not killed:
+            for ckpt in folder.glob("*/*/checkpoint.pth"):
+                pid = int((ckpt.parent / "pid").read_text())
+                killed.append(pid)
+                os.kill(pid, signal.SIGKILL)
+                return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    r = tune_member(Project(root), "digits/search.yaml", "effnet", parallel=Parallel(n=1))
+    watcher.join(1)
+    assert killed
+    (trial,) = r.trials
+    assert trial.state == "complete" and trial.epochs == 5  # every epoch scored, the first ones before the kill
+    study = optuna.load_study(study_name=r.study_name, storage=f"sqlite:///{r.storage}")
+    assert study.trials[0].user_attrs.get("resumed") is True
