@@ -414,6 +414,9 @@ def _searcher(tune: Tune, mode: str, study, storage, steps: int):
     from ray.tune.search.optuna import OptunaSearch
 
     class EnsOptunaSearch(OptunaSearch):
+        def __getstate__(self):  # Tune pickles its experiment state: the study (SQLite) is the record instead
+            return {}
+
         def save(self, checkpoint_path):  # Tune's experiment checkpoint: ens's study is the record (and resumes)
             pass
 
@@ -422,13 +425,17 @@ def _searcher(tune: Tune, mode: str, study, storage, steps: int):
 
         def on_trial_result(self, trial_id, result):  # stepped by epoch, as a sequential search (a restarted
             # trial's training_iteration starts over; its epochs go on from the checkpoint)
-            if "score" in result and trial_id in self._ot_trials and trial_id not in self._completed_trials:
+            reported = self.__dict__.setdefault("_reported", set())
+            if "score" in result and trial_id in self._ot_trials and trial_id not in self._completed_trials \
+                    and (trial_id, result["epochs"]) not in reported:
                 self._ot_trials[trial_id].report(result["score"], result["epochs"] - 1)
+                reported.add((trial_id, result["epochs"]))
 
         def on_trial_complete(self, trial_id, result=None, error=False):
             ot_trial, result = self._ot_trials.get(trial_id), result or {}
             if ot_trial is None or trial_id in self._completed_trials:
                 return super().on_trial_complete(trial_id, result, error)
+            self.on_trial_result(trial_id, result)  # the last result comes here alone when the trial ends on it
             if "time_total_s" in result:
                 ot_trial.set_user_attr("seconds", round(result["time_total_s"], 2))
             if result.get("resumed"):
@@ -456,6 +463,9 @@ class _TrialCallback:
             def __init__(self, searcher, tune, steps, progress, task, on_trial):
                 self.searcher, self.tune, self.steps = searcher, tune, steps
                 self.progress, self.task, self.on_trial = progress, task, on_trial
+
+            def __getstate__(self):  # Tune pickles its experiment state; the display stays in this process
+                return {}
 
             def on_trial_start(self, iteration, trials, trial, **info):
                 if self.progress is not None:
