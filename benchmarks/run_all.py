@@ -9,7 +9,8 @@ from datetime import date
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["overhead", "efficiency", "warm_rerun", "ablation", "tta_cost", "data_loading", "bench_batching", "gpu_members"]
+SCRIPTS = ["overhead", "efficiency", "warm_rerun", "ablation", "tta_cost", "data_loading", "bench_batching", "gpu_members",
+           "parallel"]
 
 
 def machine() -> str:
