@@ -344,17 +344,26 @@ def _cause(error) -> BaseException:
     return cause if isinstance(cause, BaseException) else error
 
 
+def forkserver_loaders() -> None:
+    """DataLoader workers inside a Ray worker start from a fork server (a fork of a Ray worker, with its threads,
+    can hang) that has fastai and ens's loader classes imported once: each epoch's workers fork from it at once
+    instead of importing torch and fastai again."""
+    import multiprocessing
+
+    multiprocessing.set_start_method("forkserver", force=True)
+    multiprocessing.set_forkserver_preload(["pipelines.data.fastai_parts"])
+
+
 def _task(fn, args, board, label: str, shape: Slots):
     """Inside the Ray worker: torch's threads set to the task's CPUs (not left to OMP_NUM_THREADS, and recorded),
     DataLoader workers started by forkserver (a fork inside a Ray worker can hang), then `fn`."""
-    import multiprocessing
     import socket
 
     import ray
     import torch
 
     torch.set_num_threads(shape.cpus)
-    multiprocessing.set_start_method("forkserver", force=True)
+    forkserver_loaders()
     worker = {"host": socket.gethostname(), "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
               "gpus": [str(g) for g in ray.get_gpu_ids()], "cpus": shape.cpus}
     board.post.remote([(label, "start", worker)])

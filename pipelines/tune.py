@@ -499,16 +499,16 @@ def _ray_trial(config: dict, member: Member, tune: Tune, full: CompetitionData, 
     """One trial inside a Tune worker: torch's threads set to its CPUs, the member trained with an epoch
     checkpoint under `checkpoints`/<trial id> (a restarted trial resumes there), the score reported after every
     epoch (`_reporter`)."""
-    import multiprocessing
     import shutil
 
     import torch
     from ray import tune as rt
 
+    from .schedule import forkserver_loaders
     from .train import load_checkpoint, train_member
 
     torch.set_num_threads(cpus)
-    multiprocessing.set_start_method("forkserver", force=True)
+    forkserver_loaders()
     try:
         m = trial_member(member, tune, _decode(tune, config))
     except InvalidTrial as e:

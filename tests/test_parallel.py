@@ -365,3 +365,15 @@ def test_a_killed_trial_is_restored_from_its_checkpoint(ray_cluster, tmp_path, d
     assert trial.state == "complete" and trial.epochs == 5  # every epoch scored, the first ones before the kill
     study = optuna.load_study(study_name=r.study_name, storage=f"sqlite:///{r.storage}")
     assert study.trials[0].user_attrs.get("resumed") is True
+
+
+def test_dataloader_workers_inside_a_task_start_from_a_fork_server(ray_cluster, tmp_path, digits_data):
+    """A forked DataLoader worker inside a Ray worker can hang: tasks start theirs by forkserver, which needs every
+    piece of the loaders picklable by reference (ens's were local classes: 'Can't pickle local object')."""
+    from pipelines.run import run_ensemble
+
+    one = TINY.replace("num_workers: 0", "num_workers: 2").split("members:")[0] + \
+        "members:\n  - {name: resnet, arch: test_resnet}\n"
+    root = make_project(tmp_path / "p", digits_data, {"one": one})
+    (outcome,) = run_ensemble(Project(root), "digits/one.yaml", parallel=Parallel(n=1)).members
+    assert outcome.how == "trained" and outcome.entry.meta["metrics"]["plain_accuracy"] > 0.1
