@@ -1,4 +1,4 @@
-"""10. Ray (`ens run --parallel N`): the dispatch overhead per member, and the wall time of the four-member digits
+"""9. Ray (`ens run --parallel N`): the dispatch overhead per member, and the wall time of the four-member digits
 ensemble with --parallel 2 against the sequential run, on this machine.
 
 - Dispatch overhead: one member (ONE_MEMBER) computed in this process, and as a Ray task of a cluster already
@@ -70,11 +70,11 @@ def main(repeats: int = 3, runs: int = 2) -> list[str]:
             times.append(seconds)
     shutil.rmtree(root)
     s, p = median(seq), median(par)
-    return [f"| 10a. Ray dispatch overhead per member (a task of a running cluster vs in-process; one digits member, "
+    return [f"| 9. Ray dispatch overhead per member (a task of a running cluster vs in-process; one digits member, "
             f"{threads} threads both) | +{overhead:.2f} s on {local:.1f} s; the first task +{first:.1f} s (worker "
             f"start, imports); local cluster start {start:.1f} s | **{(local + overhead) / local:.3f}** | small "
             "against a real member (minutes) |",
-            f"| 10b. `ens run digits/final.yaml --parallel 2` / sequential (4 members from cold; parallel: 2 tasks of "
+            f"| 9. `ens run digits/final.yaml --parallel 2` / sequential (4 members from cold; parallel: 2 tasks of "
             f"1 CPU and 1 torch thread, cluster start included; sequential: {threads} torch threads) | {p:.1f} s / "
             f"{s:.1f} s | **{p / s:.3f}** | < 1 on {os.cpu_count()} cores |"]
 
