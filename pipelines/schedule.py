@@ -216,11 +216,16 @@ class RemoteProgress:
         if now or time.monotonic() - self._sent >= self.every:
             self.flush()
 
-    def flush(self):
+    def flush(self, wait: bool = False):
+        """Send what is pending; with `wait`, once the Board holds it (a task's last words before it returns)."""
         events = self._pending + [("advance", t, n) for t, n in self._advance.items()]
         self._pending, self._advance, self._sent = [], {}, time.monotonic()
         if events:
-            self.board.post.remote([(self.label, *e) for e in events])
+            posted = self.board.post.remote([(self.label, *e) for e in events])
+            if wait:
+                import ray
+
+                ray.get(posted)
 
 
 class Mirror:
@@ -283,7 +288,7 @@ def run_units(conn: Connection, units: list[Unit], progress=None, on_done: Calla
     task (their checkpoints stay) and is raised."""
     ray = _ray()
     shape = conn.slots()
-    board = ray.remote(num_cpus=0)(Board).remote()
+    board = _board(ray)
     mirror = Mirror(progress)
     pending, running = deque(units), {}
     task = ray.remote(_task)
@@ -321,8 +326,21 @@ def run_units(conn: Connection, units: list[Unit], progress=None, on_done: Calla
     return shape
 
 
+def _board(ray):
+    """The progress actor, on the driver's node where it has one (a lost worker node must not take it along), and
+    restarted by Ray if it dies all the same (its handle stays valid; undrained events are lost)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(Board).options(
+        scheduling_strategy=here).remote()
+
+
 def _drain(ray, board, mirror: Mirror, units: list[Unit], on_start) -> None:
-    events = ray.get(board.drain.remote())
+    try:
+        events = ray.get(board.drain.remote())
+    except ray.exceptions.RayActorError:  # the Board's node died: Ray restarts it; these events are lost
+        return
     by_label = {u.label: u for u in units}
     shown = []
     for event in events:
@@ -366,12 +384,12 @@ def _task(fn, args, board, label: str, shape: Slots):
     forkserver_loaders()
     worker = {"host": socket.gethostname(), "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
               "gpus": [str(g) for g in ray.get_gpu_ids()], "cpus": shape.cpus}
-    board.post.remote([(label, "start", worker)])
+    ray.get(board.post.remote([(label, "start", worker)]))  # held before the task can end: the driver counts attempts
     progress = RemoteProgress(board, label)
     try:
         return fn(*args, progress=progress, worker=worker)
     finally:
-        progress.flush()
+        progress.flush(wait=True)
 
 
 # ----------------------------------------------------------------------------------------------- ens run's unit

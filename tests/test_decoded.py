@@ -156,7 +156,7 @@ def test_resize_is_skipped_for_images_already_at_the_target_size(monkeypatch):
 def test_tta_loads_each_image_once(paddy, monkeypatch):
     """n augmented passes and the plain one over batches loaded once (fastai's `tta` decodes every image again
     for each pass)."""
-    from pipelines.data import dataloaders, loaders, test_loader
+    from pipelines.data import dataloaders, test_loader
     from pipelines.models import build_learner
     from pipelines.predict import tta_probs
 
@@ -164,8 +164,10 @@ def test_tta_loads_each_image_once(paddy, monkeypatch):
     member = Member(name="m", arch="test_resnet", pretrained=False, size=32, num_workers=0, tta={"n": 3})
     learn, _ = build_learner(dataloaders(data, member, 32), member, metrics=[])
     opened = []
-    real = loaders.open_image
-    monkeypatch.setattr(loaders, "open_image", lambda path, *a: opened.append(path) or real(path, *a))
+    from pipelines.data import fastai_parts  # the item opener's module
+
+    real = fastai_parts.open_image
+    monkeypatch.setattr(fastai_parts, "open_image", lambda path, *a: opened.append(path) or real(path, *a))
     out = tta_probs(learn, test_loader(learn.dls, data), member)
     assert out["aug"].shape == out["plain"].shape == (len(data.test_paths), 10)
     assert not np.allclose(out["aug"], out["plain"])  # the augmented passes were augmented
