@@ -249,6 +249,29 @@ class TTA(Strict):
     beta: float = Field(0.25, ge=0, le=1)  # weight of the plain pass in the TTA blend (fastai's meaning)
 
 
+class Loss(Strict):
+    """The training loss: fastai's cross-entropy, with label smoothing (`LabelSmoothingCrossEntropyFlat`) when set."""
+
+    label_smoothing: float = Field(0.0, ge=0, lt=1)  # eps: the share of each target spread over the other classes
+
+
+class Mix(Strict):
+    """fastai's MixUp or CutMix: each training batch mixed with a shuffled copy of itself, by a share drawn from
+    Beta(alpha, alpha) (whole images blended, or a rectangle pasted), the targets mixed alike."""
+
+    alpha: float = Field(0.4, gt=0)
+
+
+class EMA(Strict):
+    """An exponential moving average of the weights (timm's ModelEmaV3), updated after every optimiser step and used
+    for validation, TTA and the kept weights. `warmup` ramps the decay up over the first steps (timm's
+    `use_warmup`), which keeps it honest on short fine-tunes: with a fixed 0.999 the average of a 300-step run
+    would still be mostly the initial weights."""
+
+    decay: float = Field(0.999, gt=0, lt=1)
+    warmup: bool = True
+
+
 class TuneRange(Strict):
     """A numeric search range: integers when low and high (and step) are integers, else floats."""
 
@@ -397,6 +420,10 @@ class Member(Strict):
     # on CUDA: torch.compile the model (compiles again for every stage size; the first epochs pay for it)
     compile: bool = False
     tune: Optional[Tune] = None  # `ens tune`'s search space and budget
+    loss: Optional[Loss] = None  # label smoothing
+    mixup: Optional[Mix] = None  # both mixup and cutmix: each batch one or the other, half the batches each
+    cutmix: Optional[Mix] = None
+    ema: Optional[EMA] = None
 
     @field_validator("tune", mode="wrap")
     @classmethod
@@ -494,6 +521,18 @@ class Member(Strict):
             return 0
         return self.tta.n
 
+    def recipe(self) -> str:
+        """The training recipe's options in a few words ('smooth 0.1, mixup 0.4 | cutmix 1, EMA 0.999'), '' of none."""
+        parts = []
+        if self.loss is not None and self.loss.label_smoothing:
+            parts.append(f"smooth {self.loss.label_smoothing:g}")
+        mixes = [f"{name} {mix.alpha:g}" for name, mix in (("mixup", self.mixup), ("cutmix", self.cutmix)) if mix]
+        if mixes:
+            parts.append(" | ".join(mixes))
+        if self.ema is not None:
+            parts.append(f"EMA {self.ema.decay:g}" + ("" if self.ema.warmup else " (no warm-up)"))
+        return ", ".join(parts)
+
     def train_fields(self) -> dict[str, Any]:
         """What changes the trained weights, canonical: equivalent spellings give equal dicts (a square [h, h]
         size is h; `resize.size` that changes nothing is dropped; `freeze_epochs` of a from-scratch body too).
@@ -506,6 +545,8 @@ class Member(Strict):
         d["resize"] = {"size": presize, "method": self.resize.method}
         if self.pretrained is False:
             d["freeze_epochs"] = None
+        if d.get("loss") == {"label_smoothing": 0.0}:
+            d["loss"] = None  # no smoothing is the default loss
         d["pixels"] = PIXELS  # how images become pixels (the JPEG path and decoded copies alike)
         # unset optional features leave no trace: adding one to ens does not retrain every cached member
         return {k: v for k, v in d.items() if v is not None or k == "aug_transforms"}

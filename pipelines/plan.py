@@ -192,6 +192,7 @@ class MemberPlan:
     decode: bool = False
     presizes: list = field(default_factory=list)  # [(h, w)] its decoded copies (decode: true)
     prepare: Optional[dict] = None  # the prepared copy it reads (decoded copies are made from it)
+    recipe: str = ""  # label smoothing, mixup/cutmix, EMA (`Member.recipe`)
 
     @property
     def est_seconds(self) -> Optional[float]:
@@ -482,7 +483,7 @@ def plan_ensemble(project: Project, spec: str, overrides: list[str] = (), *, dev
         params, flops = stats.get(member.arch, n_classes, member.final_size, sizes)
         mp = MemberPlan(member.name, member.arch, units[0].key, all(u.cached for u in units), stages,
                         _frozen(member.pretrained, member.freeze_epochs), member.batch_size, device, params, flops,
-                        folds=units if cv else [], known=data_known, decode=member.decode,
+                        folds=units if cv else [], known=data_known, decode=member.decode, recipe=member.recipe(),
                         presizes=list(member.presizes),
                         prepare=member.prepare.model_dump() if member.prepare else None)
         mp.weights_kept = not mp.cached and all(u.cached or u.weights_kept for u in units)
@@ -728,11 +729,12 @@ def render(plan: Plan, console) -> None:
     from rich.table import Table
 
     staged = any(m.staged for m in plan.members)
+    recipe = any(m.recipe for m in plan.members)
     table = Table(title=_title(plan))
-    columns = ["member", "arch", "stages", "batch", "params", "FLOPs/img", *(["FLOPs saved"] if staged else []),
-               "status", "est. time"]
+    columns = ["member", "arch", "stages", *(["recipe"] if recipe else []), "batch", "params", "FLOPs/img",
+               *(["FLOPs saved"] if staged else []), "status", "est. time"]
     for col in columns:
-        table.add_column(col, justify="left" if col in ("member", "arch", "status", "stages") else "right",
+        table.add_column(col, justify="left" if col in ("member", "arch", "status", "stages", "recipe") else "right",
                          no_wrap=col in ("arch",))
     lower = "≥" if plan.classes_from == "placeholder" else ""
     for m in plan.members:
@@ -747,7 +749,8 @@ def render(plan: Plan, console) -> None:
         flops = " → ".join(lower + _si(m.flops[_text(s)]) if m.flops[_text(s)] is not None else "[red]fails[/]"
                            for s in dict.fromkeys(s for s, _ in m.stages))
         saved = ([f"{m.saved:.0%}" if m.staged and m.saved is not None else ""] if staged else [])
-        table.add_row(m.name, m.arch, stages, batch, lower + _si(m.params), flops, *saved, _status(m), _time(m))
+        table.add_row(m.name, m.arch, stages, *([m.recipe or "—"] if recipe else []), batch, lower + _si(m.params),
+                      flops, *saved, _status(m), _time(m))
     console.print(table)
     if plan.folds:
         console.print(_fold_table(plan))

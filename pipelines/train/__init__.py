@@ -8,10 +8,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import Member
-from .data import CompetitionData, dataloaders
-from .models import build_learner
-from .util import say, unique_suffix
+from ..config import Member
+from ..data import CompetitionData, dataloaders
+from ..models import build_learner
+from ..util import say, unique_suffix
 
 
 def resolve_precision(requested: str, cuda: bool, bf16_supported: bool) -> str:
@@ -29,7 +29,7 @@ def device_precision(requested: str) -> tuple[str, str]:
     """(device type, precision) on this machine."""
     import torch
 
-    from .memory import bf16_native
+    from ..memory import bf16_native
 
     cuda = torch.cuda.is_available()
     return ("cuda" if cuda else "cpu"), resolve_precision(requested, cuda, cuda and bf16_native())
@@ -42,7 +42,7 @@ def seed_run(member: Member, device: str) -> bool:
     `deterministic: true`). Returns whether the run is deterministic."""
     from fastai.torch_core import set_seed
 
-    from .memory import set_determinism
+    from ..memory import set_determinism
 
     set_seed(member.seed)
     return set_determinism(member.deterministic, device)
@@ -192,15 +192,17 @@ def _resume_point(ckpt: dict | None, phases: list[Phase]) -> tuple[int, int]:
     return index, ckpt["epochs_done"]
 
 
-def _restore(learn, ckpt: dict, stage_dls: dict, with_optimizer: bool) -> None:
-    """The learner's weights (and optimizer moments, mid-phase) and every random generator as they were at the
-    checkpoint."""
+def _restore(learn, ckpt: dict, stage_dls: dict, with_optimizer: bool, ema=None) -> None:
+    """The learner's weights (and optimizer moments, mid-phase), the weights' average (`ema`) and every random
+    generator as they were at the checkpoint."""
     if learn.opt is None:
         learn.create_opt()
     learn.model.load_state_dict(ckpt["model"])
     if with_optimizer:
         learn.opt.load_state_dict(ckpt["opt"])
     _set_rng_state(ckpt["rng"], stage_dls)
+    if ema is not None and "ema" in ckpt:
+        ema.load(ckpt["ema"])
 
 
 def memory_plan(member: Member, data: CompetitionData, device: str, precision: str):
@@ -208,9 +210,9 @@ def memory_plan(member: Member, data: CompetitionData, device: str, precision: s
     steps, `memory.cuda_probe`) and the gradient accumulation that keeps its effective batch; None on the CPU."""
     if device != "cuda":
         return None
-    from .accel import channels_last_model
-    from .memory import plan_member
-    from .models import build_model
+    from ..accel import channels_last_model
+    from ..memory import plan_member
+    from ..models import build_model
 
     # probed in the memory layout training will use (`accel.accelerate`)
     build = lambda: channels_last_model(build_model(member.arch, len(data.vocab), member.final_size), device, precision)  # noqa: E731
@@ -228,7 +230,7 @@ def train_member(member: Member, data: CompetitionData, progress=None, checkpoin
     epoch with half the micro-batch (and twice the accumulation), once the failed learner is freed (cuBLAS and
     cuDNN allocation failures count as out of memory: `memory.retry_on_oom`). `cbs` join every fit. The result's
     `deterministic` says whether the run was bit-exact (`seed_run`)."""
-    from .memory import retry_on_oom, set_determinism
+    from ..memory import retry_on_oom, set_determinism
 
     device, precision = device_precision(member.precision)
     # before the probe too: cudnn.benchmark picks other convolution algorithms, with other workspaces
@@ -252,8 +254,8 @@ def _fit(member, data, progress, checkpoint_dir, cbs, device, precision, plan) -
     from fastai.callback.core import CancelFitException
     from fastai.vision.all import Normalize, accuracy, noop
 
-    from .accel import accelerate, loader_options
-    from .cache import disk_full, disk_full_error
+    from ..accel import accelerate, loader_options
+    from ..cache import disk_full, disk_full_error
 
     start = time.perf_counter()
     seed_run(member, device)  # also seeds the DataLoaders' own RNG, drawn when they are built
@@ -265,6 +267,10 @@ def _fit(member, data, progress, checkpoint_dir, cbs, device, precision, plan) -
     stage_dls = {str(s): dataloaders(data, loader_member, s) for s in sizes}
     first = stage_dls[str(sizes[0])]
     learn, stats = build_learner(first, member, metrics=[accuracy])
+    from .recipe import EMAWeights, loss_func, mix_callbacks
+
+    if loss_func(member) is not None:
+        learn.loss_func = loss_func(member)
     for dls in stage_dls.values():  # the statistics are known only once the model (and its weights) is
         dls.add_tfms([Normalize.from_stats(*stats)], "after_batch")
     learn.remove_cb(ProgressCallback)
@@ -275,6 +281,9 @@ def _fit(member, data, progress, checkpoint_dir, cbs, device, precision, plan) -
         learn.to_bf16()
     for note in accelerate(learn, member, device, precision=precision) + loader_options(member, device)[1]:
         say(progress)(f"{member.name}: {note}")
+    # the average of the weights in the layout and on the device training uses (`accelerate` may change both)
+    ema = EMAWeights(learn.model, member.ema.decay, member.ema.warmup) if member.ema else None
+    recipe = mix_callbacks(member) + ([ema] if ema else [])
 
     ProgressiveResize, EpochLog = _callbacks()
     size_per_epoch = [s for s, e in member.stage_plan for _ in range(e)]
@@ -292,7 +301,8 @@ def _fit(member, data, progress, checkpoint_dir, cbs, device, precision, plan) -
         try:
             checkpoint_dir.mkdir(parents=True, exist_ok=True)
             torch.save({"phase": phase, "epochs_done": epochs_done, "model": learn.model.state_dict(),
-                        "opt": learn.opt.state_dict(), "rng": _rng_state(stage_dls), "history": history}, tmp)
+                        "opt": learn.opt.state_dict(), "rng": _rng_state(stage_dls), "history": history,
+                        **({"ema": ema.state()} if ema else {})}, tmp)
             os.replace(tmp, checkpoint_dir / CHECKPOINT)  # a kill mid-write leaves the previous epoch's checkpoint
         except OSError as e:
             tmp.unlink(missing_ok=True)
@@ -316,20 +326,23 @@ def _fit(member, data, progress, checkpoint_dir, cbs, device, precision, plan) -
             if member.pretrained:  # vision_learner froze the pretrained body: fine_tune freezes, then unfreezes
                 learn.freeze() if phase.name == "frozen" else learn.unfreeze()  # noqa: B018 (an expression as a statement)
             if ckpt and index == resume_phase:
-                _restore(learn, ckpt, stage_dls, with_optimizer=begin > 0)  # a new phase starts its moments afresh,
+                _restore(learn, ckpt, stage_dls, with_optimizer=begin > 0, ema=ema)  # a new phase starts its moments afresh,
                 # as fastai's own unfreeze does (it clears the optimizer's state)
             if begin and phase.name == "train":
                 learn.dls = resize.dls_per_epoch[begin]
             log = EpochLog(phase.name, history, begin, save, progress, task, phase.size_of)
             accumulate = plan.callbacks() if plan is not None else []
-            learn.fit_one_cycle(phase.epochs, **phase.fit_args, cbs=[*phase.cbs, *accumulate, *cbs, log], start_epoch=begin)
+            learn.fit_one_cycle(phase.epochs, **phase.fit_args, cbs=[*phase.cbs, *accumulate, *recipe, *cbs, log],
+                                start_epoch=begin)
             if failure:
                 raise failure[0]
     finally:
         if task is not None:
             progress.remove_task(task)
     if ckpt and resume_phase == len(phases):  # every epoch was done before the interruption: its weights are the result
-        _restore(learn, ckpt, stage_dls, with_optimizer=False)
+        _restore(learn, ckpt, stage_dls, with_optimizer=False, ema=ema)
+    if ema is not None:  # the member is the average: TTA, the cache and the kept weights use it
+        ema.apply(learn.model)
     learn.dls = stage_dls[str(member.final_size)]
     memory = plan.as_meta() if plan is not None else None
     normalize = tuple([float(x) for x in v] for v in stats)
