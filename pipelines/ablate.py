@@ -48,6 +48,17 @@ class MethodRow:
 
 
 @dataclass
+class ViewRow:
+    """One TTA view of a member (`TTA.views`): its score alone, and the member's TTA score without it."""
+
+    member: str
+    view: str  # a named view, or 'plain + passes' (the beta blend the views are averaged with)
+    alone: float
+    without: float | None  # None for the blend itself
+    tta: float  # the member's TTA score with every view
+
+
+@dataclass
 class Ablation:
     gathered: Gathered
     outcomes: list[MemberOutcome]
@@ -66,6 +77,7 @@ class Ablation:
     methods: list[MethodRow]
     scored_on: str  # 'out-of-fold' (cv) or 'holdout'
     n_folds: int  # the folds learned blends are scored over by nested cross-validation
+    views: list[ViewRow]  # members with TTA views: which views help
 
     @property
     def damaged(self) -> list:
@@ -138,7 +150,28 @@ def ablate(project: Project, spec: str, overrides: list[str] = (), cached_only: 
     return Ablation(g, outcomes, metric, kind, len(targets), ensemble.score(metric, full, targets),
                     ensemble.log_loss(full, targets), rows, subsets, counts, g_score, g_ll, rounds,
                     ensemble.error_correlation(p, targets), _methods(g, p, weights, targets, folds, metric),
-                    "out-of-fold" if g.cv else "holdout", len(np.unique(folds)))
+                    "out-of-fold" if g.cv else "holdout", len(np.unique(folds)), _views(outcomes, metric))
+
+
+def _views(outcomes: list[MemberOutcome], metric: str) -> list[ViewRow]:
+    """For each member with TTA views, from its cached arrays: the beta blend and each view alone, and its TTA
+    without each view (a view whose removal raises the score is not helping)."""
+    from .cache import tta_probs_of
+
+    rows = []
+    for o in outcomes:
+        m, arrays = o.member, o.entry.arrays
+        names = m.tta.view_names
+        if not names:
+            continue
+        score = lambda views: ensemble.score(metric, tta_probs_of(arrays, "valid", m.tta.beta, m.tta_passes, views),
+                                             arrays["valid_targets"])  # noqa: E731
+        full = score(names)
+        rows.append(ViewRow(m.name, "plain + passes" if m.tta_passes else "plain", score([]), None, full))
+        for v in names:
+            alone = ensemble.score(metric, arrays[f"valid_view_{v}"], arrays["valid_targets"])
+            rows.append(ViewRow(m.name, v, alone, score([n for n in names if n != v]), full))
+    return rows
 
 
 def _mcnemar(a: np.ndarray, b: np.ndarray, targets: np.ndarray) -> float:

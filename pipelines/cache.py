@@ -125,6 +125,16 @@ def tta_blend(aug: np.ndarray, plain: np.ndarray, beta: float) -> np.ndarray:
     return (aug + beta * (plain - aug)).astype("float32")
 
 
+def tta_probs_of(arrays: dict, split: str, beta: float, passes: int, views: list[str]) -> np.ndarray:
+    """The TTA probabilities of `split` from an entry's arrays: the augmented passes' mean blended with the plain
+    pass by `beta` (the plain pass alone without passes), averaged with each named view's (`TTA.views`)."""
+    base = tta_blend(arrays[f"{split}_aug"], arrays[f"{split}_plain"], beta) if passes else arrays[f"{split}_plain"]
+    if not views:
+        return base
+    stacked = np.stack([base, *(arrays[f"{split}_view_{v}"] for v in views)]).astype("float64")
+    return stacked.mean(0).astype("float32")
+
+
 class MemberCache:
     """cache/<competition>/ for one competition:
     <key>/               an entry: probabilities (probs.npz) and meta.json, keyed by the prediction key;
@@ -249,13 +259,14 @@ class MemberCache:
             self._move_aside(folder, f"models/{train}", str(e) or type(e).__name__)
             return None
 
-    def tta_sibling(self, train: str, passes: int) -> Entry | None:
-        """An entry of the same weights whose TTA made the same augmented passes (another beta, say): its
-        arrays give any other blend without predicting again."""
+    def tta_sibling(self, train: str, passes: int, views: list[str] = ()) -> Entry | None:
+        """An entry of the same weights whose TTA made the same augmented passes and at least `views` (another
+        beta, or fewer views, say): its arrays give that blend without predicting again."""
         for meta in self.entries():
-            if meta.get("train_key") == train and (meta.get("key_fields") or {}).get("tta", {}).get("n") == passes:
+            tta = (meta.get("key_fields") or {}).get("tta", {})
+            if meta.get("train_key") == train and tta.get("n") == passes and set(views) <= set(tta.get("views", [])):
                 entry = self.load(meta["key"])
-                if entry is not None and "valid_aug" in entry.arrays:
+                if entry is not None and (not passes or "valid_aug" in entry.arrays):
                     return entry
         return None
 

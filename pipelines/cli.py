@@ -322,6 +322,18 @@ def _moves(c) -> str:
     return "" if c is None else f"{c[0]} (+{c[1]} −{c[2]})"
 
 
+def _print_views(r) -> None:
+    console.print("\n[bold]TTA views[/] (each member's own, from its cached arrays): a view alone, and the member's TTA "
+                  "without it; a positive Δ without a view says it does not help")
+    t = Table()
+    for col in ("member", "view", "alone", "TTA without it", "Δ", "member's TTA"):
+        t.add_column(col, justify="left" if col in ("member", "view") else "right")
+    for row in r.views:
+        t.add_row(row.member, row.view, f"{row.alone:.4f}", "" if row.without is None else f"{row.without:.4f}",
+                  "" if row.without is None else _delta(row.without, row.tta), f"{row.tta:.4f}")
+    console.print(t)
+
+
 def _print_ablation(r, top: int) -> None:
     g = r.gathered
     rows = (f"{r.n_valid} out-of-fold rows (every training image, {r.n_folds} folds)" if g.cv
@@ -353,6 +365,8 @@ def _print_ablation(r, top: int) -> None:
     console.print(t)
     if any(row.folds for row in r.members):
         _print_fold_scores(r)
+    if r.views:
+        _print_views(r)
     _print_methods(r)
     if r.subsets:
         console.print(f"\n[bold]best subsets[/] (of {len(r.subsets)}, members keeping their weights)")

@@ -245,8 +245,36 @@ class Prepare(Strict):
 
 
 class TTA(Strict):
+    """Test-time augmentation: the plain pass, `n` augmented passes blended with it by `beta` (fastai's `tta`), and
+    named deterministic `views` — `hflip`, `vflip`, `{scale: 1.15}` (the centre 1/1.15 zoomed to the size),
+    `{crops: 0.875}` (the mean of five crops of that share: four corners and the centre). The TTA probability is
+    the mean of the beta blend and the views; each view's probabilities are cached apart (`ens ablate` says which
+    help; a subset of cached views is derived without predicting)."""
+
     n: int = Field(4, ge=0)  # augmented passes; the plain pass is always made too
     beta: float = Field(0.25, ge=0, le=1)  # weight of the plain pass in the TTA blend (fastai's meaning)
+    views: list[Union[Literal["hflip", "vflip"], "ScaleView", "CropsView"]] = []
+
+    @property
+    def view_names(self) -> list[str]:
+        """Canonical names ('hflip', 'scale1.15', 'crops0.875'), sorted, without repeats."""
+        return sorted({v if isinstance(v, str) else v.name for v in self.views})
+
+
+class ScaleView(Strict):
+    scale: float = Field(gt=1, le=2)
+
+    @property
+    def name(self) -> str:
+        return f"scale{self.scale:g}"
+
+
+class CropsView(Strict):
+    crops: float = Field(gt=0.5, lt=1)
+
+    @property
+    def name(self) -> str:
+        return f"crops{self.crops:g}"
 
 
 class Loss(Strict):
@@ -554,7 +582,8 @@ class Member(Strict):
     def tta_fields(self) -> dict[str, Any]:
         """What changes the predictions of given weights: the augmented passes (beta only when there are any)."""
         n = self.tta_passes
-        return {"n": n, "beta": self.tta.beta if n else None}
+        views = {"views": self.tta.view_names} if self.tta.views else {}  # none leave no trace in older keys
+        return {"n": n, "beta": self.tta.beta if n else None, **views}
 
     def key_fields(self) -> dict[str, Any]:
         """Everything that changes the predictions, canonical (meta.json keeps it; `cache.member_key` hashes it)."""

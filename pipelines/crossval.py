@@ -33,7 +33,8 @@ def join_folds(data: CompetitionData, fold_ids: list[int], folds: dict[int, Entr
     rows = {p: i for i, p in enumerate(data.train_paths)}
     first = next(iter(folds.values()))
     vocab = first.vocab
-    kinds = [k for k in KINDS if all(f"valid_{k}" in e.arrays for e in folds.values())]
+    views = [k.removeprefix("valid_") for k in first.arrays if k.startswith("valid_view_")]
+    kinds = [k for k in (*KINDS, *views) if all(f"valid_{k}" in e.arrays for e in folds.values())]
     n, c = len(data.train_paths), len(vocab)
     oof = {k: np.full((n, c), np.nan, dtype="float32") for k in kinds}
     source = np.full(n, -1)

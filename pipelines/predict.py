@@ -31,9 +31,11 @@ def predict_member(learn, member: Member, data: CompetitionData, progress=None) 
     for split, dl in (("valid", learn.dls.valid), ("test", test_dl)):
         if not len(dl.dataset):  # a refit on every training image validates on none
             empty = np.zeros((0, len(vocab)), dtype="float32")
-            out.update({f"{split}_{k}": empty for k in ("plain", "tta", *(("aug",) if passes else ()))})
+            kinds = ("plain", "tta", *(("aug",) if passes else ()), *(f"view_{v}" for v in member.tta.view_names))
+            out.update({f"{split}_{k}": empty for k in kinds})
             continue
-        task = progress.add_task(f"  TTA {split} ({passes}+1 passes)", total=None) if progress else None
+        views = f", views {', '.join(member.tta.view_names)}" if member.tta.views else ""
+        task = progress.add_task(f"  TTA {split} ({passes}+1 passes{views})", total=None) if progress else None
         out.update({f"{split}_{k}": v for k, v in tta_probs(learn, dl, member).items()})
         if task is not None:
             progress.remove_task(task)
@@ -49,20 +51,22 @@ def tta_probs(learn, dl, member: Member) -> dict:
     With a squish resize (items are the same in every pass) each batch is loaded once and augmented n times
     (`_OnceLoaded`); fastai's `tta` loads the images again for every pass, which is how crop and pad resizes,
     random per item, are still predicted."""
-    from .cache import tta_blend
+    from .cache import tta_probs_of
 
-    passes = member.tta_passes
-    if passes == 0:
+    passes, views = member.tta_passes, member.tta.view_names
+    if not passes and not views:
         plain = learn.get_preds(dl=dl)[0].float().numpy()
         return {"plain": plain, "tta": plain}
-    if member.resize.method == "squish":
-        stream = _OnceLoaded(dl, passes)
-        preds = learn.get_preds(dl=stream)[0].float()
-        plain, aug = stream.split(preds)
-    else:
+    out = {}
+    if passes and member.resize.method != "squish":  # crop/pad: fastai's tta draws a window per item and pass
         aug, plain = learn.tta(dl=dl, n=passes, beta=None)[0]
-    aug, plain = aug.float().numpy(), plain.float().numpy()
-    return {"plain": plain, "aug": aug, "tta": tta_blend(aug, plain, member.tta.beta)}
+        out.update(aug=aug.float().numpy(), plain=plain.float().numpy())
+        passes = 0  # the stream below makes the plain pass and the views only
+    if passes or views:
+        stream = _OnceLoaded(dl, passes, views)
+        out = {**stream.split(learn.get_preds(dl=stream)[0].float()), **out}
+    out["tta"] = tta_probs_of({f"x_{k}": v for k, v in out.items()}, "x", member.tta.beta, member.tta_passes, views)
+    return out
 
 
 class _OnceLoaded:
@@ -70,12 +74,14 @@ class _OnceLoaded:
     mode), then n augmented (training mode, as fastai's `tta` sets it), for `Learner.get_preds` to predict in one
     loop with every callback (precision, memory format) in place; `split` puts the predictions back per pass."""
 
-    def __init__(self, dl, passes: int):
+    def __init__(self, dl, passes: int, views: list[str] = ()):
         self.raw = dl.new(after_batch=None, shuffle=False, drop_last=False)  # collated items, moved to the device
         self.transforms, self.passes, self.sizes = dl.after_batch, passes, []
+        self.views = {name: view_transforms(name) for name in views}  # name -> its crops/flips, averaged
+        self.per_batch = 1 + passes + sum(len(fs) for fs in self.views.values())
 
     def __len__(self):
-        return len(self.raw) * (self.passes + 1)
+        return len(self.raw) * self.per_batch
 
     def __iter__(self):
         self.sizes = []
@@ -84,21 +90,58 @@ class _OnceLoaded:
                 self.sizes.append(len(batch[0]))
                 for split_idx in [1] + [0] * self.passes:
                     self.transforms.split_idx = split_idx
-                    yield self.transforms(batch)
+                    out = self.transforms(batch)
+                    if split_idx == 1:
+                        plain = out
+                    yield out
+                for fs in self.views.values():  # deterministic views of the plain pass's batch
+                    for f in fs:
+                        yield (f(plain[0]), *plain[1:])
         finally:
             self.transforms.split_idx = 1
 
-    def split(self, preds):
-        """(plain, mean of the augmented passes) from the predictions of one iteration, rows in `dl`'s order."""
+    def split(self, preds) -> dict:
+        """{'plain', 'aug' (the augmented passes' mean), 'view_<name>'} from the predictions of one iteration, rows
+        in `dl`'s order."""
         import torch
 
-        plain, aug, at = [], [], 0
+        parts: dict[str, list] = {"plain": [], **({"aug": []} if self.passes else {}),
+                                  **{f"view_{v}": [] for v in self.views}}
+        at = 0
         for size in self.sizes:
-            chunk = preds[at:at + size * (self.passes + 1)].reshape(self.passes + 1, size, -1)
-            plain.append(chunk[0])
-            aug.append(chunk[1:].mean(0))
-            at += size * (self.passes + 1)
-        return torch.cat(plain), torch.cat(aug)
+            chunk = preds[at:at + size * self.per_batch].reshape(self.per_batch, size, -1)
+            parts["plain"].append(chunk[0])
+            if self.passes:
+                parts["aug"].append(chunk[1:1 + self.passes].mean(0))
+            k = 1 + self.passes
+            for name, fs in self.views.items():
+                parts[f"view_{name}"].append(chunk[k:k + len(fs)].mean(0))
+                k += len(fs)
+            at += size * self.per_batch
+        return {name: torch.cat(p).numpy() for name, p in parts.items()}
+
+
+def view_transforms(name: str) -> list:
+    """The functions of a TTA view (`TTA.view_names`) on a normalised batch N×C×H×W; a view of several (five
+    crops) is their mean. A zoom crops the centre and resizes it back, so any network takes it."""
+    import torch.nn.functional as F
+
+    def zoom(top: float, left: float, share: float):
+        def f(x):
+            h, w = x.shape[-2:]
+            ch, cw = max(1, round(h * share)), max(1, round(w * share))
+            y0, x0 = round((h - ch) * top), round((w - cw) * left)
+            return F.interpolate(x[..., y0:y0 + ch, x0:x0 + cw], size=(h, w), mode="bilinear", align_corners=False)
+        return f
+
+    if name == "hflip":
+        return [lambda x: x.flip(-1)]
+    if name == "vflip":
+        return [lambda x: x.flip(-2)]
+    if name.startswith("scale"):
+        return [zoom(0.5, 0.5, 1 / float(name.removeprefix("scale")))]
+    share = float(name.removeprefix("crops"))
+    return [zoom(t, l, share) for t, l in ((0, 0), (0, 1), (1, 0), (1, 1), (0.5, 0.5))]
 
 
 def learner_from_weights(member: Member, data: CompetitionData, weights, normalize, precision: str = "fp32"):

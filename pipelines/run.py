@@ -107,7 +107,8 @@ def member_entry(member: Member, data: CompetitionData, cache: MemberCache, trai
         entry = cache.load(key)
         if entry is not None:
             return entry, "cached"
-        sibling = cache.tta_sibling(train, member.tta_passes) if member.tta_passes else None
+        sibling = cache.tta_sibling(train, member.tta_passes, member.tta.view_names) \
+            if member.tta_passes or member.tta.views else None
         if sibling is not None:
             return _derive(member, sibling, cache, key), "derived"
         if member.prepare:
@@ -122,11 +123,12 @@ def member_entry(member: Member, data: CompetitionData, cache: MemberCache, trai
 
 def _derive(member: Member, sibling: Entry, cache: MemberCache, key: str) -> Entry:
     """Another beta over the same augmented passes: a blend of cached arrays, no prediction."""
-    from .cache import tta_blend
+    from .cache import tta_probs_of
 
-    arrays = dict(sibling.arrays)
+    views = member.tta.view_names
+    arrays = {k: v for k, v in sibling.arrays.items() if "_view_" not in k or k.split("_view_", 1)[1] in views}
     for split in ("valid", "test"):
-        arrays[f"{split}_tta"] = tta_blend(arrays[f"{split}_aug"], arrays[f"{split}_plain"], member.tta.beta)
+        arrays[f"{split}_tta"] = tta_probs_of(arrays, split, member.tta.beta, member.tta_passes, views)
     meta = dict(sibling.meta, member=member.model_dump(mode="json"), key_fields=member.key_fields(),
                 derived_from=sibling.key, computed="derived", created=_now())
     meta.update(_scores(arrays, sibling.vocab, sibling.meta.get("metric_names", ["accuracy", "log_loss"])))
