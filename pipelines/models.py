@@ -126,6 +126,8 @@ def resolved_arch(arch: str, pretrained) -> str:
     `convnext_small.in12k_ft_in1k@timm/convnext_small.in12k_ft_in1k`): timm's default tag of a name changes
     between versions, and other weights must not share a key. A torchvision name with `pretrained: true` likewise
     carries the weights fastai loads for it (`resnet50@ResNet50_Weights.IMAGENET1K_V2`)."""
+    if arch.startswith("classical:"):
+        return arch
     kind, name = split_arch(arch)
     if kind == "torchvision" and pretrained is True:
         return f"{arch}@{_memo()['torchvision_weights'].get(name, 'none')}"
@@ -151,6 +153,14 @@ def known_architectures() -> dict[str, list[str]]:
 def check_arch(arch: str, where: str, pretrained=None) -> None:
     """Raise a one-line ConfigError naming close matches when `arch` is not a known name; with the member's
     `pretrained`, also when it asks weights of one of ens's from-scratch nets."""
+    if arch.startswith("classical:"):  # features + a scikit-learn classifier (`classical.py`)
+        from .classical import parse_arch
+
+        try:
+            parse_arch(arch)
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        return
     kind, name = split_arch(arch)
     all_known = known_architectures()
     known = all_known[kind]

@@ -104,6 +104,8 @@ class ModelStats:
     def get(self, arch: str, n_classes: int, final_size, sizes) -> tuple[int, dict[str, Optional[int]]]:
         """(params, {size text: forward FLOPs per image}) of `arch` built for `final_size`, at each of `sizes`;
         None for a size the network cannot take (its reason in `error`)."""
+        if arch.startswith("classical:"):  # no network: features and a scikit-learn classifier
+            return 0, {_text(s): 0 for s in sizes}
         key, entry = self._entry(arch, n_classes, final_size)
         missing = [s for s in sizes if _text(s) not in entry["flops"]]
         if entry["params"] is None or missing:

@@ -160,6 +160,12 @@ def _entry_from(member: Member, data: CompetitionData, cache: MemberCache, key: 
     vocab = list(learn.dls.vocab)
     if vocab != data.vocab:
         raise RuntimeError(f"the learner's vocab {vocab} differs from the competition's {data.vocab}")
+    return _save_probs(member, data, cache, key, probs, trained_meta, predict_seconds)
+
+
+def _save_probs(member: Member, data: CompetitionData, cache: MemberCache, key: str, probs: dict,
+                trained_meta: dict, predict_seconds: float) -> Entry:
+    vocab = data.vocab
     arrays = dict(probs, valid_ids=np.array(data.valid_paths), test_ids=np.array(data.test_ids), vocab=np.array(vocab))
     timings = dict(trained_meta.get("timings") or {}, predict_seconds=round(predict_seconds, 2))
     meta = dict(trained_meta, member=member.model_dump(mode="json"), key_fields=member.key_fields(),
@@ -179,6 +185,8 @@ def _train_and_predict(member: Member, data: CompetitionData, cache: MemberCache
                        progress, worker: dict | None = None) -> tuple[Entry, str]:
     from .train import train_member
 
+    if member.arch.startswith("classical:"):
+        return _classical_entry(member, data, cache, train, key, progress, worker), "trained"
     partial = cache.partial(train)  # per-epoch checkpoints of an unfinished member: a rerun resumes there
     try:
         trained = train_member(member, data, progress, checkpoint_dir=partial)
@@ -211,6 +219,39 @@ def _train_and_predict(member: Member, data: CompetitionData, cache: MemberCache
     entry = _entry_from(member, data, cache, key, trained.learn, trained_meta, progress)
     shutil.rmtree(partial, ignore_errors=True)  # finished: its checkpoints have served
     return entry, "resumed" if trained.resumed_at else "trained"
+
+
+def _classical_entry(member: Member, data: CompetitionData, cache: MemberCache, train: str, key: str, progress,
+                     worker: dict | None) -> Entry:
+    """A classical member (`classical.py`): features of the member's decoded copy at its size (every image
+    decoded once, as `decode: true` does), a scikit-learn classifier fitted on the training images, its class
+    probabilities of the validation and test images (no TTA: the plain probabilities are the TTA's)."""
+    from .classical import fit_predict
+    from .data.decoded import decoded_images
+    from .data.loaders import _hw
+
+    start = time.perf_counter()
+    say(progress)(f"{member.name} ({member.arch}): features of {len(data.train_paths) + len(data.test_paths)} images "
+                  "and a scikit-learn classifier")
+    decoded = decoded_images(data, _hw(member.final_size), say(progress))
+    images, index = decoded.images, {label: i for i, label in enumerate(data.vocab)}
+    rows = np.array(decoded.rows(data.train_paths))
+    targets = np.array([index[label] for label in data.train_labels], dtype="int64")
+    train_rows = [i for i, v in enumerate(data.is_valid) if not v]
+    valid_rows = [i for i, v in enumerate(data.is_valid) if v]
+    probs = fit_predict(member.arch, images[rows[train_rows]], targets[train_rows],
+                        {"valid": images[rows[valid_rows]], "test": images[decoded.rows(data.test_paths)]},
+                        seed=member.seed, n_classes=len(data.vocab))
+    seconds = time.perf_counter() - start
+    arrays = {"valid_plain": probs["valid"], "valid_tta": probs["valid"], "test_plain": probs["test"],
+              "test_tta": probs["test"], "valid_targets": targets[valid_rows]}
+    meta = {"computed": "trained", "competition": data.competition.name, "train_key": train,
+            "train_fields": member.train_fields(), "data_fingerprint": data.fingerprint, "cv": data.cv_fold,
+            "history": [], "timings": {"train_seconds": round(seconds, 2)}, "device": "cpu", "threads": _threads(),
+            "worker": worker or {"host": platform.node(), "pid": os.getpid()},
+            "versions": versions() | {"scikit-learn": version("scikit-learn")},
+            "seconds_per_image": round(seconds / max(1, len(data.train_paths) + len(data.test_paths)), 5)}
+    return _save_probs(member, data, cache, key, arrays, meta, 0.0)
 
 
 def _threads() -> int:
@@ -418,7 +459,8 @@ def _check_before_training(members: list[Member], data: CompetitionData) -> None
     from .models import check_input_size
 
     for member in members:
-        check_input_size(member, len(data.vocab))
+        if not member.arch.startswith("classical:"):  # no network to check
+            check_input_size(member, len(data.vocab))
 
 
 @dataclass
