@@ -300,6 +300,24 @@ class EMA(Strict):
     warmup: bool = True
 
 
+class Pseudo(Strict):
+    """Pseudo-labels from a cached ensemble (the teacher): its confident test predictions join the member's
+    training images with their predicted class — those whose blended probability reaches `threshold`, or the
+    `top` share of each predicted class, most confident first. Leak-free: a holdout member takes a holdout
+    teacher's test predictions; a cross-validated member's fold f takes the teacher's fold-f models' (which never
+    saw fold f's images), its refit the teacher's own."""
+
+    teacher: str  # an ensemble YAML of the same competition, every member cached (`ens run` it first)
+    threshold: Optional[float] = Field(None, gt=0, le=1)
+    top: Optional[float] = Field(None, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _one_rule(self):
+        if (self.threshold is None) == (self.top is None):
+            raise ValueError("give pseudo-labels one rule: threshold (e.g. 0.9) or top (a share per class, e.g. 0.3)")
+        return self
+
+
 class TuneRange(Strict):
     """A numeric search range: integers when low and high (and step) are integers, else floats."""
 
@@ -452,6 +470,7 @@ class Member(Strict):
     mixup: Optional[Mix] = None  # both mixup and cutmix: each batch one or the other, half the batches each
     cutmix: Optional[Mix] = None
     ema: Optional[EMA] = None
+    pseudo: Optional[Pseudo] = None  # confident test predictions of a cached ensemble as extra training images
 
     @field_validator("tune", mode="wrap")
     @classmethod
@@ -559,6 +578,9 @@ class Member(Strict):
             parts.append(" | ".join(mixes))
         if self.ema is not None:
             parts.append(f"EMA {self.ema.decay:g}" + ("" if self.ema.warmup else " (no warm-up)"))
+        if self.pseudo is not None:
+            rule = f"≥ {self.pseudo.threshold:g}" if self.pseudo.threshold is not None else f"top {self.pseudo.top:g}"
+            parts.append(f"pseudo {rule} of {self.pseudo.teacher}")
         return ", ".join(parts)
 
     def train_fields(self) -> dict[str, Any]:
@@ -573,6 +595,7 @@ class Member(Strict):
         d["resize"] = {"size": presize, "method": self.resize.method}
         if self.pretrained is False:
             d["freeze_epochs"] = None
+        d.pop("pseudo", None)  # what it adds is in the data fingerprint (`run.member_data`): the images and labels
         if d.get("loss") == {"label_smoothing": 0.0}:
             d["loss"] = None  # no smoothing is the default loss
         d["pixels"] = PIXELS  # how images become pixels (the JPEG path and decoded copies alike)

@@ -361,6 +361,18 @@ def _estimate(rates: list[_Rate], arch: str, train_work: float, predict_work: fl
     return train_rate * train_work, predict_rate * predict_work, basis
 
 
+def _trained_on(project, member: Member, data, fold):
+    """The data `ens run` trains the unit on (with its pseudo-labels); without them when the teacher is not
+    cached yet (the unit then shows as to train, as it will be once the teacher is)."""
+    from .errors import EnsError
+    from .run import member_data
+
+    try:
+        return member_data(project, member, data, fold)
+    except EnsError:
+        return data
+
+
 def _unit(member: Member, fold, data, cache: MemberCache) -> FoldPlan:
     """One model the member needs on `data` (the holdout split, a fold, or the refit): its key, whether cached."""
     train = train_key(member, data.fingerprint)
@@ -477,7 +489,7 @@ def plan_ensemble(project: Project, spec: str, overrides: list[str] = (), *, dev
                 classes_from=classes_from, counts_from=counts_from, notes=notes)
     for member in ens.members:
         if data_known:
-            units = [_unit(member, fold, d, cache) for fold, d, _ in variants]
+            units = [_unit(member, fold, _trained_on(project, member, d, fold), cache) for fold, d, _ in variants]
         else:
             units = _offline_units(ens, comp, n_images)
         stages = [(s if isinstance(s, int) else tuple(s), e) for s, e in member.stage_plan]

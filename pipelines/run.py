@@ -211,6 +211,7 @@ def _train_and_predict(member: Member, data: CompetitionData, cache: MemberCache
         "precision": trained.precision,
         "threads": _threads(),
         "worker": worker or {"host": platform.node(), "pid": os.getpid()},
+        "pseudo_labels": len(set(data.train_paths) & set(data.test_paths)) if member.pseudo else None,
         "deterministic": trained.deterministic,
         "versions": versions(),
     }
@@ -314,6 +315,57 @@ class _Planned:
     compute: bool  # computed when missing (else only read: --cached-only, or a fold outside --folds)
 
 
+def member_data(project: Project, member: Member, data: CompetitionData, fold, seen: tuple = ()) -> CompetitionData:
+    """The data `member` trains on for `fold` (None: holdout; k; 'refit'): `data`, plus its pseudo-labelled test
+    images when it has `pseudo:` (`config.Pseudo`), chosen from the teacher's cached test predictions that never
+    saw this unit's validation images."""
+    if member.pseudo is None:
+        return data
+    from .data import with_pseudo_labels
+
+    probs = _teacher_test_probs(project, member, fold, seen)
+    pick = probs.max(1) >= member.pseudo.threshold if member.pseudo.threshold is not None else \
+        _top_per_class(probs, member.pseudo.top)
+    labels = [data.vocab[i] for i in probs.argmax(1)]
+    chosen = [i for i in range(len(probs)) if pick[i]]
+    return with_pseudo_labels(data, [data.test_paths[i] for i in chosen], [labels[i] for i in chosen])
+
+
+def _top_per_class(probs: np.ndarray, share: float) -> np.ndarray:
+    """The `share` most confident test images of each predicted class (at least one of each class predicted)."""
+    pick = np.zeros(len(probs), dtype=bool)
+    predicted, confidence = probs.argmax(1), probs.max(1)
+    for c in np.unique(predicted):
+        rows = np.flatnonzero(predicted == c)
+        keep = max(1, int(round(len(rows) * share)))
+        pick[rows[np.argsort(-confidence[rows], kind="stable")[:keep]]] = True
+    return pick
+
+
+def _teacher_test_probs(project: Project, member: Member, fold, seen: tuple) -> np.ndarray:
+    """The teacher's blended test probabilities (its members' weighted mean of their `probs:` kind) that a unit of
+    `member` may learn from: a holdout unit, a holdout teacher's; fold f, the teacher's fold-f models'; the refit,
+    the teacher's own (fold mean or refit)."""
+    spec = member.pseudo.teacher
+    if spec in seen:
+        raise EnsError(f"member {member.name}: pseudo.teacher {spec} leads back to itself ({' → '.join(seen)})")
+    g = gather_members(project, spec, cached_only=True, seen=(*seen, spec))
+    shown = project.relative(g.path)
+    if g.missing or g.incomplete:
+        raise EnsError(f"member {member.name}: its teacher {shown} is not fully cached "
+                       f"({', '.join(m.name for m in g.missing)}); run `ens run {shown}` first")
+    if (fold is None) != (not g.cv) and fold != "refit":
+        mine = "holdout" if fold is None else "cross-validated"
+        raise EnsError(f"member {member.name}: a {mine} member needs a {mine} teacher ({shown} is not): the teacher's "
+                       "models must not have seen the member's validation images; pick another pseudo.teacher")
+    kind = g.ensemble.probs
+    if fold is None or fold == "refit":
+        probs = [o.entry.probs("test", kind) for o in g.outcomes]
+    else:
+        probs = [next(u.entry for u in o.folds if u.fold == fold).probs("test", kind) for o in g.outcomes]
+    return ensemble.combine(probs, [o.member.weight for o in g.outcomes])
+
+
 def fold_variants(ens: Ensemble, data: CompetitionData, folds: list[int] | None, shown: str):
     """[(fold, data, compute)] every member is trained on, and the folds of the training images (cv) or None:
     the holdout split; or each fold of the competition's cv (and a refit on every image with `refit: full`),
@@ -337,7 +389,7 @@ def fold_variants(ens: Ensemble, data: CompetitionData, folds: list[int] | None,
 
 def gather_members(project: Project, spec: str, overrides: list[str] = (), progress=None,
                    on_member=lambda outcome: None, cached_only: bool = False,
-                   folds: list[int] | None = None, parallel: "Parallel | None" = None) -> Gathered:
+                   folds: list[int] | None = None, parallel: "Parallel | None" = None, seen: tuple = ()) -> Gathered:
     """Each member's cache entry, computing the ones that are missing (unless `cached_only`; in cv, only the
     folds in `folds` when given): first every key and cache look-up, then the checks that can fail before any
     training time is spent, then the work — in this process, or with `parallel` as Ray tasks
@@ -352,6 +404,7 @@ def gather_members(project: Project, spec: str, overrides: list[str] = (), progr
     for member in ens.members:
         drift = []
         for fold, d, compute in variants:
+            d = member_data(project, member, d, fold, seen)
             train = train_key(member, d.fingerprint)
             key = prediction_key(train, member)
             entry = cache.load(key)

@@ -401,7 +401,7 @@ def compute_member(root: str, spec: str, overrides: list[str], member_name: str,
     from .cache import MemberCache, train_key
     from .config import Project, load_ensemble
     from .data import load_data
-    from .run import fold_variants, member_entry
+    from .run import fold_variants, member_data, member_entry
 
     project = Project(Path(root))
     path, ens, comp = load_ensemble(project, spec, list(overrides))
@@ -409,6 +409,7 @@ def compute_member(root: str, spec: str, overrides: list[str], member_name: str,
     data = load_data(project, comp)
     variants, _ = fold_variants(ens, data, None, project.relative(path))
     data = next((d for f, d, _ in variants if f == fold), None)
+    data = member_data(project, member, data, fold) if member is not None and data is not None else data
     if member is None or data is None or train_key(member, data.fingerprint) != train:
         raise EnsError(f"{project.relative(path)}: member {member_name} (or its data) changed since this run began; "
                        "run again")

@@ -310,6 +310,15 @@ def fold_data(data: "CompetitionData", folds: list[int], fold: int | None) -> "C
     return replace(data, is_valid=valid, fingerprint=fingerprint, cv_fold=cv_fold)
 
 
+def with_pseudo_labels(data: "CompetitionData", paths: list[str], labels: list[str]) -> "CompetitionData":
+    """The competition with test images `paths` added to the training images (never validating) under `labels`;
+    the fingerprint holds them, so other pseudo-labels make another training key."""
+    blob = json.dumps([data.fingerprint, "pseudo", paths, labels])
+    return replace(data, train_paths=data.train_paths + list(paths), train_labels=data.train_labels + list(labels),
+                   is_valid=data.is_valid + [False] * len(paths),
+                   fingerprint=hashlib.sha256(blob.encode()).hexdigest())
+
+
 def list_test(comp: Competition, root: Path) -> list[str]:
     folder = root / comp.test_images
     if not folder.is_dir():
