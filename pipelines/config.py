@@ -318,6 +318,19 @@ class Pseudo(Strict):
         return self
 
 
+class Distill(Strict):
+    """Distillation from a cached ensemble (the teacher): every test image joins the member's training images with
+    the teacher's probabilities (sharpened or softened by `temperature`) as its target, its loss weighed by
+    `weight` against the labelled images' cross-entropy. The teacher's test predictions come from models that
+    never saw the member's validation images (as for `pseudo`); its probabilities on training images would have
+    (a cross-validated teacher's out-of-fold rows were predicted by models trained on the member's validation
+    images), so they are not used. Soft targets travel with the decoded batches: needs `decode: true`."""
+
+    teacher: str
+    weight: float = Field(1.0, gt=0)
+    temperature: float = Field(1.0, gt=0)
+
+
 class TuneRange(Strict):
     """A numeric search range: integers when low and high (and step) are integers, else floats."""
 
@@ -471,6 +484,7 @@ class Member(Strict):
     cutmix: Optional[Mix] = None
     ema: Optional[EMA] = None
     pseudo: Optional[Pseudo] = None  # confident test predictions of a cached ensemble as extra training images
+    distill: Optional[Distill] = None  # a cached ensemble's test probabilities as soft targets
 
     @field_validator("tune", mode="wrap")
     @classmethod
@@ -513,6 +527,16 @@ class Member(Strict):
         if v is not None and any(e < 1 for _, e in v):
             raise ValueError("every stage needs at least one epoch")
         return v
+
+    @model_validator(mode="after")
+    def _distill_needs(self):
+        if self.distill is None:
+            return self
+        if not self.decode:
+            raise ValueError("distill needs decode: true (the soft targets travel with the decoded batches)")
+        if self.mixup or self.cutmix or self.pseudo:
+            raise ValueError("distill does not combine with mixup, cutmix or pseudo; keep one")
+        return self
 
     @model_validator(mode="after")
     def _decoded_copy_is_fixed(self):
@@ -581,6 +605,8 @@ class Member(Strict):
         if self.pseudo is not None:
             rule = f"≥ {self.pseudo.threshold:g}" if self.pseudo.threshold is not None else f"top {self.pseudo.top:g}"
             parts.append(f"pseudo {rule} of {self.pseudo.teacher}")
+        if self.distill is not None:
+            parts.append(f"distill {self.distill.teacher} ×{self.distill.weight:g}, T {self.distill.temperature:g}")
         return ", ".join(parts)
 
     def train_fields(self) -> dict[str, Any]:
@@ -595,7 +621,8 @@ class Member(Strict):
         d["resize"] = {"size": presize, "method": self.resize.method}
         if self.pretrained is False:
             d["freeze_epochs"] = None
-        d.pop("pseudo", None)  # what it adds is in the data fingerprint (`run.member_data`): the images and labels
+        d.pop("pseudo", None)  # what they add is in the data fingerprint (`run.member_data`): images and targets
+        d.pop("distill", None)
         if d.get("loss") == {"label_smoothing": 0.0}:
             d["loss"] = None  # no smoothing is the default loss
         d["pixels"] = PIXELS  # how images become pixels (the JPEG path and decoded copies alike)

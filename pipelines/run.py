@@ -319,11 +319,17 @@ def member_data(project: Project, member: Member, data: CompetitionData, fold, s
     """The data `member` trains on for `fold` (None: holdout; k; 'refit'): `data`, plus its pseudo-labelled test
     images when it has `pseudo:` (`config.Pseudo`), chosen from the teacher's cached test predictions that never
     saw this unit's validation images."""
+    if member.distill is not None:
+        from .data import with_soft_targets
+
+        probs = _teacher_test_probs(project, member, member.distill.teacher, fold, seen)
+        tempered = probs.astype("float64") ** (1 / member.distill.temperature)
+        return with_soft_targets(data, tempered / tempered.sum(1, keepdims=True), member.distill.weight)
     if member.pseudo is None:
         return data
     from .data import with_pseudo_labels
 
-    probs = _teacher_test_probs(project, member, fold, seen)
+    probs = _teacher_test_probs(project, member, member.pseudo.teacher, fold, seen)
     pick = probs.max(1) >= member.pseudo.threshold if member.pseudo.threshold is not None else \
         _top_per_class(probs, member.pseudo.top)
     labels = [data.vocab[i] for i in probs.argmax(1)]
@@ -342,13 +348,12 @@ def _top_per_class(probs: np.ndarray, share: float) -> np.ndarray:
     return pick
 
 
-def _teacher_test_probs(project: Project, member: Member, fold, seen: tuple) -> np.ndarray:
+def _teacher_test_probs(project: Project, member: Member, spec: str, fold, seen: tuple) -> np.ndarray:
     """The teacher's blended test probabilities (its members' weighted mean of their `probs:` kind) that a unit of
     `member` may learn from: a holdout unit, a holdout teacher's; fold f, the teacher's fold-f models'; the refit,
     the teacher's own (fold mean or refit)."""
-    spec = member.pseudo.teacher
     if spec in seen:
-        raise EnsError(f"member {member.name}: pseudo.teacher {spec} leads back to itself ({' → '.join(seen)})")
+        raise EnsError(f"member {member.name}: its teacher {spec} leads back to itself ({' → '.join(seen)})")
     g = gather_members(project, spec, cached_only=True, seen=(*seen, spec))
     shown = project.relative(g.path)
     if g.missing or g.incomplete:
@@ -357,7 +362,7 @@ def _teacher_test_probs(project: Project, member: Member, fold, seen: tuple) -> 
     if (fold is None) != (not g.cv) and fold != "refit":
         mine = "holdout" if fold is None else "cross-validated"
         raise EnsError(f"member {member.name}: a {mine} member needs a {mine} teacher ({shown} is not): the teacher's "
-                       "models must not have seen the member's validation images; pick another pseudo.teacher")
+                       "models must not have seen the member's validation images; pick another teacher")
     kind = g.ensemble.probs
     if fold is None or fold == "refit":
         probs = [o.entry.probs("test", kind) for o in g.outcomes]

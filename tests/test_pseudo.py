@@ -84,3 +84,60 @@ def test_in_cv_each_fold_learns_from_the_teachers_same_fold(tmp_path, digits_dat
                for f in range(3))  # so the test above tells the two apart
     with pytest.raises(EnsError, match="a holdout member needs a holdout teacher"):
         _data(root, name="holdout")
+
+
+DISTILLED = """\
+competition: digits
+defaults: {pretrained: false, size: 32, epochs: 1, lr: 0.005, batch_size: 64, num_workers: 0, tta: {n: 0},
+           aug_transforms: null, decode: true}
+members:
+  - {name: student, arch: test_resnet, distill: {teacher: digits/teacher.yaml, weight: 0.5, temperature: 2}}
+"""
+
+
+def test_a_distilled_students_loss_uses_the_teachers_probabilities(tmp_path, digits_data):
+    import torch
+    from fastai.callback.core import Callback
+
+    from pipelines.run import run_ensemble
+    from pipelines.train import train_member
+
+    root = make_project(tmp_path / "p", digits_data, {"teacher": TEACHER, "student": DISTILLED})
+    teacher = run_ensemble(Project(root), "digits/teacher.yaml", submit=False).members[0].entry.arrays["test_tta"]
+    base, data = _data(root)
+    tempered = teacher.astype("float64") ** 0.5
+    tempered /= tempered.sum(1, keepdims=True)
+    targets, weights = data.soft_targets
+    n = len(base.train_paths)
+    assert data.train_paths[n:] == base.test_paths  # every test image joins...
+    assert np.allclose(targets[n:], tempered, atol=1e-6) and (weights[n:] == 0.5).all()  # ...with the teacher's
+    assert (targets[:n].max(1) == 1).all() and (weights[:n] == 1).all()  # the labelled images keep their labels
+
+    class LossSpy(Callback):
+        order = 99
+
+        def __init__(self):
+            self.seen = []
+
+        def after_loss(self):
+            if self.training:
+                self.seen.append((self.pred.detach().float(), self.yb[0].detach(), float(self.loss)))
+
+    spy = LossSpy()
+    member = load_ensemble(Project(root), "digits/student.yaml")[1].members[0]
+    train_member(member, data, cbs=[spy])
+    pred, y, loss = next(s for s in spy.seen if (s[1][:, -1] == 0.5).any())  # a batch holding test images
+    ce = -(y[:, :-1] * torch.log_softmax(pred, 1)).sum(1)
+    assert loss == pytest.approx(float((y[:, -1] * ce).sum() / y[:, -1].sum()), rel=1e-5)
+    soft_rows = y[y[:, -1] == 0.5, :-1].numpy()
+    assert all(np.abs(tempered - row).max(1).min() < 1e-6 for row in soft_rows)  # each a teacher row
+
+
+def test_distill_is_validated():
+    from pipelines.config import Member
+
+    base = dict(name="m", arch="test_resnet", pretrained=False, distill={"teacher": "digits/final.yaml"})
+    with pytest.raises(ValueError, match="distill needs decode: true"):
+        Member(**base)
+    with pytest.raises(ValueError, match="does not combine with mixup"):
+        Member(**base, decode=True, mixup={})

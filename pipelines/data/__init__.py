@@ -38,6 +38,9 @@ class CompetitionData:
     images_fingerprint: str = ""  # the images and labels alone: the same for every fold of a cross-validation
     cv_fold: dict | None = None  # a fold of a cross-validation: {fold (or 'refit'), folds, assignment (a hash)}
     cache_root: Path | None = None  # the project's cache/: decoded copies are built under it (`decoded`)
+    # distillation: (the training rows' target distributions N×C, their loss weights N): one-hot rows for labelled
+    # images, a teacher's probabilities for the test images added (`with_soft_targets`); None: class labels
+    soft_targets: tuple | None = None
 
     @property
     def vocab(self) -> list[str]:
@@ -317,6 +320,25 @@ def with_pseudo_labels(data: "CompetitionData", paths: list[str], labels: list[s
     return replace(data, train_paths=data.train_paths + list(paths), train_labels=data.train_labels + list(labels),
                    is_valid=data.is_valid + [False] * len(paths),
                    fingerprint=hashlib.sha256(blob.encode()).hexdigest())
+
+
+def with_soft_targets(data: "CompetitionData", probs, weight: float) -> "CompetitionData":
+    """Every test image added to the training images with `probs` (one row per test image, the vocab's order) as
+    its target distribution and `weight` as its loss weight; the labelled rows keep their class (one-hot, weight
+    1). Their labels are the teacher's classes (for fastai's vocab and the splits; the loss reads the targets)."""
+    import numpy as np
+
+    probs = np.asarray(probs, dtype="float32")
+    vocab = data.vocab
+    index = {label: i for i, label in enumerate(vocab)}
+    onehot = np.eye(len(vocab), dtype="float32")[[index[label] for label in data.train_labels]]
+    targets = np.concatenate([onehot, probs])
+    weights = np.concatenate([np.ones(len(onehot), "float32"), np.full(len(probs), weight, "float32")])
+    blob = hashlib.sha256(targets.tobytes() + weights.tobytes()).hexdigest()
+    return replace(data, train_paths=data.train_paths + list(data.test_paths),
+                   train_labels=data.train_labels + [vocab[i] for i in probs.argmax(1)],
+                   is_valid=data.is_valid + [False] * len(probs), soft_targets=(targets, weights),
+                   fingerprint=hashlib.sha256(f"{data.fingerprint}:distill:{blob}".encode()).hexdigest())
 
 
 def list_test(comp: Competition, root: Path) -> list[str]:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from fastai.data.core import TfmdDL
 from fastai.losses import CrossEntropyLossFlat
-from fastai.torch_core import TensorCategory, TensorImage, retain_type
+from fastai.torch_core import TensorBase, TensorCategory, TensorImage, retain_type
 from fastai.vision.all import PILImage, Resize, Transform
 from fastcore.basics import chunked
 from PIL import Image
@@ -78,7 +78,8 @@ class DecodedSplit:
         x = TensorImage(torch.from_numpy(pixels).permute(0, 3, 1, 2))
         if self.labels is None:
             return (x,)
-        return x, TensorCategory(torch.from_numpy(self.labels[np.asarray(indices, dtype="int64")]))
+        y = torch.from_numpy(self.labels[np.asarray(indices, dtype="int64")])
+        return x, (TensorCategory(y) if y.ndim == 1 else TensorBase(y))  # 2-D: soft targets and weights (distill)
 
     def __getitem__(self, i):
         return tuple(t[0] for t in self.batch([i]))

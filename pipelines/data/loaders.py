@@ -106,7 +106,11 @@ def _decoded_dataloaders(data, member, presize, batch_tfms, device):
     device, options = _loader_options(member, device)
     common = dict(device=device, after_batch=tfms, **options)
     # as fastai's: the shuffled training batches drop the last incomplete one
-    train = DecodedDL(DecodedSplit(decoded, rows[train_idx], labels[train_idx], vocab, 0, test_rows),
+    if data.soft_targets is not None:  # distillation: each training row's target distribution, its weight last
+        targets, weights = data.soft_targets
+        soft = np.concatenate([targets, weights[:, None]], axis=1).astype("float32")
+    train = DecodedDL(DecodedSplit(decoded, rows[train_idx], (labels if data.soft_targets is None else soft)[train_idx],
+                                   vocab, 0, test_rows),
                       bs=member.batch_size, shuffle=True, drop_last=True, **common)
     # made from the training loader, as fastai's DataBlock makes it: the same random draws, in the same order, so
     # that a member trains and predicts exactly as from the images

@@ -12,6 +12,28 @@ from fastai.callback.mixup import CutMix, MixUp
 from fastai.losses import LabelSmoothingCrossEntropyFlat
 
 
+class SoftTargetLoss:
+    """Distillation's loss: on a batch of soft targets (N × C+1: each row's target distribution, its weight last)
+    the weighted mean of the cross-entropy to the targets — the KL divergence to the teacher up to its constant
+    entropy, one-hot rows being the labels' plain cross-entropy; on class labels (validation), `base`."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __call__(self, pred, y, **kwargs):
+        if y.ndim == 2 and y.is_floating_point():
+            targets, weights = y[:, :-1], y[:, -1]
+            ce = -(targets * torch.log_softmax(pred.float(), 1)).sum(1)
+            return (weights * ce).sum() / weights.sum()
+        return self.base(pred, y, **kwargs)
+
+    def activation(self, x):
+        return self.base.activation(x)
+
+    def decodes(self, x):
+        return self.base.decodes(x)
+
+
 def loss_func(member):
     """The member's loss, or None for the learner's default (cross-entropy)."""
     if member.loss is not None and member.loss.label_smoothing:
