@@ -300,6 +300,14 @@ class EMA(Strict):
     warmup: bool = True
 
 
+class Average(Strict):
+    """Checkpoint averaging, EMA's alternative: the member's weights are the mean of its weights at the end of
+    each of its last `epochs` epochs (validation during training sees the live weights; TTA and the kept weights
+    the average)."""
+
+    epochs: int = Field(3, ge=2)
+
+
 class Pseudo(Strict):
     """Pseudo-labels from a cached ensemble (the teacher): its confident test predictions join the member's
     training images with their predicted class — those whose blended probability reaches `threshold`, or the
@@ -483,6 +491,7 @@ class Member(Strict):
     mixup: Optional[Mix] = None  # both mixup and cutmix: each batch one or the other, half the batches each
     cutmix: Optional[Mix] = None
     ema: Optional[EMA] = None
+    average: Optional[Average] = None  # the mean of the last epochs' weights (not with ema)
     pseudo: Optional[Pseudo] = None  # confident test predictions of a cached ensemble as extra training images
     distill: Optional[Distill] = None  # a cached ensemble's test probabilities as soft targets
 
@@ -527,6 +536,15 @@ class Member(Strict):
         if v is not None and any(e < 1 for _, e in v):
             raise ValueError("every stage needs at least one epoch")
         return v
+
+    @model_validator(mode="after")
+    def _one_average(self):
+        if self.ema and self.average:
+            raise ValueError("ema and average both replace the weights by an average; keep one")
+        if self.average and self.average.epochs > self.total_epochs:
+            raise ValueError(f"average.epochs {self.average.epochs} is more than the member's {self.total_epochs} "
+                             "epochs; lower it")
+        return self
 
     @model_validator(mode="after")
     def _distill_needs(self):
@@ -602,6 +620,8 @@ class Member(Strict):
             parts.append(" | ".join(mixes))
         if self.ema is not None:
             parts.append(f"EMA {self.ema.decay:g}" + ("" if self.ema.warmup else " (no warm-up)"))
+        if self.average is not None:
+            parts.append(f"average of the last {self.average.epochs} epochs")
         if self.pseudo is not None:
             rule = f"≥ {self.pseudo.threshold:g}" if self.pseudo.threshold is not None else f"top {self.pseudo.top:g}"
             parts.append(f"pseudo {rule} of {self.pseudo.teacher}")

@@ -178,7 +178,7 @@ def test_ema_resumes_from_its_checkpoint_to_the_same_weights(data, tmp_path):
 
     folder = tmp_path / "ckpt"
     train_member(member, data, checkpoint_dir=folder, cbs=[StopAfterEpoch()])
-    assert "ema" in torch.load(folder / "checkpoint.pth", weights_only=False)
+    assert "average" in torch.load(folder / "checkpoint.pth", weights_only=False)
     resumed = train_member(member, data, checkpoint_dir=folder)
     assert resumed.resumed_at == "train epoch 3 of 3"
     for k, v in whole.items():
@@ -196,3 +196,42 @@ def test_plan_shows_the_recipe(tmp_path, digits_data):
     assert out.returncode == 0, out.stderr
     assert "smooth 0.1, mixup 0.4, EMA 0.999" in out.stdout and "recipe" in out.stdout
     assert np.sum(["—" in line for line in out.stdout.splitlines() if "plain" in line]) == 1
+
+
+def test_checkpoint_averaging_is_the_mean_of_the_last_epochs_weights(data, tmp_path):
+    from fastai.callback.core import Callback, CancelFitException
+
+    from pipelines.train import train_member
+
+    class EpochWeights(Callback):
+        order = 99
+
+        def __init__(self):
+            self.weights = []
+
+        def after_epoch(self):
+            self.weights.append({k: v.detach().clone() for k, v in self.learn.model.state_dict().items()})
+
+    seen = EpochWeights()
+    member = _member(average={"epochs": 2}, epochs=3)
+    trained = train_member(member, data, cbs=[seen])
+    final = trained.learn.model.state_dict()
+    for k, v in final.items():
+        if v.is_floating_point():
+            assert torch.allclose(v, (seen.weights[1][k] + seen.weights[2][k]) / 2, atol=1e-6), k
+    assert any(not torch.allclose(final[k], seen.weights[2][k]) for k in final if final[k].is_floating_point())
+
+    class StopAfterEpoch(Callback):  # interrupted after the first averaged epoch: the sum is checkpointed
+        order = 70
+
+        def after_epoch(self):
+            if self.epoch == 1:
+                raise CancelFitException()
+
+    folder = tmp_path / "ckpt"
+    train_member(member, data, checkpoint_dir=folder, cbs=[StopAfterEpoch()])
+    resumed = train_member(member, data, checkpoint_dir=folder).learn.model.state_dict()
+    for k, v in final.items():
+        assert torch.allclose(resumed[k].float(), v.float(), atol=1e-5), k
+    with pytest.raises(ValidationError, match="keep one"):
+        _member(average={"epochs": 2}, ema={})

@@ -192,17 +192,17 @@ def _resume_point(ckpt: dict | None, phases: list[Phase]) -> tuple[int, int]:
     return index, ckpt["epochs_done"]
 
 
-def _restore(learn, ckpt: dict, stage_dls: dict, with_optimizer: bool, ema=None) -> None:
-    """The learner's weights (and optimizer moments, mid-phase), the weights' average (`ema`) and every random
-    generator as they were at the checkpoint."""
+def _restore(learn, ckpt: dict, stage_dls: dict, with_optimizer: bool, average=None) -> None:
+    """The learner's weights (and optimizer moments, mid-phase), the weights' average (`average`: EMA or the last
+    epochs') and every random generator as they were at the checkpoint."""
     if learn.opt is None:
         learn.create_opt()
     learn.model.load_state_dict(ckpt["model"])
     if with_optimizer:
         learn.opt.load_state_dict(ckpt["opt"])
     _set_rng_state(ckpt["rng"], stage_dls)
-    if ema is not None and "ema" in ckpt:
-        ema.load(ckpt["ema"])
+    if average is not None and "average" in ckpt:
+        average.load(ckpt["average"])
 
 
 def memory_plan(member: Member, data: CompetitionData, device: str, precision: str):
@@ -267,7 +267,7 @@ def _fit(member, data, progress, checkpoint_dir, cbs, device, precision, plan) -
     stage_dls = {str(s): dataloaders(data, loader_member, s) for s in sizes}
     first = stage_dls[str(sizes[0])]
     learn, stats = build_learner(first, member, metrics=[accuracy])
-    from .recipe import EMAWeights, loss_func, mix_callbacks
+    from .recipe import EMAWeights, LastEpochsAverage, loss_func, mix_callbacks
 
     if loss_func(member) is not None:
         learn.loss_func = loss_func(member)
@@ -286,8 +286,9 @@ def _fit(member, data, progress, checkpoint_dir, cbs, device, precision, plan) -
     for note in accelerate(learn, member, device, precision=precision) + loader_options(member, device)[1]:
         say(progress)(f"{member.name}: {note}")
     # the average of the weights in the layout and on the device training uses (`accelerate` may change both)
-    ema = EMAWeights(learn.model, member.ema.decay, member.ema.warmup) if member.ema else None
-    recipe = mix_callbacks(member) + ([ema] if ema else [])
+    average = (EMAWeights(learn.model, member.ema.decay, member.ema.warmup) if member.ema else
+               LastEpochsAverage(member.average.epochs) if member.average else None)
+    recipe = mix_callbacks(member) + ([average] if average else [])
 
     ProgressiveResize, EpochLog = _callbacks()
     size_per_epoch = [s for s, e in member.stage_plan for _ in range(e)]
@@ -306,7 +307,7 @@ def _fit(member, data, progress, checkpoint_dir, cbs, device, precision, plan) -
             checkpoint_dir.mkdir(parents=True, exist_ok=True)
             torch.save({"phase": phase, "epochs_done": epochs_done, "model": learn.model.state_dict(),
                         "opt": learn.opt.state_dict(), "rng": _rng_state(stage_dls), "history": history,
-                        **({"ema": ema.state()} if ema else {})}, tmp)
+                        **({"average": average.state()} if average else {})}, tmp)
             os.replace(tmp, checkpoint_dir / CHECKPOINT)  # a kill mid-write leaves the previous epoch's checkpoint
         except OSError as e:
             tmp.unlink(missing_ok=True)
@@ -330,11 +331,13 @@ def _fit(member, data, progress, checkpoint_dir, cbs, device, precision, plan) -
             if member.pretrained:  # vision_learner froze the pretrained body: fine_tune freezes, then unfreezes
                 learn.freeze() if phase.name == "frozen" else learn.unfreeze()  # noqa: B018 (an expression as a statement)
             if ckpt and index == resume_phase:
-                _restore(learn, ckpt, stage_dls, with_optimizer=begin > 0, ema=ema)  # a new phase starts its moments afresh,
+                _restore(learn, ckpt, stage_dls, with_optimizer=begin > 0, average=average)  # a new phase starts its moments afresh,
                 # as fastai's own unfreeze does (it clears the optimizer's state)
             if begin and phase.name == "train":
                 learn.dls = resize.dls_per_epoch[begin]
             log = EpochLog(phase.name, history, begin, save, progress, task, phase.size_of)
+            if isinstance(average, LastEpochsAverage):  # the last epochs of the last fit
+                average.active = index == len(phases) - 1
             accumulate = plan.callbacks() if plan is not None else []
             learn.fit_one_cycle(phase.epochs, **phase.fit_args, cbs=[*phase.cbs, *accumulate, *recipe, *cbs, log],
                                 start_epoch=begin)
@@ -344,9 +347,9 @@ def _fit(member, data, progress, checkpoint_dir, cbs, device, precision, plan) -
         if task is not None:
             progress.remove_task(task)
     if ckpt and resume_phase == len(phases):  # every epoch was done before the interruption: its weights are the result
-        _restore(learn, ckpt, stage_dls, with_optimizer=False, ema=ema)
-    if ema is not None:  # the member is the average: TTA, the cache and the kept weights use it
-        ema.apply(learn.model)
+        _restore(learn, ckpt, stage_dls, with_optimizer=False, average=average)
+    if average is not None:  # the member is the average: TTA, the cache and the kept weights use it
+        average.apply(learn.model)
     learn.dls = stage_dls[str(member.final_size)]
     memory = plan.as_meta() if plan is not None else None
     normalize = tuple([float(x) for x in v] for v in stats)

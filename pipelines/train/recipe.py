@@ -12,6 +12,35 @@ from fastai.callback.mixup import CutMix, MixUp
 from fastai.losses import LabelSmoothingCrossEntropyFlat
 
 
+class LastEpochsAverage(Callback):
+    """The running sum of the model's weights at the end of each of the last `epochs` epochs of the member's last
+    fit (`active` is set on that fit only); `apply()` puts their mean into the model."""
+
+    order = 66
+
+    def __init__(self, epochs: int):
+        self.epochs, self.active, self.total, self.count = epochs, False, None, 0
+
+    def after_epoch(self):
+        if not self.active or self.epoch < self.n_epoch - self.epochs:
+            return
+        state = {k: v.detach().double().cpu() for k, v in self.learn.model.state_dict().items()
+                 if v.is_floating_point()}
+        self.total = state if self.total is None else {k: self.total[k] + v for k, v in state.items()}
+        self.count += 1
+
+    def state(self) -> dict:
+        return {"total": self.total, "count": self.count}
+
+    def load(self, state: dict) -> None:
+        self.total, self.count = state["total"], state["count"]
+
+    def apply(self, model) -> None:
+        current = model.state_dict()
+        model.load_state_dict({k: (self.total[k] / self.count).to(v.dtype) if k in self.total else v
+                               for k, v in current.items()})
+
+
 class SoftTargetLoss:
     """Distillation's loss: on a batch of soft targets (N × C+1: each row's target distribution, its weight last)
     the weighted mean of the cross-entropy to the targets — the KL divergence to the teacher up to its constant
