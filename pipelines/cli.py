@@ -436,6 +436,7 @@ def bench_command(ensemble: str = typer.Argument(..., help="the ensemble YAML (m
                       f"{r.ms_per_image_batch1:.3f}", f"{r.ms_per_image_batched:.3f}", f"{r.params:,}",
                       f"{r.memory_mb:.2f}", f"{r.disk_mb:.2f}")
     console.print(table)
+    _print_teachers(proj, ensemble, overrides or [], rows, batch)
     competition = _competition_of(proj, ensemble, overrides)
     dest = write_bench_csv(rows, proj.submissions / competition / f"bench-{Path(ensemble).stem}.csv")
     console.print(f"wrote {proj.relative(dest)}")
@@ -445,6 +446,22 @@ def _competition_of(proj: Project, ensemble: str, overrides) -> str:
     from .config import load_ensemble
 
     return load_ensemble(proj, ensemble, overrides or [])[2].name
+
+
+def _print_teachers(proj: Project, ensemble: str, overrides: list[str], rows, batch: int) -> None:
+    """A distilled (or pseudo-labelled) member beside its teacher ensemble: what the student saves at inference."""
+    from .evaluate import bench, teachers
+
+    mine = {r.name: r for r in rows}
+    for name, spec in teachers(proj, ensemble, overrides).items():
+        if name not in mine:
+            continue
+        teacher = bench(proj, spec, batch=batch)[0]
+        student, cost = mine[name], sum(r.ms_per_image_batched for r in teacher)
+        console.print(f"{name} learnt from {spec}: {student.ms_per_image_batched:.3f} ms/img (batch {batch}), valid "
+                      f"acc {student.valid_accuracy:.4f}; the teacher's {len(teacher)} members together "
+                      f"{cost:.3f} ms/img, valid acc of each {', '.join(f'{r.valid_accuracy:.4f}' for r in teacher)}: "
+                      f"the student is {cost / student.ms_per_image_batched:.1f}× faster", soft_wrap=True)
 
 
 @app.command("eval", short_help="Kept members and the ensemble scored on another labelled folder of the same classes.")

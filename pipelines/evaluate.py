@@ -19,7 +19,8 @@ def gather_kept(project: Project, spec: str, overrides, what: str):
     """The ensemble's members with their weights kept; a clear error before any training when some member has
     none and will not keep any (`keep_model: false`)."""
     g = gather_members(project, spec, overrides, cached_only=True)
-    lacking = [o.member.name for o in g.outcomes if any(u.entry.model_path is None for u in o.predictors)]
+    lacking = [o.member.name for o in g.outcomes if not o.member.arch.startswith("classical:")
+               and any(u.entry.model_path is None for u in o.predictors)]
     lacking += [m.name for m in g.missing if not m.keep_model]
     if lacking:
         raise EnsError(f"{what} needs the members' weights, and {', '.join(lacking)} kept none: set keep_model: true "
@@ -88,6 +89,12 @@ def bench(project: Project, spec: str, overrides=(), batch: int = 32, repeats: i
     device = device_precision("fp32")[0]
     rows = []
     for o in g.outcomes:
+        metrics = o.entry.meta["metrics"]
+        if o.member.arch.startswith("classical:"):  # no network to time: its cost is the features' and the
+            ms = o.entry.meta.get("seconds_per_image", 0) * 1000  # classifier's per image, measured when trained
+            rows.append(BenchRow(o.member.name, o.member.arch, o.member.final_size, metrics["plain_accuracy"],
+                                 metrics["plain_log_loss"], ms, ms, 0, 0.0, 0.0, len(o.predictors)))
+            continue
         k = len(o.predictors)
         learn = kept_learner(o.predictors[0], g.data)  # the fold models share one architecture: time one, count k
         model = learn.model.eval().to(device)
@@ -101,6 +108,19 @@ def bench(project: Project, spec: str, overrides=(), batch: int = 32, repeats: i
                              k * sum(t.numel() * t.element_size() for t in tensors) / 1e6,
                              sum(u.entry.model_path.stat().st_size for u in o.predictors) / 1e6, k))
     return rows, device
+
+
+def teachers(project: Project, spec: str, overrides=()) -> dict[str, str]:
+    """{member name: its teacher's ensemble spec} for the members that learn from a cached ensemble."""
+    from .config import load_ensemble
+
+    _, ens, _ = load_ensemble(project, spec, list(overrides))
+    out = {}
+    for m in ens.members:
+        source = m.distill or m.pseudo
+        if source is not None:
+            out[m.name] = source.teacher
+    return out
 
 
 def write_bench_csv(rows: list[BenchRow], dest: Path) -> Path:

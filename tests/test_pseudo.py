@@ -5,7 +5,7 @@ predictions (never models that saw its validation images); a changed teacher ret
 import numpy as np
 import pytest
 
-from conftest import ONE_RESNET, make_project
+from conftest import ONE_RESNET, ens, make_project
 from pipelines.config import Project, load_ensemble
 from pipelines.errors import EnsError
 
@@ -131,6 +131,12 @@ def test_a_distilled_students_loss_uses_the_teachers_probabilities(tmp_path, dig
     assert loss == pytest.approx(float((y[:, -1] * ce).sum() / y[:, -1].sum()), rel=1e-5)
     soft_rows = y[y[:, -1] == 0.5, :-1].numpy()
     assert all(np.abs(tempered - row).max(1).min() < 1e-6 for row in soft_rows)  # each a teacher row
+
+    # `ens bench` times the student beside its teacher
+    run_ensemble(Project(root), "digits/student.yaml", submit=False)
+    out = ens("bench", "digits/student.yaml", cwd=root)
+    assert out.returncode == 0, out.stderr
+    assert "student learnt from digits/teacher.yaml" in out.stdout and "× faster" in out.stdout
 
 
 def test_distill_is_validated():
