@@ -20,7 +20,7 @@ VARIANTS = {
     "label smoothing 0.1": "{loss: {label_smoothing: 0.1}}",
     "mixup 0.4": "{mixup: {alpha: 0.4}}",
     "cutmix 1.0": "{cutmix: {alpha: 1.0}}",
-    "mixup | cutmix": "{mixup: {alpha: 0.4}, cutmix: {alpha: 1.0}}",
+    "mixup or cutmix (each batch)": "{mixup: {alpha: 0.4}, cutmix: {alpha: 1.0}}",
     "EMA 0.99": "{ema: {decay: 0.99}}",
     "average of the last 3 epochs": "{average: {epochs: 3}}",
     "TTA views scale 1.1 + crops 0.9": "{tta: {n: 4, beta: 0.5, views: [{scale: 1.1}, {crops: 0.9}]}}",

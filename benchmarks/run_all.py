@@ -10,7 +10,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SCRIPTS = ["overhead", "efficiency", "warm_rerun", "ablation", "tta_cost", "data_loading", "bench_batching", "gpu_members",
-           "parallel"]
+           "parallel", "recipe"]
 
 
 def machine() -> str:
