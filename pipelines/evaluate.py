@@ -156,6 +156,10 @@ def evaluate_on(project: Project, spec: str, folder: Path, overrides=()):
     """Each kept member (plain and with its TTA) and the ensemble on another labelled folder with the same
     classes: {name: {metric: (on folder, on validation)}} and the number of images."""
     g = gather_kept(project, spec, overrides, "ens eval")
+    classical = [o.member.name for o in g.outcomes if o.member.arch.startswith("classical:")]
+    if classical:  # its fitted classifier is not kept: only the cached probabilities are
+        raise EnsError(f"ens eval predicts new images with kept models; the classical member(s) {', '.join(classical)} "
+                       "keep none: evaluate an ensemble without them")
     metric = g.competition.metric
     paths, targets = labelled_folder(Path(folder), g.data.vocab, g.competition.image_extensions)
     results, probs, weights = {}, [], []
