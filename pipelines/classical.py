@@ -29,7 +29,8 @@ import difflib
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-PREFIX = "classical:"
+from .config import CLASSICAL as PREFIX
+
 CHUNK_BYTES = 256 * 2**20  # working memory of one chunk of images in `em_traces`
 UNIFORM_DENSITY = 1 / 256  # M2: an outlier is any of the 256 grey levels
 MIN_SIGMA2 = 1e-6  # a constant (or exactly predicted) channel has σ → 0: clip it, the weights stay finite

@@ -610,6 +610,11 @@ class Member(Strict):
             return 0
         return self.tta.n
 
+    @property
+    def classical(self) -> bool:
+        """Features and a scikit-learn classifier (`classical.py`), no network."""
+        return is_classical(self.arch)
+
     def recipe(self) -> str:
         """The training recipe's options in a few words ('smooth 0.1, mixup 0.4 | cutmix 1, EMA 0.999'), '' of none."""
         parts = []
@@ -658,6 +663,13 @@ class Member(Strict):
     def key_fields(self) -> dict[str, Any]:
         """Everything that changes the predictions, canonical (meta.json keeps it; `cache.member_key` hashes it)."""
         return self.train_fields() | {"tta": self.tta_fields()}
+
+
+CLASSICAL = "classical:"  # an arch of hand-made features and a scikit-learn classifier (`classical.py`)
+
+
+def is_classical(arch: str) -> bool:
+    return arch.startswith(CLASSICAL)
 
 
 # how an image file becomes a member's pixels (`data.decoded.load_item`): a change that changes pixels changes this,

@@ -19,7 +19,7 @@ def gather_kept(project: Project, spec: str, overrides, what: str):
     """The ensemble's members with their weights kept; a clear error before any training when some member has
     none and will not keep any (`keep_model: false`)."""
     g = gather_members(project, spec, overrides, cached_only=True)
-    lacking = [o.member.name for o in g.outcomes if not o.member.arch.startswith("classical:")
+    lacking = [o.member.name for o in g.outcomes if not o.member.classical
                and any(u.entry.model_path is None for u in o.predictors)]
     lacking += [m.name for m in g.missing if not m.keep_model]
     if lacking:
@@ -90,7 +90,7 @@ def bench(project: Project, spec: str, overrides=(), batch: int = 32, repeats: i
     rows = []
     for o in g.outcomes:
         metrics = o.entry.meta["metrics"]
-        if o.member.arch.startswith("classical:"):  # no network to time: its cost is the features' and the
+        if o.member.classical:  # no network to time: its cost is the features' and the
             ms = o.entry.meta.get("seconds_per_image", 0) * 1000  # classifier's per image, measured when trained
             rows.append(BenchRow(o.member.name, o.member.arch, o.member.final_size, metrics["plain_accuracy"],
                                  metrics["plain_log_loss"], ms, ms, 0, 0.0, 0.0, len(o.predictors)))
@@ -156,7 +156,7 @@ def evaluate_on(project: Project, spec: str, folder: Path, overrides=()):
     """Each kept member (plain and with its TTA) and the ensemble on another labelled folder with the same
     classes: {name: {metric: (on folder, on validation)}} and the number of images."""
     g = gather_kept(project, spec, overrides, "ens eval")
-    classical = [o.member.name for o in g.outcomes if o.member.arch.startswith("classical:")]
+    classical = [o.member.name for o in g.outcomes if o.member.classical]
     if classical:  # its fitted classifier is not kept: only the cached probabilities are
         raise EnsError(f"ens eval predicts new images with kept models; the classical member(s) {', '.join(classical)} "
                        "keep none: evaluate an ensemble without them")

@@ -22,6 +22,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from . import nets
+from .config import is_classical
 from .errors import ConfigError
 from .util import user_cache, write_json
 
@@ -126,7 +127,7 @@ def resolved_arch(arch: str, pretrained) -> str:
     `convnext_small.in12k_ft_in1k@timm/convnext_small.in12k_ft_in1k`): timm's default tag of a name changes
     between versions, and other weights must not share a key. A torchvision name with `pretrained: true` likewise
     carries the weights fastai loads for it (`resnet50@ResNet50_Weights.IMAGENET1K_V2`)."""
-    if arch.startswith("classical:"):
+    if is_classical(arch):
         return arch
     kind, name = split_arch(arch)
     if kind == "torchvision" and pretrained is True:
@@ -153,7 +154,7 @@ def known_architectures() -> dict[str, list[str]]:
 def check_arch(arch: str, where: str, pretrained=None) -> None:
     """Raise a one-line ConfigError naming close matches when `arch` is not a known name; with the member's
     `pretrained`, also when it asks weights of one of ens's from-scratch nets."""
-    if arch.startswith("classical:"):  # features + a scikit-learn classifier (`classical.py`)
+    if is_classical(arch):  # features + a scikit-learn classifier (`classical.py`)
         from .classical import parse_arch
 
         try:

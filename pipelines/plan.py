@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .cache import MemberCache, prediction_key, train_key
-from .config import Competition, Ensemble, Member, Project
+from .config import Competition, Ensemble, Member, Project, is_classical
 from .data.decoded import decoded_bytes  # noqa: F401 - the plan prints it (tests import it from here)
 from .memory import MemoryBudgetError, MicroBatchPlan, _size_text
 from .models import package_version
@@ -104,7 +104,7 @@ class ModelStats:
     def get(self, arch: str, n_classes: int, final_size, sizes) -> tuple[int, dict[str, Optional[int]]]:
         """(params, {size text: forward FLOPs per image}) of `arch` built for `final_size`, at each of `sizes`;
         None for a size the network cannot take (its reason in `error`)."""
-        if arch.startswith("classical:"):  # no network: features and a scikit-learn classifier
+        if is_classical(arch):  # no network: features and a scikit-learn classifier
             return 0, {_text(s): 0 for s in sizes}
         key, entry = self._entry(arch, n_classes, final_size)
         missing = [s for s in sizes if _text(s) not in entry["flops"]]

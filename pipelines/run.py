@@ -185,7 +185,7 @@ def _train_and_predict(member: Member, data: CompetitionData, cache: MemberCache
                        progress, worker: dict | None = None) -> tuple[Entry, str]:
     from .train import train_member
 
-    if member.arch.startswith("classical:"):
+    if member.classical:
         return _classical_entry(member, data, cache, train, key, progress, worker), "trained"
     partial = cache.partial(train)  # per-epoch checkpoints of an unfinished member: a rerun resumes there
     try:
@@ -195,26 +195,10 @@ def _train_and_predict(member: Member, data: CompetitionData, cache: MemberCache
             raise EnsError(f"member {member.name}: size {member.final_size} is too small or does not fit "
                            f"{member.arch} ({str(e).splitlines()[0]}); choose a larger size") from None
         raise
-    trained_meta = {
-        "computed": "trained",  # or "predicted" from kept weights, or "derived" from another entry's arrays
-        "competition": data.competition.name,
-        "train_key": train,
-        "train_fields": member.train_fields(),
-        "data_fingerprint": data.fingerprint,
-        "cv": data.cv_fold,  # None, or which fold of which cross-validation (`ens cache ls` groups by it)
-        "history": trained.history,
-        "timings": {"train_seconds": round(trained.seconds, 2)},
-        "resumed_at": trained.resumed_at,
-        "memory": trained.memory,
-        "normalize": trained.normalize,
-        "device": trained.device,
-        "precision": trained.precision,
-        "threads": _threads(),
-        "worker": worker or {"host": platform.node(), "pid": os.getpid()},
-        "pseudo_labels": len(set(data.train_paths) & set(data.test_paths)) if member.pseudo else None,
-        "deterministic": trained.deterministic,
-        "versions": versions(),
-    }
+    trained_meta = _trained_meta(member, data, train, trained.seconds, trained.history, trained.device, worker,
+                                 resumed_at=trained.resumed_at, memory=trained.memory, normalize=trained.normalize,
+                                 precision=trained.precision, deterministic=trained.deterministic,
+                                 pseudo_labels=len(set(data.train_paths) & set(data.test_paths)) if member.pseudo else None)
     if member.keep_model:  # what a TTA change, `ens eval`, `ens bench` and code competitions need
         cache.save_model(train, trained.learn.model.state_dict(), dict(trained_meta, created=_now()))
     entry = _entry_from(member, data, cache, key, trained.learn, trained_meta, progress)
@@ -246,13 +230,30 @@ def _classical_entry(member: Member, data: CompetitionData, cache: MemberCache, 
     seconds = time.perf_counter() - start
     arrays = {"valid_plain": probs["valid"], "valid_tta": probs["valid"], "test_plain": probs["test"],
               "test_tta": probs["test"], "valid_targets": targets[valid_rows]}
-    meta = {"computed": "trained", "competition": data.competition.name, "train_key": train,
-            "train_fields": member.train_fields(), "data_fingerprint": data.fingerprint, "cv": data.cv_fold,
-            "history": [], "timings": {"train_seconds": round(seconds, 2)}, "device": "cpu", "threads": _threads(),
-            "worker": worker or {"host": platform.node(), "pid": os.getpid()},
-            "versions": versions() | {"scikit-learn": version("scikit-learn")},
-            "seconds_per_image": round(seconds / max(1, len(data.train_paths) + len(data.test_paths)), 5)}
+    meta = _trained_meta(member, data, train, seconds, [], "cpu", worker,
+                         seconds_per_image=round(seconds / max(1, len(data.train_paths) + len(data.test_paths)), 5))
+    meta["versions"]["scikit-learn"] = version("scikit-learn")
     return _save_probs(member, data, cache, key, arrays, meta, 0.0)
+
+
+def _trained_meta(member: Member, data: CompetitionData, train: str, seconds: float, history: list, device: str,
+                  worker: dict | None, **more) -> dict:
+    """How a member's cache entry (and kept weights) were made: what `ens cache ls`, reports and resumes read."""
+    return {
+        "computed": "trained",  # or "predicted" from kept weights, or "derived" from another entry's arrays
+        "competition": data.competition.name,
+        "train_key": train,
+        "train_fields": member.train_fields(),
+        "data_fingerprint": data.fingerprint,
+        "cv": data.cv_fold,  # None, or which fold of which cross-validation (`ens cache ls` groups by it)
+        "history": history,
+        "timings": {"train_seconds": round(seconds, 2)},
+        "device": device,
+        "threads": _threads(),
+        "worker": worker or {"host": platform.node(), "pid": os.getpid()},
+        "versions": versions(),
+        **more,
+    }
 
 
 def _threads() -> int:
@@ -517,7 +518,7 @@ def _check_before_training(members: list[Member], data: CompetitionData) -> None
     from .models import check_input_size
 
     for member in members:
-        if not member.arch.startswith("classical:"):  # no network to check
+        if not member.classical:  # no network to check
             check_input_size(member, len(data.vocab))
 
 

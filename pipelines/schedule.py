@@ -362,26 +362,27 @@ def _cause(error) -> BaseException:
     return cause if isinstance(cause, BaseException) else error
 
 
-def forkserver_loaders() -> None:
-    """DataLoader workers inside a Ray worker start from a fork server (a fork of a Ray worker, with its threads,
+def prepare_worker(cpus: int) -> None:
+    """A Ray worker about to train (a member's task, a tuning trial): torch's threads set to its CPUs (not left to
+    OMP_NUM_THREADS), and DataLoader workers started from a fork server (a fork of a Ray worker, with its threads,
     can hang) that has fastai and ens's loader classes imported once: each epoch's workers fork from it at once
     instead of importing torch and fastai again."""
     import multiprocessing
 
+    import torch
+
+    torch.set_num_threads(cpus)
     multiprocessing.set_start_method("forkserver", force=True)
     multiprocessing.set_forkserver_preload(["pipelines.data.fastai_parts"])
 
 
 def _task(fn, args, board, label: str, shape: Slots):
-    """Inside the Ray worker: torch's threads set to the task's CPUs (not left to OMP_NUM_THREADS, and recorded),
-    DataLoader workers started by forkserver (a fork inside a Ray worker can hang), then `fn`."""
+    """Inside the Ray worker: `prepare_worker` (threads recorded in the worker's description), then `fn`."""
     import socket
 
     import ray
-    import torch
 
-    torch.set_num_threads(shape.cpus)
-    forkserver_loaders()
+    prepare_worker(shape.cpus)
     worker = {"host": socket.gethostname(), "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
               "gpus": [str(g) for g in ray.get_gpu_ids()], "cpus": shape.cpus}
     ray.get(board.post.remote([(label, "start", worker)]))  # held before the task can end: the driver counts attempts

@@ -292,7 +292,7 @@ def tune_member(project: Project, spec: str, member_name: str, overrides=(), n_t
         pruner = (optuna.pruners.MedianPruner(n_startup_trials=min(5, max(2, target // 3))) if tune.pruner == "median"
                   else optuna.pruners.SuccessiveHalvingPruner() if tune.pruner == "asha" else optuna.pruners.NopPruner())
     study.pruner = pruner
-    steps = tune.epochs + (member.freeze_epochs if member.pretrained else 0)  # scored epochs of a whole trial
+    steps = scored_epochs(trial_member(member, tune, {}))  # of a trial with the YAML's values: ASHA's horizon
 
     def objective(trial) -> float:
         params = _suggest(trial, tune)
@@ -305,7 +305,7 @@ def tune_member(project: Project, spec: str, member_name: str, overrides=(), n_t
             progress.update(task, description=f"trial {trial.number}: "
                             + ", ".join(f"{k}={_fmt(v)}" for k, v in params.items()))
         data = trial_data(full, m, tune, project.cache, member.seed)
-        reporter = _reporter(trial, metric, m.epochs + (m.freeze_epochs if m.pretrained else 0))
+        reporter = _reporter(trial, metric, scored_epochs(m))
         before = set(progress.task_ids) if progress is not None else set()
         t0 = time.perf_counter()
         try:
@@ -327,15 +327,12 @@ def tune_member(project: Project, spec: str, member_name: str, overrides=(), n_t
     try:
         if todo and parallel is not None:
             _optimize_on_ray(parallel, project, study, storage, member, tune, full, metric, target, steps, progress,
-                             task, on_trial, shown)
+                             task, on_trial, shown, failed_before, todo)
         elif todo:
             # a trial that fails (invalid values) does not count: run until `todo` trials have finished
             while sum(t.state.name in finished for t in study.trials) < target:
                 study.optimize(objective, n_trials=1, catch=(InvalidTrial,), callbacks=[finished_trial])
-                failed = [t for t in study.trials if t.state.name == "FAIL"]
-                if len(failed) - failed_before > max(3, todo):
-                    raise EnsError(f"{len(failed) - failed_before} trials of {member.name} made no valid member, last: "
-                                   f"{failed[-1].user_attrs.get('error')}; fix {shown}'s tune.space")
+                _check_failures(study, failed_before, todo, member, shown)
     finally:
         if progress is not None:
             progress.remove_task(task)
@@ -350,7 +347,7 @@ def tune_member(project: Project, spec: str, member_name: str, overrides=(), n_t
 # --------------------------------------------------------------------------------------------- on Ray Tune
 def _optimize_on_ray(parallel: "Parallel", project: Project, study, storage, member: Member, tune: Tune,
                      full: CompetitionData, metric: str, target: int, steps: int, progress, task, on_trial,
-                     shown: str) -> None:
+                     shown: str, failed_before: int, todo: int) -> None:
     """Trials at once on Ray Tune until `target` have finished in `study`: Optuna's sampler proposes the values
     through Tune's OptunaSearch, in ens's own study (its SQLite storage, so a search resumes, sequentially or in
     parallel alike); Tune's scheduler stops trailing trials in place of the pruner (median stopping, or ASHA);
@@ -371,11 +368,10 @@ def _optimize_on_ray(parallel: "Parallel", project: Project, study, storage, mem
     mode = "max" if study.direction.name == "MAXIMIZE" else "min"
     checkpoints = storage_folder(project, full) / study.study_name
     finished = ("COMPLETE", "PRUNED")
-    failed_before = sum(t.state.name == "FAIL" for t in study.trials)
     with Connection(parallel) as conn:
         shape = conn.slots()
         while (done := sum(t.state.name in finished for t in study.trials)) < target:
-            searcher = _searcher(tune, mode, study, storage, steps)
+            searcher = _searcher(tune, mode, study, storage)
             scheduler = (MedianStoppingRule(time_attr="training_iteration", grace_period=1,
                                             min_samples_required=min(5, max(2, target // 3)))
                          if tune.pruner == "median" else
@@ -383,30 +379,40 @@ def _optimize_on_ray(parallel: "Parallel", project: Project, study, storage, mem
                          else FIFOScheduler())
             trainable = rt.with_resources(rt.with_parameters(
                 _ray_trial, member=member, tune=tune, full=full, cache_root=str(project.cache), metric=metric,
-                steps=steps, cpus=shape.cpus, checkpoints=str(checkpoints)), {"cpu": shape.cpus, "gpu": shape.gpus})
+                cpus=shape.cpus, checkpoints=str(checkpoints)), {"cpu": shape.cpus, "gpu": shape.gpus})
             name = f"{study.study_name}-{datetime.now():%Y%m%d-%H%M%S}"
             tuner = rt.Tuner(trainable, tune_config=rt.TuneConfig(
                 metric="score", mode=mode, search_alg=searcher, scheduler=scheduler, num_samples=target - done,
                 max_concurrent_trials=shape.concurrent),
                 run_config=rt.RunConfig(name=name, storage_path=str(checkpoints.parent / "ray"), verbose=0,
                                         failure_config=rt.FailureConfig(max_failures=parallel.retries),
-                                        callbacks=[_TrialCallback(searcher, tune, steps, progress, task, on_trial)]))
+                                        callbacks=[_TrialCallback(searcher, tune, progress, task, on_trial)]))
             grid = tuner.fit()
             shutil.rmtree(checkpoints.parent / "ray" / name, ignore_errors=True)  # the study is the record
             errors = [r.error for r in grid if r.error is not None]
             if errors:
                 raise _cause(errors[0])
-            failed = [t for t in study.trials if t.state.name == "FAIL"]
-            if len(failed) - failed_before > max(3, target):
-                raise EnsError(f"{len(failed) - failed_before} trials of {member.name} made no valid member, last: "
-                               f"{failed[-1].user_attrs.get('error')}; fix {shown}'s tune.space")
+            _check_failures(study, failed_before, todo, member, shown)
+
+
+def scored_epochs(m: Member) -> int:
+    """The epochs a trial of member `m` is scored after: its fine-tune's frozen ones too."""
+    return m.epochs + (m.freeze_epochs if m.pretrained else 0)
+
+
+def _check_failures(study, failed_before: int, todo: int, member: Member, shown: str) -> None:
+    """Trials whose values make no valid member do not count; too many of them is the space's fault: one line."""
+    failed = [t for t in study.trials if t.state.name == "FAIL"]
+    if len(failed) - failed_before > max(3, todo):
+        raise EnsError(f"{len(failed) - failed_before} trials of {member.name} made no valid member, last: "
+                       f"{failed[-1].user_attrs.get('error')}; fix {shown}'s tune.space")
 
 
 def storage_folder(project: Project, data: CompetitionData) -> Path:
     return project.cache / data.competition.name / ".tune"
 
 
-def _searcher(tune: Tune, mode: str, study, storage, steps: int):
+def _searcher(tune: Tune, mode: str, study, storage):
     """Tune's OptunaSearch on ens's study, telling Optuna what ens records: a trial stopped by the scheduler
     before its last epoch is pruned (not complete), values that make no valid member fail with the reason, and
     each trial's seconds (and whether it resumed after its worker died)."""
@@ -440,7 +446,7 @@ def _searcher(tune: Tune, mode: str, study, storage, steps: int):
                 ot_trial.set_user_attr("seconds", round(result["time_total_s"], 2))
             if result.get("resumed"):
                 ot_trial.set_user_attr("resumed", True)
-            if result.get("invalid") or (result.get("epochs", steps) < steps and not error):
+            if result.get("invalid") or (result.get("epochs", 0) < result.get("steps", 0) and not error):
                 if result.get("invalid"):
                     ot_trial.set_user_attr("error", result["invalid"])
                 self._ot_study.tell(ot_trial, state=TrialState.FAIL if result.get("invalid") else TrialState.PRUNED)
@@ -460,8 +466,8 @@ class _TrialCallback:
         from ray.tune import Callback
 
         class TrialCallback(Callback):
-            def __init__(self, searcher, tune, steps, progress, task, on_trial):
-                self.searcher, self.tune, self.steps = searcher, tune, steps
+            def __init__(self, searcher, tune, progress, task, on_trial):
+                self.searcher, self.tune = searcher, tune
                 self.progress, self.task, self.on_trial = progress, task, on_trial
 
             def __getstate__(self):  # Tune pickles its experiment state; the display stays in this process
@@ -484,7 +490,7 @@ class _TrialCallback:
                 if last.get("invalid") or ot is None:
                     return
                 epochs = last.get("epochs", 0)
-                state = "complete" if epochs >= self.steps else "pruned"
+                state = "complete" if epochs >= last.get("steps", 0) else "pruned"
                 if self.progress is not None:
                     self.progress.advance(self.task)
                 if self.on_trial is not None:
@@ -495,20 +501,18 @@ class _TrialCallback:
 
 
 def _ray_trial(config: dict, member: Member, tune: Tune, full: CompetitionData, cache_root: str, metric: str,
-               steps: int, cpus: int, checkpoints: str) -> None:
+               cpus: int, checkpoints: str) -> None:
     """One trial inside a Tune worker: torch's threads set to its CPUs, the member trained with an epoch
     checkpoint under `checkpoints`/<trial id> (a restarted trial resumes there), the score reported after every
     epoch (`_reporter`)."""
     import shutil
 
-    import torch
     from ray import tune as rt
 
-    from .schedule import forkserver_loaders
+    from .schedule import prepare_worker
     from .train import load_checkpoint, train_member
 
-    torch.set_num_threads(cpus)
-    forkserver_loaders()
+    prepare_worker(cpus)
     try:
         m = trial_member(member, tune, _decode(tune, config))
     except InvalidTrial as e:
@@ -519,10 +523,11 @@ def _ray_trial(config: dict, member: Member, tune: Tune, full: CompetitionData, 
     (folder / "pid").write_text(str(os.getpid()))  # whose trial this is (a test kills it)
     ckpt = load_checkpoint(folder)
     done = len(ckpt["history"]) if ckpt else 0  # epochs scored before a restart
+    steps = scored_epochs(m)
 
-    class ToTune:
+    class ToTune:  # each result says how far the trial got of its own epochs (complete, or stopped: pruned)
         def report(self, value, step):
-            rt.report({"score": value, "epochs": done + step + 1, "resumed": bool(ckpt)})
+            rt.report({"score": value, "epochs": done + step + 1, "steps": steps, "resumed": bool(ckpt)})
 
         def should_prune(self):
             return False  # Tune's scheduler stops trials itself

@@ -159,27 +159,34 @@ def test_ema_weights_are_validated_predicted_and_kept(data):
     assert accuracy == pytest.approx(trained.history[-1]["accuracy"], abs=1e-6)
 
 
-def test_ema_resumes_from_its_checkpoint_to_the_same_weights(data, tmp_path):
-    """The average is checkpointed with the model: an interrupted member reaches the weights of an uninterrupted
-    one (the test of `test_resume`, with EMA)."""
+def _stopped_after_epoch_2_and_resumed(member, data, folder):
+    """`member` trained with epoch checkpoints in `folder`, interrupted after its second epoch, then run again:
+    (the checkpoint the interruption left, the resumed run's result)."""
     from fastai.callback.core import Callback, CancelFitException
 
     from pipelines.train import train_member
 
-    member = _member(ema={"decay": 0.9}, epochs=3)
-    whole = train_member(member, data).learn.model.state_dict()
-
     class StopAfterEpoch(Callback):
-        order = 70
+        order = 70  # after the epoch's checkpoint (60)
 
         def after_epoch(self):
             if self.epoch == 1:
                 raise CancelFitException()
 
-    folder = tmp_path / "ckpt"
     train_member(member, data, checkpoint_dir=folder, cbs=[StopAfterEpoch()])
-    assert "average" in torch.load(folder / "checkpoint.pth", weights_only=False)
-    resumed = train_member(member, data, checkpoint_dir=folder)
+    checkpoint = torch.load(folder / "checkpoint.pth", weights_only=False)
+    return checkpoint, train_member(member, data, checkpoint_dir=folder)
+
+
+def test_ema_resumes_from_its_checkpoint_to_the_same_weights(data, tmp_path):
+    """The average is checkpointed with the model: an interrupted member reaches the weights of an uninterrupted
+    one (the test of `test_resume`, with EMA)."""
+    from pipelines.train import train_member
+
+    member = _member(ema={"decay": 0.9}, epochs=3)
+    whole = train_member(member, data).learn.model.state_dict()
+    checkpoint, resumed = _stopped_after_epoch_2_and_resumed(member, data, tmp_path / "ckpt")
+    assert "average" in checkpoint
     assert resumed.resumed_at == "train epoch 3 of 3"
     for k, v in whole.items():
         assert torch.allclose(resumed.learn.model.state_dict()[k].float(), v.float(), atol=1e-5), k
@@ -199,7 +206,7 @@ def test_plan_shows_the_recipe(tmp_path, digits_data):
 
 
 def test_checkpoint_averaging_is_the_mean_of_the_last_epochs_weights(data, tmp_path):
-    from fastai.callback.core import Callback, CancelFitException
+    from fastai.callback.core import Callback
 
     from pipelines.train import train_member
 
@@ -221,16 +228,9 @@ def test_checkpoint_averaging_is_the_mean_of_the_last_epochs_weights(data, tmp_p
             assert torch.allclose(v, (seen.weights[1][k] + seen.weights[2][k]) / 2, atol=1e-6), k
     assert any(not torch.allclose(final[k], seen.weights[2][k]) for k in final if final[k].is_floating_point())
 
-    class StopAfterEpoch(Callback):  # interrupted after the first averaged epoch: the sum is checkpointed
-        order = 70
-
-        def after_epoch(self):
-            if self.epoch == 1:
-                raise CancelFitException()
-
-    folder = tmp_path / "ckpt"
-    train_member(member, data, checkpoint_dir=folder, cbs=[StopAfterEpoch()])
-    resumed = train_member(member, data, checkpoint_dir=folder).learn.model.state_dict()
+    # interrupted after the first averaged epoch: the sum is checkpointed
+    _, resumed = _stopped_after_epoch_2_and_resumed(member, data, tmp_path / "ckpt")
+    resumed = resumed.learn.model.state_dict()
     for k, v in final.items():
         assert torch.allclose(resumed[k].float(), v.float(), atol=1e-5), k
     with pytest.raises(ValidationError, match="keep one"):
