@@ -1,0 +1,27 @@
+"""What a built wheel (`pip install ens`, not the editable install the tests run on) holds: every package of
+pipelines/. A plain `packages = ["pipelines"]` left pipelines.data and pipelines.train out of the wheel."""
+
+import tomllib
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _packaged() -> set[str]:
+    """The packages setuptools puts in the wheel, as pyproject.toml declares them (a list, or `find`, which in
+    pyproject.toml finds namespace packages too: pipelines/ has no __init__.py)."""
+    from setuptools import find_namespace_packages, find_packages
+
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    if isinstance(declared, list):
+        return set(declared)
+    find = dict(declared["find"])
+    finder = find_namespace_packages if find.pop("namespaces", True) else find_packages
+    return set(finder(where=str(REPO), **find))
+
+
+def test_the_wheel_holds_every_package():
+    packages = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "pipelines").rglob("*.py")
+                if "__pycache__" not in p.parts}  # every folder of modules
+    assert {"pipelines", "pipelines.data", "pipelines.train"} <= packages
+    assert _packaged() >= packages
