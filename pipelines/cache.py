@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import Member
+from .config import TTA_SEEDING, Member
 from .errors import EnsError
 from .util import owner_tag, sweep_dead
 
@@ -264,7 +264,8 @@ class MemberCache:
         beta, or fewer views, say): its arrays give that blend without predicting again."""
         for meta in self.entries():
             tta = (meta.get("key_fields") or {}).get("tta", {})
-            if meta.get("train_key") == train and tta.get("n") == passes and set(views) <= set(tta.get("views", [])):
+            if (meta.get("train_key") == train and tta.get("n") == passes and set(views) <= set(tta.get("views", []))
+                    and tta.get("seeding") == (TTA_SEEDING if passes else None)):
                 entry = self.load(meta["key"])
                 if entry is not None and (not passes or "valid_aug" in entry.arrays):
                     return entry

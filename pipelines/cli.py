@@ -28,6 +28,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                        "when the competition names one.")
 cache_app = typer.Typer(no_args_is_help=True, help="Inspect the member cache.")
 app.add_typer(cache_app, name="cache")
+kaggle_app = typer.Typer(no_args_is_help=True, help="Code competitions: the ensemble as a Kaggle notebook that "
+                         "predicts offline (pushed, followed, submitted).")
+app.add_typer(kaggle_app, name="kaggle")
 console = Console(width=None if sys.stdout.isatty() else 160)  # logs: room for the tables
 err = Console(stderr=True)
 
@@ -574,6 +577,37 @@ def report(ensemble: str = typer.Argument(..., help="the ensemble YAML"),
     console.print(f"wrote {proj.relative(path)} in {time.perf_counter() - start:.1f}s (open it in a browser)")
 
 
+@app.command(short_help="Write a competition's YAML and a starter ensemble from its data (Kaggle's, or a folder).")
+def init(target: str = typer.Argument(..., metavar="SLUG|NAME", help="the Kaggle competition's slug (the last part "
+                                      "of its address); with --data, the competition's name"),
+         name: Optional[str] = typer.Option(None, "--name", help="the competition's name here (default: the slug)"),
+         data_dir: Optional[Path] = typer.Option(None, "--data", metavar="FOLDER", help="read the competition's files "
+                                                 "from FOLDER instead of downloading them (no Kaggle calls)"),
+         positive_class: Optional[str] = typer.Option(None, "--positive-class", metavar="CLASS", help="the class whose "
+                                                      "probability a probability submission holds, when ens cannot tell"),
+         pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="the starter's ConvNeXt starts "
+                                         "from timm's ImageNet weights (or from scratch)"),
+         force: bool = typer.Option(False, "--force", help="overwrite competitions/NAME.yaml and "
+                                    "ensembles/NAME/starter.yaml"),
+         project: Optional[Path] = ProjectOpt):
+    """Write competitions/NAME.yaml and ensembles/NAME/starter.yaml from the competition's data: the layout (class
+    folders or a labels CSV), the test folder and ids, the sample submission's columns and kind, the metric, the
+    image size. Guessed values carry a `# guessed:` comment to review; what cannot be told is refused, naming the
+    field. Both files are then checked as training would check them.
+
+    Examples: ens init paddy-disease-classification --name paddy; ens init --data ~/data/leaves leaves
+    """
+    from .init import init_competition, summary_lines
+
+    if data_dir is not None and name not in (None, target):
+        raise EnsError(f"--name {name} and {target}: with --data, give the name once: ens init --data FOLDER NAME")
+    proj = _project(project)
+    result = init_competition(proj, name or target, slug=None if data_dir else target, folder=data_dir, force=force,
+                              pretrained=pretrained, positive_class=positive_class)
+    for line in summary_lines(proj, result):
+        console.print(escape(line), highlight=False, soft_wrap=True)
+
+
 @app.command(short_help="Check an ensemble YAML and its competition without training anything.")
 def validate(ensemble: str = typer.Argument(..., help="the ensemble YAML"),
              overrides: Optional[List[str]] = OverridesArg, project: Optional[Path] = ProjectOpt):
@@ -652,6 +686,11 @@ def submit(csv: Path = typer.Argument(..., help="the submission CSV"),
     comp = load_competition(proj, competition)
     if not comp.kaggle:
         raise EnsError(f"competitions/{comp.name}.yaml has no kaggle slug; add `kaggle: <slug>` to submit there")
+    from .notebook.push import takes_notebooks
+
+    if takes_notebooks(comp):
+        raise EnsError(f"'{comp.kaggle}' is a code competition: it takes notebooks, not CSV uploads; `ens kaggle "
+                       f"push ENSEMBLE --submit` delivers one")
     if not csv.is_file():
         raise EnsError(f"{csv}: no such file")
     root = ensure_data(proj, comp)
@@ -692,9 +731,91 @@ def submissions(competition: str = typer.Argument(..., help="a competition name"
     for r in rows:
         valid = f"{float(r['valid_score']):.4f}" if r.get("valid_score") else ""
         score = f"{float(r['score']):.5f}" if r.get("score") else ""
+        destination = r.get("destination", "") + (f" {r['notebook']}" if r.get("notebook") else "")
         table.add_row(r["time"][:16].replace("T", " "), r.get("ensemble", ""), valid, Path(r["file"]).name,
-                      r.get("destination", ""), r.get("ref", ""), r.get("status", ""), score)
+                      destination, r.get("ref", ""), r.get("status", ""), score)
     console.print(table)
+    for r in rows:  # why Kaggle could not score them, and what to do
+        if r.get("status") in ("error", "notebook error") and r.get("note"):
+            console.print(f"{r['time'][:16].replace('T', ' ')} {r.get('ref') or r.get('notebook')}: "
+                          f"{escape(r['note'])}", highlight=False, soft_wrap=True)
+
+
+def _say(text: str) -> None:
+    err.print(escape(text), highlight=False, soft_wrap=True)
+
+
+@kaggle_app.command("push", short_help="Check the ensemble's notebook here, upload its weights, push it (--submit: "
+                    "and submit it).")
+def kaggle_push(ensemble: str = typer.Argument(..., help="the ensemble YAML of a code competition"),
+                overrides: Optional[List[str]] = OverridesArg,
+                submit: bool = typer.Option(False, "--submit", help="submit the notebook's version once it has run"),
+                no_wait: bool = typer.Option(False, "--no-wait", help="push and return; `ens kaggle status` follows it"),
+                runtime_check: bool = typer.Option(True, "--runtime-check/--no-runtime-check", help="refuse a "
+                                                   "notebook estimated at over 90% of the competition's runtime limit"),
+                wheels: Optional[List[Path]] = typer.Option(None, "--wheel", help="a wheel the notebook installs "
+                                                            "offline (e.g. a pinned timm); repeatable"),
+                project: Optional[Path] = ProjectOpt):
+    """Deliver an ensemble to a code competition (`submission: notebook` in its YAML, or `auto`): members not cached
+    are trained, their kept weights, a manifest and ens itself go into a private Kaggle dataset (uploaded only when
+    its content changed, then checked file by file), and a notebook with internet off that predicts whatever test
+    images Kaggle gives it is pushed and followed until it has run; with --submit its version is then submitted.
+    Before anything is uploaded the notebook runs here, offline, and must write the CSV `ens run` writes; its time
+    is scaled to the hidden test set (notebook.hidden_test_images) against the runtime limit.
+
+    Example: ens kaggle push leaves/final.yaml --submit
+    """
+    from .run import run_ensemble
+
+    proj = _project(project)
+    options = dict(say=_say, check_runtime=runtime_check, wheels=list(wheels or []))
+    result = _with_progress(lambda progress, report: run_ensemble(
+        proj, ensemble, overrides or [], progress, report, submit, not no_wait, push=True, notebook=options))
+    if result.csv is None:
+        _print_incomplete(result, proj, ensemble, overrides or [])
+        return
+    _print_run(result, proj)
+    _print_delivery(result.delivery)
+
+
+@kaggle_app.command("status", short_help="Follow the competition's notebooks still running on Kaggle; fetch, check "
+                    "and submit them when done.")
+def kaggle_status(competition: str = typer.Argument(..., help="a competition name"),
+                  wait: bool = typer.Option(False, "--wait", help="wait for each until it has run"),
+                  project: Optional[Path] = ProjectOpt):
+    """The notebooks pushed by `ens kaggle push` (or `ens run`) that were still running when ens stopped following
+    them (Ctrl-C, --no-wait): their state on Kaggle; once one has run, its CSV is fetched and checked, and submitted
+    when the push asked for it."""
+    from .config import load_competition
+    from .notebook.push import follow_up
+
+    proj = _project(project)
+    comp = load_competition(proj, competition)
+    found = follow_up(proj, comp, wait, say=_say)
+    if not found:
+        console.print(f"no notebook of {comp.name} is running on Kaggle (`ens submissions {comp.name}` lists them all)")
+    failed = []
+    for notebook, delivery in found:
+        console.print(f"{notebook}: {escape(delivery.note or delivery.error or delivery.status)}", highlight=False,
+                      soft_wrap=True)
+        if delivery.error:
+            failed.append(delivery.error)
+    if failed:
+        raise EnsError(failed[0])
+
+
+@kaggle_app.command("submit", short_help="Submit a notebook version that ran (owner/slug/version).")
+def kaggle_submit(competition: str = typer.Argument(..., help="a competition name"),
+                  notebook: str = typer.Argument(..., help="owner/slug/version, as `ens submissions` lists it"),
+                  message: Optional[str] = typer.Option(None, "--message", "-m", help="the submission's description"),
+                  project: Optional[Path] = ProjectOpt):
+    """Submit a pushed notebook's version that ran on Kaggle and wrote a checked CSV (`ens kaggle push` without
+    --submit), then wait for its score."""
+    from .config import load_competition
+    from .notebook.push import submit_ran
+
+    proj = _project(project)
+    _print_delivery(submit_ran(proj, load_competition(proj, competition), notebook, message))
 
 
 @cache_app.command("ls")

@@ -119,6 +119,16 @@ class Expected(Strict):
         return v
 
 
+class Notebook(Strict):
+    """A code competition's limits: the submission is a notebook that Kaggle re-runs offline on a hidden test set
+    (which replaces the public test images and sample submission at scoring)."""
+
+    runtime_hours: float = Field(9.0, gt=0)  # the competition's limit on the notebook's run
+    accelerator: Literal["none", "gpu"] = "gpu"  # what the notebook runs on (Kaggle's `enable_gpu`)
+    hidden_test_images: Optional[int] = Field(None, ge=1)  # the hidden test set's size, from the competition's page
+    output: str = "submission.csv"  # the file the notebook writes, which Kaggle scores
+
+
 class Competition(Strict):
     name: str
     title: str = ""
@@ -143,6 +153,10 @@ class Competition(Strict):
     cv: CrossValidation = CrossValidation()  # the folds of ensembles with `validation: cv`
     solution: Optional[str] = None  # local answers (id and target columns), for competitions scored here
     kaggle: Optional[str] = None  # competition slug
+    # how Kaggle takes a submission: a CSV upload, or a notebook run offline (a code competition, limits in
+    # `notebook:`); auto: ask Kaggle (its `isKernelsSubmissionsOnly`) when submitting
+    submission: Literal["csv", "notebook", "auto"] = "csv"
+    notebook: Notebook = Notebook()
     expected: Optional[Expected] = None  # facts from the competition's page, for `ens plan` before the download
 
     @model_validator(mode="after")
@@ -658,12 +672,17 @@ class Member(Strict):
         """What changes the predictions of given weights: the augmented passes (beta only when there are any)."""
         n = self.tta_passes
         views = {"views": self.tta.view_names} if self.tta.views else {}  # none leave no trace in older keys
-        return {"n": n, "beta": self.tta.beta if n else None, **views}
+        seeding = {"seeding": TTA_SEEDING} if n else {}  # random passes: how their draws are seeded
+        return {"n": n, "beta": self.tta.beta if n else None, **views, **seeding}
 
     def key_fields(self) -> dict[str, Any]:
         """Everything that changes the predictions, canonical (meta.json keeps it; `cache.member_key` hashes it)."""
         return self.train_fields() | {"tta": self.tta_fields()}
 
+
+# the random TTA passes of each split start from a seed of their own (the member's seed + 1 for validation, + 2 for
+# the test images), so a notebook that predicts only the test images draws exactly what `ens run` drew
+TTA_SEEDING = "per-split"
 
 CLASSICAL = "classical:"  # an arch of hand-made features and a scikit-learn classifier (`classical.py`)
 

@@ -232,6 +232,90 @@ def wait_for_score(slug: str, ref: str, total_timeout: float = 600, first_delay:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# code competitions: the competition's facts, a dataset of weights, a kernel (notebook) and its code submission
+
+PUSH_TIMEOUT = 1800.0  # seconds for a whole dataset upload (the client shows no progress to watch)
+
+
+def competition_info(slug: str, timeout: float = CALL_TIMEOUT) -> dict:
+    """{title, evaluation_metric, kernels_only}: what GetCompetition says of `slug` (kernels_only: the competition
+    takes notebook submissions only — a code competition)."""
+    _check_slug(slug)
+    return _call("info", {"slug": slug}, timeout, f"reading competition '{slug}'", slug)
+
+
+def whoami(timeout: float = CALL_TIMEOUT) -> str:
+    """The Kaggle user name of the credentials (the owner of the datasets and notebooks ens pushes)."""
+    return _call("whoami", {}, timeout, "reading your Kaggle user name", "")
+
+
+def push_dataset(folder: Path, dataset: str, title: str, notes: str, timeout: float = PUSH_TIMEOUT) -> dict:
+    """Upload the top-level files of `folder` as a new version of the private dataset `dataset` ("owner/slug"),
+    created when it does not exist. {ref, created}. Kaggle's refusals, which the client only prints (status
+    'error' in a successful answer), are KaggleErrors here."""
+    return _call("push_dataset", {"folder": str(folder), "dataset": dataset, "title": title, "notes": notes},
+                 timeout, f"uploading dataset {dataset}", dataset, not_found=f"dataset {dataset}")
+
+
+def dataset_status(dataset: str, timeout: float = CALL_TIMEOUT) -> str:
+    """'ready', 'failed', 'deleted', or a processing state ('blobs_received', ...): GetDatasetStatus."""
+    return _call("dataset_status", {"dataset": dataset}, timeout, f"reading the status of dataset {dataset}", dataset,
+                 not_found=f"dataset {dataset}")
+
+
+def dataset_files(dataset: str, timeout: float = CALL_TIMEOUT) -> dict[str, int]:
+    """{file name: size in bytes} of the dataset's current version (every page)."""
+    return _call("dataset_files", {"dataset": dataset}, timeout, f"listing the files of dataset {dataset}", dataset,
+                 not_found=f"dataset {dataset}")
+
+
+def push_kernel(folder: Path, timeout: float = CALL_TIMEOUT) -> dict:
+    """Push the notebook described by `folder`/kernel-metadata.json as a new version, which Kaggle then runs.
+    {ref, version, url}. An `error` or any source Kaggle does not know (which the client prints and the server
+    drops, running the notebook without it) is a KaggleError here."""
+    meta = json.loads((Path(folder) / "kernel-metadata.json").read_text())
+    return _call("push_kernel", {"folder": str(folder)}, timeout, f"pushing notebook {meta['id']}", meta["id"],
+                 not_found=f"notebook {meta['id']}")
+
+
+def kernel_status(kernel: str, version: int, timeout: float = CALL_TIMEOUT) -> dict:
+    """{status: 'queued' | 'running' | 'complete' | 'error' | 'cancel_requested' | 'cancel_acknowledged' | ...,
+    failure: Kaggle's message or ''} of version `version` of notebook `kernel` ("owner/slug")."""
+    return _call("kernel_status", {"kernel": kernel, "version": int(version)}, timeout,
+                 f"reading the status of notebook {kernel} version {version}", kernel,
+                 not_found=f"notebook {kernel} version {version}")
+
+
+def kernel_output(kernel: str, version: int, name: str, dest: Path, timeout: float = DOWNLOAD_TIMEOUT) -> Path:
+    """Download the output file `name` of version `version` of `kernel` into the folder `dest`; only that file
+    (a plain name, no folder): other outputs, and names that would land outside `dest`, are never fetched."""
+    if not name or "/" in name or "\\" in name or name in (".", ".."):
+        raise KaggleError(f"'{name}' is not a plain file name: the notebook's output must be a file in its working "
+                          "folder", "bad output name")
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    got = _call("kernel_output", {"kernel": kernel, "version": int(version), "name": name, "folder": str(dest)},
+                timeout, f"downloading {name} from notebook {kernel} version {version}", kernel, progress_dir=dest,
+                not_found=f"notebook {kernel} version {version}")
+    path = dest / name
+    if not got or not path.is_file():
+        raise KaggleError(f"notebook {kernel} version {version} wrote no {name}: look at its log on Kaggle, fix the "
+                          "notebook and push again", f"no {name} in the output", kind="nooutput")
+    return path
+
+
+def submit_code(slug: str, kernel: str, version: int, name: str, message: str,
+                timeout: float = SUBMIT_TIMEOUT) -> str:
+    """Submit version `version` of notebook `kernel` to the code competition `slug` (Kaggle re-runs it on the
+    hidden test set and scores its file `name`); the submission's ref (as text)."""
+    _check_slug(slug)
+    result = _call("submit_code", {"slug": slug, "kernel": kernel, "version": int(version), "name": name,
+                                   "message": message}, timeout,
+                   f"submitting notebook {kernel} version {version} to '{slug}'", slug)
+    return str(result["ref"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # helpers of the parent (ens) side
 
 
@@ -313,7 +397,8 @@ def _dir_size(folder: Path) -> int:
     return total
 
 
-def _call(op: str, args: dict, timeout: float, doing: str, slug: str, progress_dir: Path | None = None):
+def _call(op: str, args: dict, timeout: float, doing: str, slug: str, progress_dir: Path | None = None,
+          not_found: str | None = None):
     """Run `op` in a child process with the real client; its result, or a KaggleError. Without `progress_dir` the
     child is killed `timeout` s after it started; with it, after `timeout` s without the folder growing.
     $ENS_KAGGLE_TIMEOUT (seconds), when set, caps every such limit."""
@@ -355,13 +440,20 @@ def _call(op: str, args: dict, timeout: float, doing: str, slug: str, progress_d
                           kind="crashed") from None
     if "ok" in result:
         return result["ok"]
-    error = _error(result["error"], doing, slug, timeout)
+    error = _error(result["error"], doing, slug, timeout, not_found)
     error.kind, error.detail = result["error"].get("kind"), result["error"].get("detail") or ""
     raise error
 
 
-def _error(info: dict, doing: str, slug: str, timeout: float) -> KaggleError:
+def _error(info: dict, doing: str, slug: str, timeout: float, not_found: str | None = None) -> KaggleError:
     kind, status = info.get("kind"), info.get("status")
+    if kind == "refused":  # Kaggle said no in a successful answer (the CLI prints it and exits 0)
+        detail = _scrub(str(info.get("detail") or "no reason given"))[:300]
+        return KaggleError(f"Kaggle refused {doing}: {detail}; nothing changed there — fix it and retry",
+                           f"refused: {detail}")
+    if kind == "http" and status == 404 and not_found:
+        return KaggleError(f"Kaggle has no {not_found} (404 not found while {doing}): check the name and that these "
+                           "credentials own it", f"404 not found: {not_found}")
     rules = RULES_URL.format(slug=slug)
     if kind == "nocreds":
         return KaggleError(f"no Kaggle credentials found: {CREDENTIALS_HELP}", "no credentials")
@@ -545,4 +637,106 @@ def _child_limits(slug: str) -> dict:
             "limited_by_total": limits.limited_by_total}
 
 
-_CHILD_OPS = {"download": _child_download, "submit": _child_submit, "list": _child_list, "limits": _child_limits}
+def _child_info(slug: str) -> dict:
+    from kagglesdk.competitions.types.competition_api_service import ApiGetCompetitionRequest
+
+    api = _api()
+    request = ApiGetCompetitionRequest()
+    request.competition_name = slug
+    with api.build_kaggle_client() as client:
+        comp = client.competitions.competition_api_client.get_competition(request)
+    return {"title": comp.title or "", "evaluation_metric": comp.evaluation_metric or "",
+            "kernels_only": bool(comp.is_kernels_submissions_only)}
+
+
+def _child_whoami() -> str:
+    api = _api()
+    name = api.config_values.get(api.CONFIG_NAME_USER)
+    if not name:
+        raise _ChildFailure(kind="other", detail="the credentials name no Kaggle user: set KAGGLE_USERNAME")
+    return name
+
+
+def _owned(api, dataset: str) -> bool:
+    import requests
+
+    try:
+        api.dataset_status(dataset)
+    except requests.exceptions.HTTPError:  # how the client itself tells a new dataset (dataset_create_new)
+        return False
+    return True
+
+
+def _child_push_dataset(folder: str, dataset: str, title: str, notes: str) -> dict:
+    api = _api()
+    meta = {"title": title, "id": dataset, "licenses": [{"name": "CC0-1.0"}]}
+    (Path(folder) / "dataset-metadata.json").write_text(json.dumps(meta))
+    created = not _owned(api, dataset)
+    if created:
+        response = api.dataset_create_new(folder, public=False, quiet=True, convert_to_csv=False)
+    else:
+        response = api.dataset_create_version(folder, notes, quiet=True, convert_to_csv=False)
+    if response.invalid_tags:
+        raise _ChildFailure(kind="refused", detail=f"invalid tags {', '.join(response.invalid_tags)}")
+    if (response.status or "").lower() != "ok":
+        raise _ChildFailure(kind="refused", detail=response.error or f"status '{response.status}'")
+    return {"ref": response.ref or dataset, "created": created}
+
+
+def _child_dataset_status(dataset: str) -> str:
+    return str(_api().dataset_status(dataset)).lower()
+
+
+def _child_dataset_files(dataset: str) -> dict:
+    api, files, token = _api(), {}, None
+    while True:
+        response = api.dataset_list_files(dataset, page_token=token, page_size=200)
+        if response.error_message:
+            raise _ChildFailure(kind="refused", detail=response.error_message)
+        files.update({f.name: int(f.total_bytes or 0) for f in response.files or []})
+        token = response.next_page_token
+        if not token:
+            return files
+
+
+def _child_push_kernel(folder: str) -> dict:
+    api = _api()
+    response = api.kernels_push(folder)
+    if response.error:
+        raise _ChildFailure(kind="refused", detail=response.error)
+    invalid = {what: list(getattr(response, f"invalid_{what}_sources") or [])
+               for what in ("dataset", "competition", "kernel", "model")}
+    invalid = {what: names for what, names in invalid.items() if names}
+    if invalid:
+        listed = "; ".join(f"{what} {', '.join(names)}" for what, names in invalid.items())
+        raise _ChildFailure(kind="refused", detail=f"unknown sources ({listed}): the notebook would run without "
+                                                   "them")
+    return {"ref": response.ref, "version": int(response.version_number or 0), "url": response.url or ""}
+
+
+def _child_kernel_status(kernel: str, version: int) -> dict:
+    response = _api().kernels_status(f"{kernel}/{version}")
+    status = getattr(response.status, "name", str(response.status)).lower().replace("kernel_worker_status_", "")
+    return {"status": status, "failure": response.failure_message or ""}
+
+
+def _child_kernel_output(kernel: str, version: int, name: str, folder: str) -> list[str]:
+    api = _api()
+    files, _ = api.kernels_output(f"{kernel}/{version}", folder, file_pattern=f"^{re.escape(name)}$", force=True,
+                                  quiet=True)
+    return [str(f) for f in files or []]
+
+
+def _child_submit_code(slug: str, kernel: str, version: int, name: str, message: str) -> dict:
+    api = _api()
+    response = api.competition_submit_code(name, message, slug, kernel=kernel, kernel_version=version, quiet=True)
+    if not response.ref:
+        raise _ChildFailure(kind="refused", detail=response.message or "no submission ref in Kaggle's answer")
+    return {"ref": str(response.ref), "message": response.message}
+
+
+_CHILD_OPS = {"download": _child_download, "submit": _child_submit, "list": _child_list, "limits": _child_limits,
+              "info": _child_info, "whoami": _child_whoami, "push_dataset": _child_push_dataset,
+              "dataset_status": _child_dataset_status, "dataset_files": _child_dataset_files,
+              "push_kernel": _child_push_kernel, "kernel_status": _child_kernel_status,
+              "kernel_output": _child_kernel_output, "submit_code": _child_submit_code}

@@ -18,10 +18,8 @@ def predict_member(learn, member: Member, data: CompetitionData, progress=None) 
     `lerp(aug, plain, beta)`, computed from the kept arrays (`cache.tta_blend`): another beta costs nothing.
     """
     import numpy as np
-    from fastai.vision.all import set_seed
 
     start = time.perf_counter()
-    set_seed(member.seed + 1)  # seeds only (cuDNN flags are training's); not the training seed: TTA draws its own augmentations
     from .data import test_loader
 
     test_dl = test_loader(learn.dls, data)
@@ -29,6 +27,7 @@ def predict_member(learn, member: Member, data: CompetitionData, progress=None) 
     passes = member.tta_passes
     vocab = list(learn.dls.vocab)
     for split, dl in (("valid", learn.dls.valid), ("test", test_dl)):
+        seed_split(member, split)
         if not len(dl.dataset):  # a refit on every training image validates on none
             empty = np.zeros((0, len(vocab)), dtype="float32")
             kinds = ("plain", "tta", *(("aug",) if passes else ()), *(f"view_{v}" for v in member.tta.view_names))
@@ -41,6 +40,15 @@ def predict_member(learn, member: Member, data: CompetitionData, progress=None) 
             progress.remove_task(task)
     out["valid_targets"] = np.array([vocab.index(l) for l in data.valid_labels], dtype="int64")
     return out, time.perf_counter() - start
+
+
+def seed_split(member: Member, split: str) -> None:
+    """Seed the random TTA passes of `split` ('valid' or 'test', `config.TTA_SEEDING`): a notebook that predicts the
+    test images alone draws what `ens run` drew after the validation pass. Seeds only (cuDNN flags are
+    training's), and not the training seed: TTA draws its own augmentations."""
+    from fastai.vision.all import set_seed
+
+    set_seed(member.seed + (1 if split == "valid" else 2))
 
 
 def tta_probs(learn, dl, member: Member) -> dict:

@@ -25,6 +25,7 @@ from .crossval import costliest, join_folds, unit_name
 from .data import CompetitionData, load_data
 from .errors import EnsError
 from .models import check_arch
+from .notebook.bundle import Chosen
 from .util import file_lock, say
 
 if TYPE_CHECKING:
@@ -532,12 +533,40 @@ class Blend:
     blended: ensemble.Blended | None = None
 
 
+def _deliver(project: Project, g: Gathered, chosen, csv_path: Path, shown: str, message: str, history: Path,
+             record: dict, submit: bool, push: bool, wait: bool, force: bool, notebook: dict) -> submission.Delivery:
+    """A CSV upload, or for a code competition the notebook pushed (and with `submit`, submitted)."""
+    from . import kaggle
+    from .notebook import push as notebooks
+
+    comp = g.competition
+    try:
+        as_notebook = notebooks.takes_notebooks(comp)
+    except kaggle.KaggleError as e:
+        destination = f"not submitted: {e.reason}"
+        row_id = submission.append_history(history, **record, file=shown, sha256=submission.file_sha256(csv_path),
+                                           destination=destination, message=message)
+        return submission.Delivery(destination, error=f"cannot tell how '{comp.kaggle}' takes submissions ({e}); set "
+                                   f"`submission: csv` or `notebook` in competitions/{comp.name}.yaml", row_id=row_id)
+    if as_notebook:
+        return notebooks.deliver(project, g, chosen, csv_path, shown, message, history, record, submit, wait,
+                                 **notebook)
+    if push:
+        raise EnsError(f"competitions/{comp.name}.yaml: '{comp.kaggle}' takes CSV uploads (submission: "
+                       f"{comp.submission}), not notebooks: `ens run` uploads its CSV; set `submission: notebook` "
+                       "for a code competition")
+    # records its row itself, as the upload goes (pending before the score wait)
+    return submission.deliver_to_kaggle(comp, csv_path, shown, message, history, force, wait, record=record)
+
+
 def blend_and_submit(project: Project, g: Gathered, outcomes: list[MemberOutcome], weights: list[float],
                      name: str, probs: str, submit: bool = True, wait: bool = True, force: bool = False,
-                     combine: Combine | None = None) -> Blend:
+                     combine: Combine | None = None, push: bool = False, notebook: dict | None = None) -> Blend:
     """`outcomes`' probabilities blended as `combine` says (default: their weighted mean) → a CSV checked against
     the sample submission, scored on local answers where the competition has them, uploaded to Kaggle where it
-    has a slug (unless `submit` is off), and recorded in the history with its honest validation score. A failed
+    has a slug (unless `submit` is off; a code competition's notebook is pushed and submitted instead: `push`
+    pushes it without submitting, `notebook` holds `notebook.push.deliver`'s options), and recorded in the
+    history with its honest validation score. A failed
     upload is recorded and returned, not raised: the CSV stays. The CSV's name `<stamp>-<name>.csv` is reserved
     atomically (`-2`, `-3`, ... when taken), so concurrent runs of one ensemble never share a file."""
     comp, data = g.competition, g.data
@@ -581,8 +610,9 @@ def blend_and_submit(project: Project, g: Gathered, outcomes: list[MemberOutcome
     record = dict(ensemble=project.relative(g.path),
                   members=json.dumps({o.member.name: w for o, w in zip(outcomes, weights)}),
                   keys=json.dumps([[u.entry.key for u in o.folds] if o.folds else o.entry.key for o in outcomes]), metric=comp.metric, valid_score=f"{valid_score:.6f}")
-    if comp.kaggle and submit:  # records its row itself, as the upload goes (pending before the score wait)
-        delivery = submission.deliver_to_kaggle(comp, csv_path, shown, message, history, force, wait, record=record)
+    if comp.kaggle and (submit or push):  # records its row itself, as the delivery goes
+        delivery = _deliver(project, g, Chosen(name, outcomes, weights, combine, probs), csv_path, shown, message,
+                            history, record, submit, push, wait, force, notebook or {})
         return Blend(csv_path, rows, valid_score, test_score, delivery, blended)
     if comp.kaggle:
         delivery = submission.Delivery("not submitted: --no-submit", note="not uploaded (--no-submit); later: "
@@ -599,7 +629,8 @@ def blend_and_submit(project: Project, g: Gathered, outcomes: list[MemberOutcome
 
 def run_ensemble(project: Project, spec: str, overrides: list[str] = (), progress=None,
                  on_member=lambda outcome: None, submit: bool = True, wait: bool = True, force: bool = False,
-                 folds: list[int] | None = None, parallel: "Parallel | None" = None) -> RunResult:
+                 folds: list[int] | None = None, parallel: "Parallel | None" = None, push: bool = False,
+                 notebook: dict | None = None) -> RunResult:
     """Gather the members (training what is missing; in cv only `folds` when given), blend them as the
     ensemble's `combine:` says, write, check, score and submit the CSV. When some member's fold models are
     missing (a quick look at a few folds) there is no out-of-fold blend: the result has no CSV and says so."""
@@ -610,7 +641,7 @@ def run_ensemble(project: Project, spec: str, overrides: list[str] = (), progres
         return RunResult(g.path, g.ensemble, g.competition, g.outcomes, g.competition.metric, None, None, 0, None,
                          None, seconds=time.perf_counter() - start, **done)
     blend = blend_and_submit(project, g, g.outcomes, [o.member.weight for o in g.outcomes], g.path.stem,
-                             g.ensemble.probs, submit, wait, force, g.ensemble.combine)
+                             g.ensemble.probs, submit, wait, force, g.ensemble.combine, push, notebook)
     return RunResult(g.path, g.ensemble, g.competition, g.outcomes, g.competition.metric, blend.valid_score,
                      blend.csv, blend.rows, blend.test_score, blend.delivery, seconds=time.perf_counter() - start,
                      blended=blend.blended, **done)

@@ -19,7 +19,27 @@ from .errors import EnsError
 from .util import file_lock, sweep_dead, unique_suffix
 
 HISTORY_COLUMNS = ["time", "ensemble", "members", "keys", "metric", "valid_score", "file", "sha256",
-                   "destination", "ref", "status", "score", "message", "id", "note"]
+                   "destination", "ref", "status", "score", "message", "id", "note",
+                   "dataset", "notebook"]  # a code competition's: its weights' dataset (and content), owner/slug/version
+
+# what Kaggle's errors of a code submission (its re-run on the hidden test set) mean, and what to do
+ERROR_HINTS = {
+    "notebook timeout": "the notebook ran out of time on the hidden test set: fewer members, folds or TTA passes, "
+                        "or a smaller size (ens kaggle push estimates the time: set notebook.hidden_test_images)",
+    "notebook threw exception": "the notebook failed on the hidden test set (a file it could not read, memory): "
+                                "look at the rerun's log on the competition's submissions page",
+    "submission csv not found": "the notebook wrote no submission file on the hidden test set: check "
+                                "notebook.output in the competition's YAML",
+    "submission scoring error": "Kaggle could not score the notebook's CSV: check the ids and columns against the "
+                                "sample submission",
+}
+
+
+def error_hint(description: str) -> str:
+    """Kaggle's error description, with what it means when it is one of the known classes."""
+    low = description.lower()
+    hint = next((h for k, h in ERROR_HINTS.items() if k in low), "")
+    return f"{description}: {hint}" if hint else (description or "no reason given")
 
 
 class SubmissionError(EnsError):
@@ -348,7 +368,7 @@ def deliver_to_kaggle(comp: Competition, csv_path: Path, shown: str, message: st
                           f"recorded as pending; `ens submissions {comp.name}` fetches its score") from None
     score = "" if found.get("public_score") is None else f"{found['public_score']:.6f}"
     if found["status"] == "error":
-        reason = found.get("error_description") or "no reason given"
+        reason = error_hint(found.get("error_description") or "")
         update_history(history, row_id, status="error", note=reason)
         return Delivery("kaggle", ref, "error", row_id=row_id, error=f"Kaggle could not score ref {ref}: {reason}")
     update_history(history, row_id, status=found["status"], score=score)
@@ -374,7 +394,8 @@ def refresh_history(comp: Competition, history: Path) -> tuple[list[dict], str]:
     status and score; `unknown` rows (an upload cut off before Kaggle answered) become the listed submission
     with their file name and description, when there is one. Returns the rows, and a warning or ""."""
     rows = read_history(history)
-    todo = [r for r in rows if r.get("destination") == "kaggle" and r.get("status") in ("pending", UNKNOWN)]
+    todo = [r for r in rows if r.get("destination") in ("kaggle", "kaggle notebook")
+            and r.get("status") in ("pending", UNKNOWN)]
     if not todo or not comp.kaggle:
         return rows, ""
     from . import kaggle
@@ -396,7 +417,7 @@ def refresh_history(comp: Competition, history: Path) -> tuple[list[dict], str]:
         fields = {"ref": found["ref"], "status": found["status"],
                   "score": "" if found.get("public_score") is None else f"{found['public_score']:.6f}"}
         if found["status"] == "error":
-            fields["note"] = found.get("error_description") or ""
+            fields["note"] = error_hint(found.get("error_description") or "")
         elif row.get("status") == UNKNOWN:
             fields["note"] = "found on Kaggle's list by its file name and description"
         if any((row.get(k) or "") != v for k, v in fields.items()):
