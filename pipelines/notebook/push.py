@@ -4,6 +4,7 @@ at any point leaves the truth behind and `ens kaggle status` can carry on."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -30,8 +31,9 @@ def takes_notebooks(comp: Competition) -> bool:
 
 
 def _poll(what, done, first: float, limit: float, say) -> dict:
-    """Call `what()` with back-off (first, doubling to 60 s) until `done(answer)` or `limit` seconds; transient
-    Kaggle failures are retried."""
+    """Call `what()` with back-off (`first` s, or $ENS_KAGGLE_POLL; doubling to 60 s) until `done(answer)` or
+    `limit` seconds; transient Kaggle failures are retried."""
+    first = float(os.environ.get("ENS_KAGGLE_POLL") or first)
     deadline, delay, answer = time.monotonic() + limit, first, None
     while True:
         try:
