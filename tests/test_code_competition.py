@@ -11,7 +11,7 @@ import pytest
 
 from conftest import ens
 from fake_kaggle import FakeKaggle
-from test_notebook import NOTEBOOK_TINY, notebook_project
+from test_notebook import chosen_of, delivery, notebook_project
 
 from pipelines.config import Project
 
@@ -25,7 +25,10 @@ def trained(tmp_path_factory, digits_data):
 
     root = notebook_project(tmp_path_factory.mktemp("code") / "project", digits_data,
                             f"notebook: {{runtime_hours: 1, hidden_test_images: {HIDDEN}}}\n")
-    run_ensemble(Project(root), "digits/tiny.yaml", submit=False)
+    result = run_ensemble(Project(root), "digits/tiny.yaml", submit=False)
+    g = result.gathered
+    # the notebook checked here once (a passed check is remembered: the tests' pushes skip it, but the first)
+    delivery(root, g, result.csv, []).check_here(g, chosen_of(g))
     shutil.rmtree(root / "submissions")
     return root
 
@@ -84,6 +87,8 @@ def one_line_error(result) -> str:
 
 def test_push_submit_and_a_hidden_rerun_scored(project, fake, tmp_path, hidden):
     env = kaggle_env(fake, tmp_path)
+    for memo in (project / "cache" / "digits" / "notebook").glob("*/checked.json"):
+        memo.unlink()  # this test makes the check here
     r = ens("kaggle", "push", "digits/tiny.yaml", "--submit", cwd=project, env_extra=env, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     # the notebook ran here first, offline, and wrote what ens run writes
@@ -113,6 +118,7 @@ def test_push_submit_and_a_hidden_rerun_scored(project, fake, tmp_path, hidden):
     r = ens("kaggle", "push", "digits/tiny.yaml", cwd=project, env_extra=env, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     assert fake.endpoints().count("StartBlobUpload") == uploads and "not uploaded again" in r.stderr
+    assert "passed the check here before" in r.stderr
     assert history(project)[-1]["notebook"] == "alice/ens-digits-tiny/2" and history(project)[-1]["status"] == "ran"
     # ... and submitted by hand
     r = ens("kaggle", "submit", "digits", "alice/ens-digits-tiny/2", cwd=project, env_extra=env, timeout=300)
@@ -120,10 +126,15 @@ def test_push_submit_and_a_hidden_rerun_scored(project, fake, tmp_path, hidden):
     assert history(project)[-1]["status"] == "complete" and len(fake.submissions) == 2
 
 
-def test_no_wait_then_status_carries_on(project, fake, tmp_path):
+def test_run_on_an_auto_competition_pushes_then_status_carries_on(project, fake, tmp_path):
+    """`ens run` on a competition with `submission: auto` asks Kaggle, which says notebooks only: the notebook is
+    pushed and (--no-wait) left running; `ens kaggle status --wait` follows it and submits it."""
+    comp = project / "competitions" / "digits.yaml"
+    comp.write_text(comp.read_text().replace("submission: notebook", "submission: auto"))
     env = kaggle_env(fake, tmp_path)
-    r = ens("kaggle", "push", "digits/tiny.yaml", "--submit", "--no-wait", cwd=project, env_extra=env, timeout=600)
+    r = ens("run", "digits/tiny.yaml", "--no-wait", cwd=project, env_extra=env, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
+    assert "GetCompetition" in fake.endpoints() and "CreateSubmission" not in fake.endpoints()
     assert history(project)[-1]["status"] == "running+submit" and not fake.submissions
     r = ens("kaggle", "status", "digits", "--wait", cwd=project, env_extra=env, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr

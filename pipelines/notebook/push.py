@@ -4,6 +4,7 @@ at any point leaves the truth behind and `ens kaggle status` can carry on."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -12,10 +13,12 @@ from pathlib import Path
 from .. import kaggle
 from ..config import Competition, Project
 from ..errors import EnsError
-from ..submission import Delivery, Interrupted, append_history, check_submission, read_history, update_history
+from ..util import owner_tag, write_json
+from ..submission import (Delivery, Interrupted, append_history, check_submission, file_sha256, read_history,
+                          update_history)
 from . import bundle as bundles
 from .script import dataset_slug, kernel_slug, write_kernel
-from .verify import kaggle_tree, run_script, runtime_estimate, same_submission
+from .verify import LocalRun, kaggle_tree, run_script, runtime_estimate, same_submission
 
 DESTINATION = "kaggle notebook"
 RUNNING = ("running", "running+submit")  # the notebook runs on Kaggle; +submit: submit it when it is done
@@ -66,16 +69,18 @@ class NotebookDelivery:
         """The dataset folder of `chosen` (of the gathered ensemble `g`) built, and its notebook run here on the
         public test: (bundle, kernel folder)."""
         b = bundles.build(self.project, g, chosen, wheels)
-        work = b.folder.parent / "check"
         kernel_dir = b.folder.parent / f"kernel-{chosen.name}"
         script = write_kernel(kernel_dir, self.comp, chosen.name, b, "owner")
-        self.say(f"checking the notebook here (network off) on {len(g.data.test_paths)} public test images ...")
-        root = kaggle_tree(work, self.comp, self.data_root, b.folder, dataset_slug(self.comp))
-        run = run_script(script, root, self.comp.notebook.output, timeout=self.comp.notebook.runtime_hours * 3600)
-        if ".whl" not in run.timing.get("ens_from", ""):
-            raise EnsError(f"the notebook imported ens from {run.timing.get('ens_from')}, not from its dataset's "
-                           "wheel: it would fail on Kaggle; report this as a bug of ens")
-        same_submission(run.csv, self.csv, self.comp)
+        # a passed check holds for the same dataset, script, public data and expected CSV: not run again
+        memo = b.folder.parent / "checked.json"
+        checked = {"script": script.read_text(), "data": g.data.fingerprint, "csv": file_sha256(self.csv)}
+        previous = json.loads(memo.read_text()) if memo.is_file() else {}
+        if previous.get("checked") == checked:
+            run = LocalRun(self.csv, previous["seconds"], previous["timing"], "")
+            self.say(f"the notebook of dataset content {b.content} passed the check here before (same data, same CSV)")
+        else:
+            run = self._run_here(g, b, script)
+            write_json(memo, {"checked": checked, "seconds": run.seconds, "timing": run.timing})
         estimate = runtime_estimate(run, self.comp, run.timing.get("device", "cpu"))
         share = f"{estimate.seconds / 3600:.2f} h of the {self.comp.notebook.runtime_hours:g} h limit"
         self.say(f"  same {run.timing['rows']} rows as {self.shown}; {run.seconds:.0f} s here; hidden test "
@@ -86,8 +91,23 @@ class NotebookDelivery:
                            "a smaller size (or --no-runtime-check when this machine is much slower than Kaggle's)")
         if estimate.share > WARN_SHARE:
             self.say(f"  warning: that is over {WARN_SHARE:.0%} of the limit")
-        shutil.rmtree(work, ignore_errors=True)
         return b, kernel_dir
+
+    def _run_here(self, g, b, script: Path) -> LocalRun:
+        """The notebook's script run here on the public test (`verify`); its CSV must equal the expected one."""
+        work = b.folder.parent / f"check.{owner_tag()}"
+        self.say(f"checking the notebook here (network off) on {len(g.data.test_paths)} public test images ...")
+        try:
+            root = kaggle_tree(work, self.comp, self.data_root, b.folder, dataset_slug(self.comp))
+            run = run_script(script, root, self.comp.notebook.output, timeout=self.comp.notebook.runtime_hours * 3600)
+            if ".whl" not in run.timing.get("ens_from", ""):
+                raise EnsError(f"the notebook imported ens from {run.timing.get('ens_from')}, not from its dataset's "
+                               "wheel: it would fail on Kaggle; report this as a bug of ens")
+            same_submission(run.csv, self.csv, self.comp)
+        finally:
+            if not (work / "notebook.log").exists():  # a failure's log stays for the user to read
+                shutil.rmtree(work, ignore_errors=True)
+        return run
 
     # -- on Kaggle --------------------------------------------------------------------------------------------
     def upload(self, b, owner: str) -> str:
@@ -166,8 +186,6 @@ def deliver(project: Project, g, chosen: bundles.Chosen, csv: Path, shown: str, 
     """Push `chosen` (members of the gathered ensemble `g`, weights kept; `csv` written from their cached test
     probabilities) as a notebook, and with `submit` submit it: a Delivery, its history row written as it goes. A
     failure before the push leaves nothing on Kaggle; every failure is a Delivery with a one-line error."""
-    from ..submission import file_sha256
-
     d = NotebookDelivery(project, g.competition, g.data.root, list(g.data.vocab), csv, shown, message, history,
                          say, first_poll)
     row = dict(record, file=shown, sha256=file_sha256(csv), message=message, destination=DESTINATION)
