@@ -753,8 +753,6 @@ def kaggle_push(ensemble: str = typer.Argument(..., help="the ensemble YAML of a
                 no_wait: bool = typer.Option(False, "--no-wait", help="push and return; `ens kaggle status` follows it"),
                 runtime_check: bool = typer.Option(True, "--runtime-check/--no-runtime-check", help="refuse a "
                                                    "notebook estimated at over 90% of the competition's runtime limit"),
-                wheels: Optional[List[Path]] = typer.Option(None, "--wheel", help="a wheel the notebook installs "
-                                                            "offline (e.g. a pinned timm); repeatable"),
                 project: Optional[Path] = ProjectOpt):
     """Deliver an ensemble to a code competition (`submission: notebook` in its YAML, or `auto`): members not cached
     are trained, their kept weights, a manifest and ens itself go into a private Kaggle dataset (uploaded only when
@@ -768,7 +766,7 @@ def kaggle_push(ensemble: str = typer.Argument(..., help="the ensemble YAML of a
     from .run import run_ensemble
 
     proj = _project(project)
-    options = dict(say=_say, check_runtime=runtime_check, wheels=list(wheels or []))
+    options = dict(say=_say, check_runtime=runtime_check)
     result = _with_progress(lambda progress, report: run_ensemble(
         proj, ensemble, overrides or [], progress, report, submit, not no_wait, push=True, notebook=options))
     if result.csv is None:

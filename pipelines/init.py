@@ -444,6 +444,13 @@ def competition_yaml(draft: Draft, expected: Expected) -> str:
                 "positive_class", "metric", "submission"):
         if getattr(c, key) is not None:
             lines.append(_line(key, getattr(c, key), notes.get(key, "")))
+    if c.submission != "csv":  # a code competition's limits: the notebook's runtime estimate is checked against them
+        lines += ["notebook:                         # guessed: Kaggle's usual limits; the competition's Code "
+                  "Requirements say",
+                  _line("runtime_hours", c.notebook.runtime_hours, indent=1),
+                  _line("accelerator", c.notebook.accelerator, indent=1),
+                  _line("hidden_test_images", expected.test_images, "guessed: the public count; the hidden set is "
+                        "often larger (its Data page says)", 1)]
     lines += [_line("split", c.split.model_dump(), "fixed: every member of every ensemble is validated on these"),
               _line("cv", c.cv.model_dump(exclude_none=True), "the folds of ensembles with validation: cv"),
               _line("expected", expected.model_dump(mode="json", exclude_none=True),

@@ -615,8 +615,9 @@ def blend_and_submit(project: Project, g: Gathered, outcomes: list[MemberOutcome
                             history, record, submit, push, wait, force, notebook or {})
         return Blend(csv_path, rows, valid_score, test_score, delivery, blended)
     if comp.kaggle:
-        delivery = submission.Delivery("not submitted: --no-submit", note="not uploaded (--no-submit); later: "
-                                       + submission.retry_command(shown, comp.name, message))
+        later = (f"ens kaggle push {project.relative(g.path)} --submit" if comp.submission == "notebook"
+                 else submission.retry_command(shown, comp.name, message))
+        delivery = submission.Delivery("not submitted: --no-submit", note=f"not uploaded (--no-submit); later: {later}")
     elif test_score is not None:
         delivery = submission.Delivery("local answers", status="scored", score=f"{test_score:.6f}")
     else:

@@ -89,6 +89,8 @@ def test_push_submit_and_a_hidden_rerun_scored(project, fake, tmp_path, hidden):
     env = kaggle_env(fake, tmp_path)
     for memo in (project / "cache" / "digits" / "notebook").glob("*/checked.json"):
         memo.unlink()  # this test makes the check here
+    fake.dataset_ready_polls = 2  # processing before READY: ens waits
+    fake.output_extra = {"../submission.csv": b"id,label\nnot,ours\n"}  # a name that would land outside
     r = ens("kaggle", "push", "digits/tiny.yaml", "--submit", cwd=project, env_extra=env, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     # the notebook ran here first, offline, and wrote what ens run writes
@@ -106,6 +108,9 @@ def test_push_submit_and_a_hidden_rerun_scored(project, fake, tmp_path, hidden):
     rerun = fake.runs[1]
     assert sum(p.startswith("digits/test_images/hidden_") for p in rerun.inputs) == HIDDEN
     assert "CreateSubmission" not in fake.endpoints()  # a code competition never gets a CSV upload
+    fetched = sorted((project / "submissions" / "digits").glob("*.notebook-v1/*.csv"))
+    assert [f.name for f in fetched] == ["submission.csv"]  # only the output file, fetched beside the CSV
+    assert "not,ours" not in fetched[0].read_text() and not (project / "submissions" / "submission.csv").exists()
     (sub,) = fake.submissions
     assert sub.score is not None and sub.score > 0.5  # every hidden id predicted (a missing one is an error)
     row = history(project)[-1]
@@ -120,10 +125,17 @@ def test_push_submit_and_a_hidden_rerun_scored(project, fake, tmp_path, hidden):
     assert fake.endpoints().count("StartBlobUpload") == uploads and "not uploaded again" in r.stderr
     assert "passed the check here before" in r.stderr
     assert history(project)[-1]["notebook"] == "alice/ens-digits-tiny/2" and history(project)[-1]["status"] == "ran"
-    # ... and submitted by hand
+    # ... and submitted by hand, when the hidden test set has an image it cannot read: Kaggle's error, explained
+    broken = tmp_path / "broken"
+    shutil.copytree(hidden[0], broken)
+    (broken / "test_images" / "hidden_0000.png").write_bytes(b"not an image")
+    fake.hidden_data = broken
     r = ens("kaggle", "submit", "digits", "alice/ens-digits-tiny/2", cwd=project, env_extra=env, timeout=300)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert history(project)[-1]["status"] == "complete" and len(fake.submissions) == 2
+    line = one_line_error(r)
+    assert "Notebook Threw Exception" in line and "rerun's log" in line
+    assert history(project)[-1]["status"] == "error" and len(fake.submissions) == 2
+    r = ens("submissions", "digits", cwd=project, env_extra=env, timeout=120)
+    assert "Notebook Threw Exception: the notebook failed on the hidden test set" in r.stdout
 
 
 def test_run_on_an_auto_competition_pushes_then_status_carries_on(project, fake, tmp_path):
@@ -162,24 +174,20 @@ def test_a_push_error_in_a_successful_answer_is_an_error(project, fake, tmp_path
     assert not fake.runs
 
 
-def test_a_notebook_that_fails_on_the_hidden_test_is_named(project, fake, tmp_path, hidden):
-    broken = tmp_path / "broken"
-    shutil.copytree(hidden[0], broken)
-    (broken / "test_images" / "hidden_0000.png").write_bytes(b"not an image")
-    fake.hidden_data = broken
-    env = kaggle_env(fake, tmp_path)
-    r = ens("kaggle", "push", "digits/tiny.yaml", "--submit", cwd=project, env_extra=env, timeout=600)
+def test_a_notebook_that_times_out_on_kaggle_is_named(project, fake, tmp_path):
+    fake.run_timeout = 1
+    r = ens("kaggle", "push", "digits/tiny.yaml", "--submit", cwd=project, env_extra=kaggle_env(fake, tmp_path),
+            timeout=600)
     line = one_line_error(r)
-    assert "Notebook Threw Exception" in line and "rerun's log" in line
-    assert history(project)[-1]["status"] == "error"
-    r = ens("submissions", "digits", cwd=project, env_extra=env, timeout=120)
-    assert "Notebook Threw Exception: the notebook failed on the hidden test set" in r.stdout
+    assert "notebook alice/ens-digits-tiny version 1 failed on Kaggle (timeout)" in line
+    assert history(project)[-1]["status"] == "notebook error" and not fake.submissions
 
 
 def test_a_csv_is_never_uploaded_to_a_code_competition(project, fake, tmp_path):
     env = kaggle_env(fake, tmp_path)
     r = ens("run", "digits/tiny.yaml", "--no-submit", cwd=project, env_extra=env, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
+    assert "later: ens kaggle push ensembles/digits/tiny.yaml --submit" in r.stdout
     written = sorted((project / "submissions" / "digits").glob("*-tiny.csv"))[-1]
     r = ens("submit", str(written), "-c", "digits", "-m", "by hand", cwd=project, env_extra=env, timeout=120)
     assert "code competition" in one_line_error(r)

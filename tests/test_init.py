@@ -239,6 +239,7 @@ def test_init_from_kaggle_downloads_and_asks_the_competition(tmp_path, digits_da
     assert (root / "cache/data/digits-comp/train_images").is_dir()  # downloaded where training looks
     assert comp.train.layout == "folders" and comp.expected.classes == 10 and comp.test_id == "name"
     assert (comp.title, comp.metric, comp.submission) == ("Digits on Kaggle", "accuracy", "notebook")
+    assert comp.notebook.hidden_test_images == 359 and comp.notebook.runtime_hours == 9  # the limits, guessed
     assert "# guessed:" not in _yaml_line(root, "digits-comp", "metric")
     assert "next: ens run digits-comp/starter.yaml" in out.stdout
 

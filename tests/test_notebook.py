@@ -3,6 +3,7 @@ offline in a child process with the network refused, reproducing exactly what `e
 
 import dataclasses
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -184,3 +185,29 @@ def test_stacking_is_refused_for_a_notebook(trained):
     chosen.combine = Combine(method="stack")
     with pytest.raises(EnsError, match="combine: stack is not available in a notebook"):
         build(Project(root), g, chosen)
+
+
+def test_libraries_of_another_version_come_from_the_dataset(trained, tmp_path):
+    """Where the image's timm/fastai differ from those the members were trained with, the notebook imports the
+    dataset's wheels of them (built from this installation) and still writes the same CSV."""
+    from pipelines.notebook.bundle import MANIFEST, build
+    from pipelines.notebook.script import SCRIPT, dataset_slug, write_kernel
+    from pipelines.notebook.verify import kaggle_tree, run_script, same_submission
+
+    root, g, csv_path = trained
+    b = build(Project(root), g, chosen_of(g))
+    assert set(b.manifest["pinned"]) == {"timm", "fastai", "fastcore", "fasttransform"}
+    dataset = tmp_path / "dataset"
+    shutil.copytree(b.folder, dataset)
+    manifest = json.loads((dataset / MANIFEST).read_text())
+    for pin in manifest["pinned"].values():
+        pin["version"] = "0.0.0"  # as if this image had others
+    (dataset / MANIFEST).write_text(json.dumps(manifest))
+    write_kernel(tmp_path / "kernel", g.competition, "tiny", b, "owner")
+    tree = kaggle_tree(tmp_path / "check", g.competition, g.data.root, dataset, dataset_slug(g.competition))
+    run = run_script(tmp_path / "kernel" / SCRIPT, tree, "submission.csv", timeout=600)
+    for name in ("timm", "fastai"):
+        wheel = manifest["pinned"][name]["wheel"]
+        assert f"/{wheel}/" in run.timing["libraries"][name], run.timing["libraries"]
+        assert f"ens: {name} 0.0.0 from the dataset" in run.log
+    same_submission(run.csv, csv_path, g.competition)

@@ -21,6 +21,9 @@ FORMAT = 1
 COMPETITION_FIELDS = ("name", "kaggle", "test_images", "test_id", "image_extensions", "sample_submission",
                       "id_column", "target_column", "submission_kind", "positive_class", "metric", "notebook")
 LIBRARIES = ("torch", "torchvision", "timm", "fastai", "numpy", "pydantic")
+# pure-Python libraries the dataset carries as wheels, for a Kaggle image with other versions (torch and
+# torchvision, compiled, are Kaggle's own)
+PINNED = ("timm", "fastai", "fastcore", "fasttransform")
 _ZIP_TIME = (2020, 1, 1, 0, 0, 0)  # fixed: the same sources give the same wheel bytes, hence the same content hash
 
 
@@ -93,31 +96,61 @@ def sources_digest() -> str:
     return digest.hexdigest()
 
 
-def write_wheel(dest_folder: Path) -> Path:
-    """ens's modules as a pure-Python wheel (PEP 427), byte-for-byte the same for the same sources, so that the
-    dataset's content hash stays put. It is importable straight from the file (zipimport): the notebook puts it
-    on sys.path, no pip and no network; `pip install --no-deps` takes it too."""
-    version = ens_version()
-    info = f"ens-{version}.dist-info"
-    path = dest_folder / f"ens-{version}-py3-none-any.whl"
+def _wheel(dest_folder: Path, name: str, version: str, files: list[tuple[str, bytes]]) -> Path:
+    """A pure-Python wheel (PEP 427) of `files` ((name in the wheel, bytes)), byte-for-byte the same for the same
+    files, so that the dataset's content hash stays put. Importable straight from the file (zipimport)."""
+    info = f"{name.replace('-', '_')}-{version}.dist-info"
+    path = dest_folder / f"{name.replace('-', '_')}-{version}-py3-none-any.whl"
     records = []
-
-    def add(z: zipfile.ZipFile, name: str, data: bytes) -> None:
-        z.writestr(zipfile.ZipInfo(name, _ZIP_TIME), data, compress_type=zipfile.ZIP_DEFLATED)
-        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
-        records.append(f"{name},sha256={digest},{len(data)}")
-
     with zipfile.ZipFile(path, "w") as z:
-        # a regular package in the wheel (the sources' is a namespace package): first on sys.path, it wins over any
-        # other installed ens (zipimport gives no namespace portions)
-        add(z, "pipelines/__init__.py", b"")
-        for name, file in _package_files():
-            add(z, name, file.read_bytes())
-        add(z, f"{info}/METADATA", f"Metadata-Version: 2.1\nName: ens\nVersion: {version}\n".encode())
-        add(z, f"{info}/WHEEL", b"Wheel-Version: 1.0\nGenerator: ens\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        for arcname, data in [*files, (f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: "
+                                                            f"{version}\n".encode()),
+                              (f"{info}/WHEEL", b"Wheel-Version: 1.0\nGenerator: ens\nRoot-Is-Purelib: true\n"
+                                                b"Tag: py3-none-any\n")]:
+            z.writestr(zipfile.ZipInfo(arcname, _ZIP_TIME), data, compress_type=zipfile.ZIP_DEFLATED)
+            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+            records.append(f"{arcname},sha256={digest},{len(data)}")
         records.append(f"{info}/RECORD,,")
         z.writestr(zipfile.ZipInfo(f"{info}/RECORD", _ZIP_TIME), "\n".join(records) + "\n")
     return path
+
+
+def write_wheel(dest_folder: Path) -> Path:
+    """ens's modules as a wheel: the notebook puts it first on sys.path (no pip, no network). In it `pipelines` is
+    a regular package (the sources' is a namespace package): first on sys.path, it wins over any other installed
+    ens (zipimport gives no namespace portions)."""
+    files = [("pipelines/__init__.py", b"")] + [(name, path.read_bytes()) for name, path in _package_files()]
+    return _wheel(dest_folder, "ens", ens_version(), files)
+
+
+def library_files(name: str) -> list[tuple[str, Path]] | None:
+    """(name in a wheel, file) of the installed pure-Python distribution `name`'s modules and data, or None when it
+    is not installed or has compiled parts (those cannot be imported from a wheel on sys.path)."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        dist = distribution(name)
+    except PackageNotFoundError:
+        return None
+    out = []
+    for f in dist.files or []:
+        parts = f.parts
+        if ".." in parts or "__pycache__" in parts or parts[0].endswith(".dist-info") or f.suffix == ".pyc":
+            continue
+        if f.suffix in (".so", ".pyd", ".dylib"):
+            return None
+        out.append((f.as_posix(), Path(dist.locate_file(f))))
+    return sorted(out)
+
+
+def write_library_wheel(dest_folder: Path, name: str) -> Path | None:
+    """The installed library `name` (timm, fastai, ...) as a wheel, for a notebook whose image has another version."""
+    from ..models import package_version
+
+    files = library_files(name)
+    if files is None:
+        return None
+    return _wheel(dest_folder, name, package_version(name), [(arcname, path.read_bytes()) for arcname, path in files])
 
 
 def _manifest(g, chosen: Chosen, blend: dict) -> tuple[dict, list[tuple[str, Path]]]:
@@ -141,10 +174,11 @@ def _manifest(g, chosen: Chosen, blend: dict) -> tuple[dict, list[tuple[str, Pat
     return manifest, weights
 
 
-def build(project: Project, g, chosen: Chosen, extra_wheels: list[Path] = ()) -> Bundle:
+def build(project: Project, g, chosen: Chosen) -> Bundle:
     """The dataset folder of `chosen` (members of the gathered ensemble `g`, weights kept) under
-    cache/<competition>/notebook/<content>/: reused as it is when that content was built before. `extra_wheels`
-    (e.g. pinned timm/fastai wheels that Kaggle's image lacks) join it; the notebook installs them offline."""
+    cache/<competition>/notebook/<content>/: reused as it is when that content was built before. Besides the
+    weights and ens, it carries the libraries of PINNED installed here, as wheels: the notebook imports them only
+    where Kaggle's image has another version."""
     classical = [o.member.name for o in chosen.outcomes if o.member.classical]
     if classical:
         raise EnsError(f"classical member(s) {', '.join(classical)} keep no fitted classifier, so a notebook cannot "
@@ -154,12 +188,10 @@ def build(project: Project, g, chosen: Chosen, extra_wheels: list[Path] = ()) ->
         raise EnsError(f"a notebook predicts with the members' weights, and {', '.join(lacking)} kept none: set "
                        "keep_model: true (e.g. `defaults.keep_model=true`) and run again (they are retrained once)")
     manifest, weights = _manifest(g, chosen, notebook_blend(g, chosen))
-    for wheel in extra_wheels:
-        if not Path(wheel).is_file() or not str(wheel).endswith(".whl"):
-            raise EnsError(f"{wheel}: not a wheel file; give .whl files (e.g. from `pip download timm==X --no-deps`)")
-    manifest["wheels"] = sorted(Path(w).name for w in extra_wheels)
-    extras = {Path(w).name: _sha256(Path(w)) for w in extra_wheels}
-    content = hashlib.sha256(json.dumps([manifest, extras], sort_keys=True).encode()).hexdigest()[:16]
+    from ..models import package_version
+
+    manifest["pinned"] = {name: package_version(name) for name in PINNED if library_files(name) is not None}
+    content = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
     manifest["content"] = content
     parent = project.cache / g.competition.name / "notebook"
     folder = parent / content / "dataset"
@@ -172,9 +204,9 @@ def build(project: Project, g, chosen: Chosen, extra_wheels: list[Path] = ()) ->
     try:
         for name, source in weights:
             _link_or_copy(source, tmp / name)
-        for wheel in extra_wheels:
-            shutil.copy2(wheel, tmp / Path(wheel).name)
         write_wheel(tmp)
+        manifest["pinned"] = {name: {"version": version, "wheel": write_library_wheel(tmp, name).name}
+                              for name, version in manifest["pinned"].items()}
         manifest["files"] = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}  # and the manifest itself
         write_json(tmp / MANIFEST, manifest, indent=1)
         os.replace(tmp, folder)

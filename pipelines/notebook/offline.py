@@ -93,7 +93,8 @@ def predict(manifest_path: Path, input_root: Path, out: Path, say=print) -> dict
 
     timing = {"rows": rows, "images": len(test_paths), "load_seconds": loaded,
               "predict_seconds": time.perf_counter() - predicting, "ens_from": __file__,
-              "device": "cuda" if torch.cuda.is_available() else "cpu"}
+              "device": "cuda" if torch.cuda.is_available() else "cpu",
+              "libraries": {name: getattr(sys.modules.get(name), "__file__", None) for name in ("timm", "fastai")}}
     (out.parent / TIMING).write_text(json.dumps(timing))
     say(f"wrote {out} ({rows} rows, checked against {comp.sample_submission}) in "
         f"{time.perf_counter() - start:.1f} s")

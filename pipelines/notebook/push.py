@@ -65,10 +65,10 @@ class NotebookDelivery:
         self.row_id = ""
 
     # -- here, before anything is uploaded --------------------------------------------------------------------
-    def check_here(self, g, chosen: bundles.Chosen, wheels: list[Path] = (), check_runtime: bool = True) -> tuple:
+    def check_here(self, g, chosen: bundles.Chosen, check_runtime: bool = True) -> tuple:
         """The dataset folder of `chosen` (of the gathered ensemble `g`) built, and its notebook run here on the
         public test: (bundle, kernel folder)."""
-        b = bundles.build(self.project, g, chosen, wheels)
+        b = bundles.build(self.project, g, chosen)
         kernel_dir = b.folder.parent / f"kernel-{chosen.name}"
         script = write_kernel(kernel_dir, self.comp, chosen.name, b, "owner")
         # a passed check holds for the same dataset, script, public data and expected CSV: not run again
@@ -182,7 +182,7 @@ class NotebookDelivery:
 
 def deliver(project: Project, g, chosen: bundles.Chosen, csv: Path, shown: str, message: str, history: Path,
             record: dict, submit: bool, wait: bool = True, wait_seconds: float = 600, say=print,
-            check_runtime: bool = True, wheels: list[Path] = (), first_poll: float = 5.0) -> Delivery:
+            check_runtime: bool = True, first_poll: float = 5.0) -> Delivery:
     """Push `chosen` (members of the gathered ensemble `g`, weights kept; `csv` written from their cached test
     probabilities) as a notebook, and with `submit` submit it: a Delivery, its history row written as it goes. A
     failure before the push leaves nothing on Kaggle; every failure is a Delivery with a one-line error."""
@@ -192,7 +192,7 @@ def deliver(project: Project, g, chosen: bundles.Chosen, csv: Path, shown: str, 
     row.setdefault("metric", g.competition.metric)
     retry = f"ens kaggle push {project.relative(g.path)}" + (" --submit" if submit else "")  # (as it was run)
     try:
-        b, kernel_dir = d.check_here(g, chosen, wheels, check_runtime)
+        b, kernel_dir = d.check_here(g, chosen, check_runtime)
         owner = kaggle.whoami()
         dataset = d.upload(b, owner)
         kernel, version = d.push(kernel_dir, chosen.name, b, owner, dataset)

@@ -18,7 +18,6 @@ Internet is off in code competitions: nothing here touches the network."""
 import glob
 import json
 import os
-import subprocess
 import sys
 
 ROOT = os.environ.get("ENS_KAGGLE_ROOT", "/kaggle")  # /kaggle on Kaggle; elsewhere a copy of its tree
@@ -40,26 +39,26 @@ def find_manifest():
              "attach the dataset {dataset} at the version `ens kaggle push` uploaded")
 
 
-def install_wheels(folder, names):
-    """Pinned libraries shipped with the dataset, installed offline (only those not already at that version)."""
+def pin_libraries(folder, pinned):
+    """The libraries the members were trained with, from the dataset's wheels, where this image has another
+    version (or none): first on sys.path, they are the ones imported."""
     from importlib.metadata import PackageNotFoundError, version
 
-    for name in names:
-        package, wanted = name.split("-")[0].replace("_", "-"), name.split("-")[1]
+    for name, pin in pinned.items():
         try:
-            if version(package) == wanted:
-                continue
+            here = version(name)
         except PackageNotFoundError:
-            pass
-        subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--quiet",
-                        os.path.join(folder, name)], check=True)
+            here = None
+        if here != pin["version"]:
+            print(f"ens: {{name}} {{pin['version']}} from the dataset (this image has {{here or 'none'}})", flush=True)
+            sys.path.insert(0, os.path.join(folder, pin["wheel"]))
 
 
 manifest_path = find_manifest()
 folder = os.path.dirname(manifest_path)
 with open(manifest_path) as f:
     manifest = json.load(f)
-install_wheels(folder, manifest.get("wheels", []))
+pin_libraries(folder, manifest.get("pinned", {{}}))
 sys.path.insert(0, glob.glob(os.path.join(folder, "ens-*.whl"))[0])  # ens itself, imported from the wheel
 from pipelines.notebook.offline import main  # noqa: E402
 
