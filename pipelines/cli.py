@@ -813,7 +813,7 @@ def kaggle_submit(competition: str = typer.Argument(..., help="a competition nam
     from .notebook.push import submit_ran
 
     proj = _project(project)
-    _print_delivery(submit_ran(proj, load_competition(proj, competition), notebook, message))
+    _print_delivery(submit_ran(proj, load_competition(proj, competition), notebook, message, say=_say))
 
 
 @cache_app.command("ls")

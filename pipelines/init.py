@@ -25,7 +25,8 @@ from . import config, data
 from .config import Competition, Expected, Project, TrainLayout
 from .errors import ConfigError, EnsError
 
-IMAGE_EXTENSIONS = tuple(Competition.model_fields["image_extensions"].default)
+DEFAULT_EXTENSIONS = tuple(Competition.model_fields["image_extensions"].default)
+IMAGE_EXTENSIONS = DEFAULT_EXTENSIONS + (".tif", ".tiff", ".bmp", ".webp")  # what PIL reads and init looks for
 MATCH = 0.9  # the share of a column's values that must name files for the column to be an id column
 PROBE_ROWS = 200  # rows of a CSV tried against the image files
 SIZE_SAMPLE = 50  # images opened for their size
@@ -174,6 +175,9 @@ def infer(root: Path, base: Competition, info: dict | None,
     sample = find_sample(files)
     title = (info or {}).get("title") or base.name
     draft = Draft(base.model_copy(update={"title": title, "sample_submission": sample}))
+    seen = sorted({PurePosixPath(p).suffix.lower() for p in files.images})
+    if not set(seen) <= set(DEFAULT_EXTENSIONS):  # e.g. .tif: training must list them too
+        draft.set("the image file types in the data", image_extensions=seen)
     columns, rows = read_csv(root / sample)
     layout, note = guess_folders(files) or guess_csv(files, sample)
     draft.set(note, train=layout)
@@ -440,6 +444,8 @@ def competition_yaml(draft: Draft, expected: Expected) -> str:
     lines += ["train:", _line("layout", c.train.layout, notes.get("train", ""), 1)]
     keys = ("folder",) if c.train.layout == "folders" else ("csv", "id_column", "label_column", "path_template")
     lines += [_line(k, getattr(c.train, k), indent=1) for k in keys]
+    if tuple(c.image_extensions) != DEFAULT_EXTENSIONS:
+        lines.append(_line("image_extensions", c.image_extensions, notes.get("image_extensions", "")))
     for key in ("test_images", "test_id", "sample_submission", "id_column", "target_column", "submission_kind",
                 "positive_class", "metric", "submission"):
         if getattr(c, key) is not None:

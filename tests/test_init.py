@@ -127,6 +127,23 @@ def test_labels_csv_layout_with_stem_ids(tmp_path):
     assert load_ensemble(Project(root), "retina/starter.yaml")[1].members[0].size == 32  # 30 px images: at least 32
 
 
+def test_tif_images_are_found_and_their_type_written(tmp_path):
+    """Histopathology-style data: TIFF files, which the default image types leave out: init finds them and writes
+    image_extensions, so that training lists them too."""
+    data = tmp_path / "data"
+    for c, name in enumerate(("benign", "tumor")):
+        for i in range(4):
+            _png(data / "train" / name / f"{name}{i}.tif", colour=(c * 90, 0, 0))
+    for i in range(3):
+        _png(data / "test" / f"t{i}.tif")
+    _write_csv(data / "sample_submission.csv", [("id", "label"), *((f"t{i}", "benign") for i in range(3))])
+    root = _project(tmp_path)
+    _ok(_init(root, "--data", str(data), "histo"))
+    comp = _comp(root, "histo")
+    assert comp.image_extensions == [".tif"] and comp.train.folder == "train" and comp.test_id == "stem"
+    assert comp.expected.train_images == 8 and comp.expected.test_images == 3
+
+
 def test_probability_competition_guesses_the_positive_class_and_roc_auc(tmp_path):
     data = _folders_data(tmp_path / "data", ("real", "fake"))
     root = _project(tmp_path)

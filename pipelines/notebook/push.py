@@ -150,9 +150,16 @@ class NotebookDelivery:
     def follow(self, kernel: str, version: int) -> None:
         """Wait for the notebook's run on Kaggle; Ctrl-C detaches (it goes on running there)."""
         limit = self.comp.notebook.runtime_hours * 3600 + 1800
+        seen, start = [], time.monotonic()
+
+        def finished(state: dict) -> bool:
+            if state["status"] not in seen[-1:]:  # each new state said once
+                seen.append(state["status"])
+                self.say(f"  notebook {kernel} version {version}: {state['status']} ({time.monotonic() - start:.0f} s)")
+            return state["status"] in FINISHED
+
         try:
-            state = _poll(lambda: kaggle.kernel_status(kernel, version), lambda s: s["status"] in FINISHED,
-                          self.first_poll, limit, self.say)
+            state = _poll(lambda: kaggle.kernel_status(kernel, version), finished, self.first_poll, limit, self.say)
         except KeyboardInterrupt:
             raise Interrupted(f"stopped following notebook {kernel} version {version}, which goes on running on "
                               f"Kaggle; `ens kaggle status {self.comp.name}` carries on") from None
@@ -227,11 +234,11 @@ def carry_on(d: NotebookDelivery, kernel: str, version: int, submit: bool, wait_
         return Delivery(DESTINATION, status="ran", row_id=d.row_id,
                         note=f"notebook {kernel} version {version} ran; submit it with `ens kaggle submit "
                              f"{comp.name} {kernel} {version}`")
-    return submit_version(d.history, d.row_id, comp, kernel, version, d.message, wait_seconds)
+    return submit_version(d.history, d.row_id, comp, kernel, version, d.message, wait_seconds, d.say)
 
 
 def submit_version(history: Path, row_id: str, comp: Competition, kernel: str, version: int, message: str,
-                   wait_seconds: float) -> Delivery:
+                   wait_seconds: float, say=print) -> Delivery:
     """CreateCodeSubmission of a notebook version that ran, then (bounded) the wait for its score."""
     from ..submission import error_hint
 
@@ -242,6 +249,8 @@ def submit_version(history: Path, row_id: str, comp: Competition, kernel: str, v
         return Delivery(DESTINATION, status="ran", row_id=row_id, error=f"{e}; retry: ens kaggle submit "
                         f"{comp.name} {kernel} {version}")
     update_history(history, row_id, ref=ref, status="pending", note="")
+    say(f"submitted notebook {kernel} version {version} as ref {ref}; waiting (at most {wait_seconds / 60:g} min) "
+        "while Kaggle re-runs it on the hidden test set ...")
     try:
         found = kaggle.wait_for_score(comp.kaggle, ref, total_timeout=wait_seconds)
     except kaggle.KaggleError as e:
@@ -258,7 +267,8 @@ def submit_version(history: Path, row_id: str, comp: Competition, kernel: str, v
     score = "" if found.get("public_score") is None else f"{found['public_score']:.6f}"
     update_history(history, row_id, status=found["status"], score=score)
     return Delivery(DESTINATION, ref, found["status"], score, row_id=row_id,
-                    note=f"notebook {kernel} version {version} submitted as ref {ref}: public score {score}")
+                    note=f"notebook {kernel} version {version} submitted as ref {ref}: public score "
+                         f"{score or '(none shown yet)'}")
 
 
 def open_rows(history: Path) -> list[dict]:
@@ -299,7 +309,7 @@ def follow_up(project: Project, comp: Competition, wait: bool, wait_seconds: flo
 
 
 def submit_ran(project: Project, comp: Competition, notebook: str, message: str | None,
-               wait_seconds: float = 600) -> Delivery:
+               wait_seconds: float = 600, say=print) -> Delivery:
     """Submit a notebook version that ran (`owner/slug/version`, as `ens submissions` lists it)."""
     history = project.submissions / comp.name / "history.csv"
     rows = [r for r in read_history(history) if r.get("destination") == DESTINATION and r.get("notebook") == notebook]
@@ -312,4 +322,4 @@ def submit_ran(project: Project, comp: Competition, notebook: str, message: str 
                        f"on Kaggle and wrote a checked CSV can be ('ens kaggle status {comp.name}' follows a running one)")
     kernel, _, version = notebook.rpartition("/")
     return submit_version(history, row["id"], comp, kernel, int(version), message or row.get("message", ""),
-                          wait_seconds)
+                          wait_seconds, say)
