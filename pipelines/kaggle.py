@@ -263,6 +263,12 @@ def dataset_status(dataset: str, timeout: float = CALL_TIMEOUT) -> str:
                  not_found=f"dataset {dataset}")
 
 
+def dataset_version(dataset: str, timeout: float = CALL_TIMEOUT) -> int:
+    """The number of the dataset's current version (GetDataset)."""
+    return _call("dataset_version", {"dataset": dataset}, timeout, f"reading the version of dataset {dataset}",
+                 dataset, not_found=f"dataset {dataset}")
+
+
 def dataset_files(dataset: str, timeout: float = CALL_TIMEOUT) -> dict[str, int]:
     """{file name: size in bytes} of the dataset's current version (every page)."""
     return _call("dataset_files", {"dataset": dataset}, timeout, f"listing the files of dataset {dataset}", dataset,
@@ -687,6 +693,11 @@ def _child_dataset_status(dataset: str) -> str:
     return str(_api().dataset_status(dataset)).lower()
 
 
+def _child_dataset_version(dataset: str) -> int:
+    answer = _api().dataset_status(dataset, format="json(current_version_number)")
+    return int(json.loads(answer)["current_version_number"])
+
+
 def _child_dataset_files(dataset: str) -> dict:
     api, files, token = _api(), {}, None
     while True:
@@ -738,5 +749,6 @@ def _child_submit_code(slug: str, kernel: str, version: int, name: str, message:
 _CHILD_OPS = {"download": _child_download, "submit": _child_submit, "list": _child_list, "limits": _child_limits,
               "info": _child_info, "whoami": _child_whoami, "push_dataset": _child_push_dataset,
               "dataset_status": _child_dataset_status, "dataset_files": _child_dataset_files,
+              "dataset_version": _child_dataset_version,
               "push_kernel": _child_push_kernel, "kernel_status": _child_kernel_status,
               "kernel_output": _child_kernel_output, "submit_code": _child_submit_code}

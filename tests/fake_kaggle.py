@@ -18,7 +18,8 @@ Endpoints (POST, JSON, /api/v1/<service>/<Method>; `docs/code-competitions-wire.
     All but GetSubmission answer 404 unless `competitionName` is the fake's `slug`.
   blobs.BlobApiService/StartBlobUpload -> {token, createUrl} (a dataset file: the name and size are kept).
   datasets.DatasetApiService: CreateDataset, CreateDatasetVersion -> {ref, url, status: "ok"} or {status: "error",
-    error}; GetDatasetStatus -> {status} (HTTP 404 for an unknown dataset); ListDatasetFiles -> {datasetFiles}.
+    error}; GetDatasetStatus -> {status} (HTTP 404 for an unknown dataset); ListDatasetFiles -> {datasetFiles};
+    GetDataset -> {ref, title, currentVersionNumber, isPrivate}.
   kernels.KernelsApiService: SaveKernel -> {ref, url, versionNumber, kernelId[, invalid*Sources]} or {error}, and
     starts the run; GetKernelSessionStatus -> {status[, failureMessage]}; ListKernelSessionOutput -> {files: [{fileName,
     url}], log} (never a nextPageToken).
@@ -79,7 +80,7 @@ from urllib.parse import quote, unquote, urlsplit
 ENDPOINTS = ("StartSubmissionUpload", "upload", "CreateSubmission", "ListSubmissions", "GetSubmissionLimits",
              "DownloadDataFiles", "files", "IntrospectToken", "GetCompetition", "CreateCodeSubmission",
              "GetSubmission", "StartBlobUpload", "CreateDataset", "CreateDatasetVersion", "GetDatasetStatus",
-             "ListDatasetFiles", "SaveKernel", "GetKernelSessionStatus", "ListKernelSessionOutput", "kernel-output")
+             "ListDatasetFiles", "GetDataset", "SaveKernel", "GetKernelSessionStatus", "ListKernelSessionOutput", "kernel-output")
 NO_AUTH = ("upload", "files", "kernel-output", "IntrospectToken")  # the client sends no Kaggle credentials there
 NOTEBOOK = "__notebook__.py"
 LOG_LIMIT = 100_000  # characters of a run's stdout+stderr kept in ListKernelSessionOutput's log (the tail)
@@ -743,6 +744,15 @@ class _Handler(BaseHTTPRequestHandler):
             fake._dataset_polls[ref] = polls = fake._dataset_polls.get(ref, 0) + 1
         status = fake.dataset_status or ("BLOBS_RECEIVED" if polls <= fake.dataset_ready_polls else "READY")
         self._send(200, {"status": status})
+
+    def _ep_GetDataset(self, payload, body, parts):
+        fake = self.server_state
+        ref = f"{payload.get('ownerSlug', '')}/{payload.get('datasetSlug', '')}"
+        versions = fake.datasets.get(ref)
+        if not versions:
+            return self._error(404, f"Dataset {ref} not found")
+        self._send(200, {"ref": ref, "title": versions[-1]["title"], "currentVersionNumber": len(versions),
+                         "isPrivate": versions[-1]["private"]})
 
     def _ep_ListDatasetFiles(self, payload, body, parts):
         fake = self.server_state

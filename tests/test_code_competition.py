@@ -97,7 +97,7 @@ def test_push_submit_and_a_hidden_rerun_scored(project, fake, tmp_path, hidden):
     assert "same 359 rows" in r.stderr and f"× {HIDDEN} hidden test images" in r.stderr
     # the dataset holds every file of the manifest
     (dataset,) = fake.datasets
-    assert dataset == "alice/ens-digits-models"
+    assert dataset == "alice/ens-digits-tiny-models"
     files = fake.datasets[dataset][-1]["files"]
     assert {"ens-manifest.json", "m0-convnext-0.pth", "m1-resnet-0.pth"} <= set(files)
     assert any(n.startswith("ens-") and n.endswith(".whl") for n in files)
@@ -116,7 +116,7 @@ def test_push_submit_and_a_hidden_rerun_scored(project, fake, tmp_path, hidden):
     row = history(project)[-1]
     assert row["destination"] == "kaggle notebook" and row["notebook"] == "alice/ens-digits-tiny/1"
     assert row["status"] == "complete" and float(row["score"]) == pytest.approx(sub.score, abs=1e-5)
-    assert row["ref"] == str(sub.ref) and row["dataset"].startswith("alice/ens-digits-models ")
+    assert row["ref"] == str(sub.ref) and row["dataset"].startswith("alice/ens-digits-tiny-models/1 ")
 
     # unchanged: the dataset is not uploaded again; the notebook is pushed as version 2
     uploads = fake.endpoints().count("StartBlobUpload")

@@ -126,7 +126,7 @@ def test_the_notebook_runs_here_offline_and_writes_the_runs_csv(trained):
     b, kernel_dir = delivery(root, g, csv, said).check_here(g, chosen_of(g))
     meta = json.loads((kernel_dir / "kernel-metadata.json").read_text())
     assert meta["enable_internet"] is False and meta["competition_sources"] == ["digits"]
-    assert meta["dataset_sources"] == ["owner/ens-digits-models"] and meta["kernel_type"] == "script"
+    assert meta["dataset_sources"] == ["owner/ens-digits-tiny-models"] and meta["kernel_type"] == "script"
     assert any("same 359 rows" in line and "1000 hidden test images" in line for line in said), said
 
 
@@ -204,7 +204,7 @@ def test_libraries_of_another_version_come_from_the_dataset(trained, tmp_path):
         pin["version"] = "0.0.0"  # as if this image had others
     (dataset / MANIFEST).write_text(json.dumps(manifest))
     write_kernel(tmp_path / "kernel", g.competition, "tiny", b, "owner")
-    tree = kaggle_tree(tmp_path / "check", g.competition, g.data.root, dataset, dataset_slug(g.competition))
+    tree = kaggle_tree(tmp_path / "check", g.competition, g.data.root, dataset, dataset_slug(g.competition, "tiny"))
     run = run_script(tmp_path / "kernel" / SCRIPT, tree, "submission.csv", timeout=600)
     for name in ("timm", "fastai"):
         wheel = manifest["pinned"][name]["wheel"]

@@ -98,7 +98,8 @@ class NotebookDelivery:
         work = b.folder.parent / f"check.{owner_tag()}"
         self.say(f"checking the notebook here (network off) on {len(g.data.test_paths)} public test images ...")
         try:
-            root = kaggle_tree(work, self.comp, self.data_root, b.folder, dataset_slug(self.comp))
+            slug = dataset_slug(self.comp, b.manifest["ensemble"])
+            root = kaggle_tree(work, self.comp, self.data_root, b.folder, slug)
             run = run_script(script, root, self.comp.notebook.output, timeout=self.comp.notebook.runtime_hours * 3600)
             if ".whl" not in run.timing.get("ens_from", ""):
                 raise EnsError(f"the notebook imported ens from {run.timing.get('ens_from')}, not from its dataset's "
@@ -111,13 +112,15 @@ class NotebookDelivery:
 
     # -- on Kaggle --------------------------------------------------------------------------------------------
     def upload(self, b, owner: str) -> str:
-        """The dataset's current version holding exactly `b`'s files (uploaded unless it already does)."""
-        dataset = f"{owner}/{dataset_slug(self.comp)}"
+        """The dataset's current version holding exactly `b`'s files (uploaded unless it already does):
+        "owner/slug/version"."""
+        dataset = f"{owner}/{dataset_slug(self.comp, b.manifest['ensemble'])}"
         wanted = b.files
         try:
             if kaggle.dataset_files(dataset) == wanted:
-                self.say(f"dataset {dataset} already holds content {b.content}: not uploaded again")
-                return dataset
+                version = kaggle.dataset_version(dataset)
+                self.say(f"dataset {dataset} version {version} already holds content {b.content}: not uploaded again")
+                return f"{dataset}/{version}"
         except kaggle.KaggleError as e:
             if "404" not in e.reason:
                 raise
@@ -135,7 +138,9 @@ class NotebookDelivery:
             shown = ", ".join(f"{n} ({got[n]} of {wanted[n]} bytes)" if n in got else f"{n} (missing)" for n in lost)
             raise kaggle.KaggleError(f"Kaggle's new version of dataset {dataset} lacks {shown}: run again to upload "
                                      "another version", "dataset incomplete")
-        return dataset
+        version = kaggle.dataset_version(dataset)
+        self.say(f"dataset {dataset} version {version} is ready, every file checked")
+        return f"{dataset}/{version}"
 
     def push(self, kernel_dir: Path, ensemble: str, b, owner: str, dataset: str) -> tuple[str, int]:
         write_kernel(kernel_dir, self.comp, ensemble, b, owner)

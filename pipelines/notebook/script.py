@@ -73,15 +73,16 @@ def kernel_slug(comp: Competition, ensemble: str) -> str:
     return slug[:50].rstrip("-")
 
 
-def dataset_slug(comp: Competition) -> str:
-    """The weights' dataset: one per competition, a version per content (6..50 characters)."""
-    return re.sub(r"[^a-z0-9]+", "-", f"ens-{comp.name}-models".lower()).strip("-")[:50].rstrip("-")
+def dataset_slug(comp: Competition, ensemble: str) -> str:
+    """The weights' dataset: one per notebook (two ensembles pushed at once never share one), a version per content
+    (6..50 characters)."""
+    return f"{kernel_slug(comp, ensemble)[:43].rstrip('-')}-models"
 
 
 def write_kernel(folder: Path, comp: Competition, ensemble: str, bundle: Bundle, owner: str) -> Path:
     """The kernel folder (script + kernel-metadata.json) for pushing notebook owner/<kernel_slug>."""
     folder.mkdir(parents=True, exist_ok=True)
-    dataset = f"{owner}/{dataset_slug(comp)}"
+    dataset = f"{owner}/{dataset_slug(comp, ensemble)}"
     script = _TEMPLATE.format(version=bundle.manifest["ens"], ensemble=ensemble, competition=comp.kaggle or comp.name,
                               dataset=dataset, content=bundle.content, output=comp.notebook.output, manifest=MANIFEST)
     (folder / SCRIPT).write_text(script)
