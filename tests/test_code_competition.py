@@ -183,6 +183,15 @@ def test_a_notebook_that_times_out_on_kaggle_is_named(project, fake, tmp_path):
     assert history(project)[-1]["status"] == "notebook error" and not fake.submissions
 
 
+def test_a_notebook_that_writes_no_csv_is_named(project, fake, tmp_path):
+    fake.python = "/bin/true"  # the notebook "runs" and ends well, writing nothing
+    r = ens("kaggle", "push", "digits/tiny.yaml", "--submit", cwd=project, env_extra=kaggle_env(fake, tmp_path),
+            timeout=600)
+    line = one_line_error(r)
+    assert "notebook alice/ens-digits-tiny version 1 wrote no submission.csv" in line
+    assert history(project)[-1]["status"] == "notebook error" and not fake.submissions
+
+
 def test_a_csv_is_never_uploaded_to_a_code_competition(project, fake, tmp_path):
     env = kaggle_env(fake, tmp_path)
     r = ens("run", "digits/tiny.yaml", "--no-submit", cwd=project, env_extra=env, timeout=300)
