@@ -101,6 +101,15 @@ class Entry:
         path = self.path.parent / "models" / str(self.train_key) / MODEL
         return path if self.train_key and path.is_file() else None
 
+    @property
+    def model_sha256(self) -> str:
+        """The kept weights' checksum, as `save_model` recorded it (hashing gigabytes again is not needed; a
+        checksum-less older file is hashed)."""
+        try:
+            return json.loads((self.model_path.parent / "meta.json").read_text())["files"][MODEL]
+        except (OSError, ValueError, KeyError):
+            return _sha256(self.model_path)
+
 
 MODEL = "model.pth"
 

@@ -82,15 +82,21 @@ def run(ensemble: str = typer.Argument(..., help="ensembles/<competition>/<name>
 
     Example: ens run digits/final.yaml defaults.epochs=1 members.vit.lr=0.005
     """
+    proj = _project(project)
+    _run_and_show(proj, ensemble, overrides or [], submit=not no_submit, wait=not no_wait, force=force,
+                  folds=_fold_list(folds), parallel=_parallel(parallel, address, gpus_per_member, cpus_per_member))
+
+
+def _run_and_show(proj: Project, ensemble: str, overrides: list[str], **options) -> None:
+    """`run_ensemble` with progress (`options`: its keywords), then its table and where the submission went; a code
+    competition's notebook steps are said on stderr."""
     from .run import run_ensemble
 
-    proj = _project(project)
-    chosen = _fold_list(folds)
-    spread_on = _parallel(parallel, address, gpus_per_member, cpus_per_member)
-    result = _with_progress(lambda progress, report: run_ensemble(
-        proj, ensemble, overrides or [], progress, report, not no_submit, not no_wait, force, chosen, spread_on))
+    options["notebook"] = {"say": _say, **options.get("notebook", {})}
+    result = _with_progress(lambda progress, report: run_ensemble(proj, ensemble, overrides, progress, report,
+                                                                  **options))
     if result.csv is None:
-        _print_incomplete(result, proj, ensemble, overrides or [])
+        _print_incomplete(result, proj, ensemble, overrides)
         return
     _print_run(result, proj)
     _print_delivery(result.delivery)
@@ -763,17 +769,8 @@ def kaggle_push(ensemble: str = typer.Argument(..., help="the ensemble YAML of a
 
     Example: ens kaggle push leaves/final.yaml --submit
     """
-    from .run import run_ensemble
-
-    proj = _project(project)
-    options = dict(say=_say, check_runtime=runtime_check)
-    result = _with_progress(lambda progress, report: run_ensemble(
-        proj, ensemble, overrides or [], progress, report, submit, not no_wait, push=True, notebook=options))
-    if result.csv is None:
-        _print_incomplete(result, proj, ensemble, overrides or [])
-        return
-    _print_run(result, proj)
-    _print_delivery(result.delivery)
+    _run_and_show(_project(project), ensemble, overrides or [], submit=submit, wait=not no_wait, push=True,
+                  notebook={"check_runtime": runtime_check})
 
 
 @kaggle_app.command("status", short_help="Follow the competition's notebooks still running on Kaggle; fetch, check "

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from . import ensemble
-from .config import Member, Project
+from .config import Project
 from .errors import EnsError
 from .run import MemberOutcome, gather_members
 
@@ -31,25 +31,18 @@ def gather_kept(project: Project, spec: str, overrides, what: str):
 def kept_probs(outcome: MemberOutcome, data, paths: list) -> dict:
     """{'plain', 'tta'} probabilities of `paths` by the member's kept models, as its test predictions are made:
     the mean of a cross-validated member's fold models (or its refit)."""
-    from .predict import tta_probs
+    from .predict import paths_probs
 
-    out = []
-    for unit in outcome.predictors:
-        learn = kept_learner(unit, data)
-        out.append(tta_probs(learn, learn.dls.test_dl([str(p) for p in paths]), outcome.member))
+    out = [paths_probs(kept_learner(unit, data), outcome.member, paths) for unit in outcome.predictors]
     return {k: np.mean([o[k] for o in out], axis=0) for k in ("plain", "tta")}
 
 
 def kept_learner(outcome: MemberOutcome, data):
     """The member's Learner with its kept weights (built without downloading anything), at its final size, fp32."""
-    from .predict import learner_from_weights
+    from . import predict
 
-    member = Member.model_validate(outcome.entry.meta["member"])
-    # from the images: it predicts whatever paths it is given (a decoded copy holds the same pixels)
-    learn = learner_from_weights(member.model_copy(update={"num_workers": 0, "decode": False}), data,
-                                 outcome.entry.model_path,
-                                 outcome.entry.meta["normalize"])
-    return learn.to_fp32()
+    meta = outcome.entry.meta
+    return predict.kept_learner(meta["member"], data, outcome.entry.model_path, meta["normalize"])[1]
 
 
 @dataclass

@@ -152,6 +152,20 @@ def view_transforms(name: str) -> list:
     return [zoom(t, l, share) for t, l in ((0, 0), (0, 1), (1, 0), (1, 1), (0.5, 0.5))]
 
 
+def kept_learner(member_config: dict, data: CompetitionData, weights, normalize):
+    """(Member, Learner) of a kept model, from the member config its meta recorded: fp32, no loader workers, from
+    the images — it predicts whatever paths it is given (a decoded copy holds the same pixels)."""
+    member = Member.model_validate(member_config).model_copy(update={"num_workers": 0, "decode": False})
+    return member, learner_from_weights(member, data, weights, normalize).to_fp32()
+
+
+def paths_probs(learn, member: Member, paths) -> dict:
+    """`tta_probs` of the image files `paths`, the random passes seeded as for the test images (`seed_split`)."""
+    dl = learn.dls.test_dl([str(p) for p in paths])
+    seed_split(member, "test")
+    return tta_probs(learn, dl, member)
+
+
 def learner_from_weights(member: Member, data: CompetitionData, weights, normalize, precision: str = "fp32"):
     """The member's Learner at its final size with the kept weights `weights` (a state dict or a file), its
     inputs normalised with `normalize` (mean, std), under `precision` on CUDA; nothing is downloaded."""

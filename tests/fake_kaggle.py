@@ -726,40 +726,43 @@ class _Handler(BaseHTTPRequestHandler):
                                                   bool(payload.get("isPrivate", False)), ""))
 
     def _ep_CreateDatasetVersion(self, payload, body, parts):
-        fake = self.server_state
-        ref = f"{payload.get('ownerSlug', '')}/{payload.get('datasetSlug', '')}"
-        if ref not in fake.datasets:
-            return self._error(404, f"Dataset {ref} not found")
-        previous = fake.datasets[ref][-1]
+        ref, versions = self._dataset(payload)
+        if not versions:
+            return
+        previous = versions[-1]
         inner = payload.get("body") or {}
         self._send(200, self._new_dataset_version(ref, inner.get("files", []), previous["title"], previous["private"],
                                                   inner.get("versionNotes", "")))
 
     def _ep_GetDatasetStatus(self, payload, body, parts):
         fake = self.server_state
-        ref = f"{payload.get('ownerSlug', '')}/{payload.get('datasetSlug', '')}"
-        if ref not in fake.datasets:
-            return self._error(404, f"Dataset {ref} not found")
+        ref, versions = self._dataset(payload)
+        if not versions:
+            return
         with fake._lock:
             fake._dataset_polls[ref] = polls = fake._dataset_polls.get(ref, 0) + 1
         status = fake.dataset_status or ("BLOBS_RECEIVED" if polls <= fake.dataset_ready_polls else "READY")
         self._send(200, {"status": status})
 
-    def _ep_GetDataset(self, payload, body, parts):
-        fake = self.server_state
+    def _dataset(self, payload) -> tuple[str, list]:
+        """The dataset an RPC names (ownerSlug, datasetSlug) and its versions; [] after answering 404 when unknown."""
         ref = f"{payload.get('ownerSlug', '')}/{payload.get('datasetSlug', '')}"
-        versions = fake.datasets.get(ref)
+        versions = self.server_state.datasets.get(ref) or []
         if not versions:
-            return self._error(404, f"Dataset {ref} not found")
+            self._error(404, f"Dataset {ref} not found")
+        return ref, versions
+
+    def _ep_GetDataset(self, payload, body, parts):
+        ref, versions = self._dataset(payload)
+        if not versions:
+            return
         self._send(200, {"ref": ref, "title": versions[-1]["title"], "currentVersionNumber": len(versions),
                          "isPrivate": versions[-1]["private"]})
 
     def _ep_ListDatasetFiles(self, payload, body, parts):
-        fake = self.server_state
-        ref = f"{payload.get('ownerSlug', '')}/{payload.get('datasetSlug', '')}"
-        versions = fake.datasets.get(ref)
+        ref, versions = self._dataset(payload)
         if not versions:
-            return self._error(404, f"Dataset {ref} not found")
+            return
         number = int(payload.get("datasetVersionNumber") or len(versions))
         if not 1 <= number <= len(versions):
             return self._error(404, f"Dataset {ref} has no version {number}")

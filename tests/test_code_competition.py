@@ -174,21 +174,16 @@ def test_a_push_error_in_a_successful_answer_is_an_error(project, fake, tmp_path
     assert not fake.runs
 
 
-def test_a_notebook_that_times_out_on_kaggle_is_named(project, fake, tmp_path):
-    fake.run_timeout = 1
+@pytest.mark.parametrize("knob, value, said", [
+    ("run_timeout", 1, "failed on Kaggle (timeout)"),  # the run is killed after 1 s
+    ("python", "/bin/true", "wrote no submission.csv"),  # the notebook "runs" and ends well, writing nothing
+], ids=["times out", "writes no csv"])
+def test_a_notebook_run_that_fails_on_kaggle_is_named(project, fake, tmp_path, knob, value, said):
+    setattr(fake, knob, value)
     r = ens("kaggle", "push", "digits/tiny.yaml", "--submit", cwd=project, env_extra=kaggle_env(fake, tmp_path),
             timeout=600)
     line = one_line_error(r)
-    assert "notebook alice/ens-digits-tiny version 1 failed on Kaggle (timeout)" in line
-    assert history(project)[-1]["status"] == "notebook error" and not fake.submissions
-
-
-def test_a_notebook_that_writes_no_csv_is_named(project, fake, tmp_path):
-    fake.python = "/bin/true"  # the notebook "runs" and ends well, writing nothing
-    r = ens("kaggle", "push", "digits/tiny.yaml", "--submit", cwd=project, env_extra=kaggle_env(fake, tmp_path),
-            timeout=600)
-    line = one_line_error(r)
-    assert "notebook alice/ens-digits-tiny version 1 wrote no submission.csv" in line
+    assert f"notebook alice/ens-digits-tiny version 1 {said}" in line
     assert history(project)[-1]["status"] == "notebook error" and not fake.submissions
 
 

@@ -13,22 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import make_project
+from conftest import TINY, make_project
 
 from pipelines.config import Project
 from pipelines.errors import EnsError
 
-NOTEBOOK_TINY = """\
-competition: digits
-defaults:
-  pretrained: false
-  size: 32
-  epochs: 1
-  lr: 0.005
-  batch_size: 64
-  num_workers: 0
-  aug_transforms: {do_flip: false, max_rotate: 10}
-  tta: {n: 2}
+# the conftest's tiny defaults with two random TTA passes; a decoded member and a weighted one
+NOTEBOOK_TINY = TINY.split("members:")[0].replace("tta: {n: 1}", "tta: {n: 2}") + """\
 members:
   - {name: convnext, arch: test_convnext, decode: true}
   - {name: resnet, arch: test_resnet, weight: 2}

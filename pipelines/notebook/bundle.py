@@ -70,11 +70,6 @@ def notebook_blend(g, chosen: Chosen) -> dict:
     return {"method": "weights", "power": combine.power, "weights": [float(w) for w in blended.weights]}
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def _package_files() -> list[tuple[str, Path]]:
     """(name in the wheel, file) of every module of ens (the `pipelines` package), sorted."""
     root = Path(__file__).resolve().parents[1]
@@ -163,7 +158,7 @@ def _manifest(g, chosen: Chosen, blend: dict) -> tuple[dict, list[tuple[str, Pat
         models = []
         for j, unit in enumerate(o.predictors):
             name = f"m{i}-{o.member.name}-{j}.pth"
-            models.append({"file": name, "sha256": _sha256(unit.entry.model_path), "fold": unit.fold,
+            models.append({"file": name, "sha256": unit.entry.model_sha256, "fold": unit.fold,
                            "normalize": unit.entry.meta["normalize"], "member": unit.entry.meta["member"]})
             weights.append((name, unit.entry.model_path))
         members.append({"name": o.member.name, "models": models})

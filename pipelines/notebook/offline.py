@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..config import Competition, Member
+from ..config import Competition
 from ..errors import EnsError
 
 TIMING = "ens-timing.json"  # written beside the submission: images, seconds to load and to predict
@@ -42,13 +42,10 @@ def _offline_data(comp: Competition, root: Path, vocab: list[str], test_paths: l
 
 def member_test_probs(model: dict, folder: Path, data, kind: str):
     """One kept model's test probabilities (`kind` 'tta' or 'plain'), drawn as `ens run` drew them."""
-    from ..predict import learner_from_weights, seed_split, tta_probs
+    from ..predict import kept_learner, paths_probs
 
-    member = Member.model_validate(model["member"]).model_copy(update={"num_workers": 0, "decode": False})
-    learn = learner_from_weights(member, data, folder / model["file"], model["normalize"]).to_fp32()
-    dl = learn.dls.test_dl([str(data.root / p) for p in data.test_paths])
-    seed_split(member, "test")
-    return tta_probs(learn, dl, member)[kind]
+    member, learn = kept_learner(model["member"], data, folder / model["file"], model["normalize"])
+    return paths_probs(learn, member, [data.root / p for p in data.test_paths])[kind]
 
 
 def blend(probs: list, spec: dict):
