@@ -1,4 +1,4 @@
-"""The one exception type for problems a user can cause and fix; `cli.py` shows it as one line."""
+"""The one exception type for problems a user can cause and fix; `cli/` shows it as one line."""
 
 
 class EnsError(Exception):
@@ -7,7 +7,7 @@ class EnsError(Exception):
     exit_code = 1
 
     def __init__(self, message: object = "", *args):
-        # one line, whatever the message quotes (a parser's multi-line report, a path with a newline): cli.py
+        # one line, whatever the message quotes (a parser's multi-line report, a path with a newline): cli/
         # prints `error: <message>` and tests and scripts read exactly one line
         super().__init__(" ".join(str(message).split()), *args)
 

@@ -1,6 +1,6 @@
 """`ens run`: config → data → (cache hit, or train → predict → cache) per member → combine → checked submission.
 
-Returns what happened; `cli.py` prints it.
+Returns what happened; `cli/` prints it.
 """
 
 from __future__ import annotations
