@@ -6,7 +6,6 @@ Knows nothing of fastai: `ens cache ls` and ablation read it without importing t
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import TTA_SEEDING, Member
-from .errors import EnsError
+from .errors import disk_full, disk_full_error
 from .util import owner_tag, sweep_dead
 
 # bump when what an entry holds, or how a member is trained, changes meaning. 2: keys canonical (equivalent
@@ -116,15 +115,6 @@ MODEL = "model.pth"
 
 class DamagedEntry(Exception):
     pass
-
-
-def disk_full(e: OSError) -> bool:
-    return e.errno in (errno.ENOSPC, errno.EDQUOT)
-
-
-def disk_full_error(folder: Path, what: str) -> EnsError:
-    return EnsError(f"the disk is full while writing {what} in {folder}: free some space there (`df -h {folder}`) "
-                    "and run again; nothing finished was lost")
 
 
 def tta_blend(aug: np.ndarray, plain: np.ndarray, beta: float) -> np.ndarray:

@@ -61,9 +61,18 @@ def cuda_facts() -> dict:
     return _FACTS
 
 
+def resolve_precision(requested: str, cuda: bool, bf16_supported: bool) -> str:
+    """'fp32' on CPU whatever was asked (CPU autocast to half is slower and less exact); on CUDA 'auto' is bf16
+    where the card computes it natively (no loss scaling needed; `bf16_supported` must mean native, as
+    `memory.bf16_native` answers: emulated bf16 on a T4 or P100 is slower than fp16), else fp16."""
+    if not cuda:
+        return "fp32"
+    if requested in ("auto", "bf16"):  # bf16 asked of a card without it: fp16 is the fast path left
+        return "bf16" if bf16_supported else "fp16"
+    return requested
+
+
 def key_precision(requested: str) -> str:
     """The precision a member asking `requested` trains with here (what its cache key holds)."""
-    from .train import resolve_precision
-
     facts = cuda_facts()
     return resolve_precision(requested, facts["cuda"], facts["bf16"])

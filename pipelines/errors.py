@@ -1,5 +1,10 @@
 """The one exception type for problems a user can cause and fix; `cli/` shows it as one line."""
 
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
 
 class EnsError(Exception):
     """A user-fixable problem. The message names the problem and the fix; `exit_code` is what `ens` exits with."""
@@ -16,3 +21,13 @@ class ConfigError(EnsError):
     """Bad input in a YAML file or on the command line (exit code 2)."""
 
     exit_code = 2
+
+
+def disk_full(e: OSError) -> bool:
+    """Whether an OSError means no space (or quota) left: every writer turns it into `disk_full_error`."""
+    return e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full_error(folder: Path, what: str) -> EnsError:
+    return EnsError(f"the disk is full while writing {what} in {folder}: free some space there (`df -h {folder}`) "
+                    "and run again; nothing finished was lost")

@@ -365,10 +365,11 @@ def _trained_on(project, member: Member, data, fold):
     """The data `ens run` trains the unit on (with its pseudo-labels); without them when the teacher is not
     cached yet (the unit then shows as to train, as it will be once the teacher is)."""
     from .errors import EnsError
-    from .run import member_data
+    from .run import gather_members
+    from .unit import member_data
 
     try:
-        return member_data(project, member, data, fold)
+        return member_data(project, member, data, fold, gather=gather_members)
     except EnsError:
         return data
 
@@ -448,8 +449,9 @@ def plan_ensemble(project: Project, spec: str, overrides: list[str] = (), *, dev
     module docstring); nothing is downloaded."""
     from .memory import cuda_probe, plan_member
     from .models import build_model
-    from .run import fold_variants, check_ensemble
-    from .train import resolve_precision
+    from .run import check_ensemble
+    from .unit import fold_variants
+    from .device import resolve_precision
 
     path, ens, comp = check_ensemble(project, spec, list(overrides))
     data_known = bool(comp.builtin) or comp.data_path(project).is_dir()  # an embedded one is built, not downloaded

@@ -6,13 +6,9 @@ Returns what happened; `cli/` prints it.
 from __future__ import annotations
 
 import json
-import os
-import platform
-import shutil
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from importlib.metadata import version
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,7 +22,7 @@ from .data import CompetitionData, load_data
 from .errors import EnsError
 from .models import check_arch
 from .notebook.bundle import Chosen
-from .util import file_lock, say
+from .unit import member_scores, compute_member, fold_variants, member_data, member_entry
 
 if TYPE_CHECKING:
     from .schedule import Parallel
@@ -92,185 +88,6 @@ def check_ensemble(project: Project, spec: str, overrides: list[str]) -> tuple[P
     return path, ens, comp
 
 
-def versions() -> dict:
-    return {p: version(p) for p in ("fastai", "timm", "torch", "torchvision", "numpy")} | {"python": platform.python_version()}
-
-
-def member_entry(member: Member, data: CompetitionData, cache: MemberCache, train: str, key: str,
-                 progress, worker: dict | None = None) -> tuple[Entry, str]:
-    """The member's entry, computed as cheaply as the cache allows, and how: 'derived' (the arrays of an entry
-    of the same weights and passes give another beta), 'predicted' (kept weights, new TTA), 'trained' or
-    'resumed'. Under the training key's lock: a second run wanting the same weights waits, then reads them.
-    `worker` (a Ray task's host, pid, node, GPUs) joins the meta of what is trained."""
-    waiting = lambda: say(progress)(f"{member.name}: another ens run is computing it (key {train}); "
-                                    "waiting for it to finish")
-    with file_lock(cache.lock(train), on_wait=waiting):
-        entry = cache.load(key)
-        if entry is not None:
-            return entry, "cached"
-        sibling = cache.tta_sibling(train, member.tta_passes, member.tta.view_names) \
-            if member.tta_passes or member.tta.views else None
-        if sibling is not None:
-            return _derive(member, sibling, cache, key), "derived"
-        if member.prepare:
-            from .data import prepare_data
-
-            data = prepare_data(data, member.prepare, cache.root.parent)
-        kept = cache.model_meta(train)
-        if kept is not None:
-            return _predict_kept(member, data, cache, train, key, kept, progress), "predicted"
-        return _train_and_predict(member, data, cache, train, key, progress, worker)
-
-
-def _derive(member: Member, sibling: Entry, cache: MemberCache, key: str) -> Entry:
-    """Another beta over the same augmented passes: a blend of cached arrays, no prediction."""
-    from .cache import tta_probs_of
-
-    views = member.tta.view_names
-    arrays = {k: v for k, v in sibling.arrays.items() if "_view_" not in k or k.split("_view_", 1)[1] in views}
-    for split in ("valid", "test"):
-        arrays[f"{split}_tta"] = tta_probs_of(arrays, split, member.tta.beta, member.tta_passes, views)
-    meta = dict(sibling.meta, member=member.model_dump(mode="json"), key_fields=member.key_fields(),
-                derived_from=sibling.key, computed="derived", created=_now())
-    meta.update(_scores(arrays, sibling.vocab, sibling.meta.get("metric_names", ["accuracy", "log_loss"])))
-    return cache.save(key, arrays, meta)
-
-
-def _scores(probs: dict, vocab: list[str], names) -> dict:
-    """Validation metrics and per-class tables of `probs`, plain and TTA."""
-    targets = probs["valid_targets"]
-    names = list(dict.fromkeys(["accuracy", "log_loss", *names]))
-    if not len(targets):  # a refit on every training image: nothing to score it on
-        return {"metrics": {}, "per_class": {}, "metric_names": names}
-    return {"metrics": {f"{kind}_{name}": ensemble.score(name, probs[f"valid_{kind}"], targets)
-                        for kind in ("plain", "tta") for name in names},
-            "per_class": {kind: ensemble.per_class(probs[f"valid_{kind}"], targets, vocab) for kind in ("plain", "tta")},
-            "metric_names": names}
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _entry_from(member: Member, data: CompetitionData, cache: MemberCache, key: str, learn, trained_meta: dict,
-                progress) -> Entry:
-    """Predict with `learn` and write the entry: probabilities, scores, and how the weights were made."""
-    from .predict import predict_member
-
-    probs, predict_seconds = predict_member(learn, member, data, progress)
-    vocab = list(learn.dls.vocab)
-    if vocab != data.vocab:
-        raise RuntimeError(f"the learner's vocab {vocab} differs from the competition's {data.vocab}")
-    return _save_probs(member, data, cache, key, probs, trained_meta, predict_seconds)
-
-
-def _save_probs(member: Member, data: CompetitionData, cache: MemberCache, key: str, probs: dict,
-                trained_meta: dict, predict_seconds: float) -> Entry:
-    vocab = data.vocab
-    arrays = dict(probs, valid_ids=np.array(data.valid_paths), test_ids=np.array(data.test_ids), vocab=np.array(vocab))
-    timings = dict(trained_meta.get("timings") or {}, predict_seconds=round(predict_seconds, 2))
-    meta = dict(trained_meta, member=member.model_dump(mode="json"), key_fields=member.key_fields(),
-                timings=timings, created=_now(), **_scores(arrays, vocab, [data.competition.metric]))
-    return cache.save(key, arrays, meta)
-
-
-def _predict_kept(member, data, cache: MemberCache, train: str, key: str, kept: dict, progress) -> Entry:
-    from .predict import learner_from_weights
-
-    learn = learner_from_weights(member, data, cache.model_file(train), kept["normalize"],
-                                 kept.get("precision", "fp32"))
-    return _entry_from(member, data, cache, key, learn, dict(kept, computed="predicted"), progress)
-
-
-def _train_and_predict(member: Member, data: CompetitionData, cache: MemberCache, train: str, key: str,
-                       progress, worker: dict | None = None) -> tuple[Entry, str]:
-    from .train import train_member
-
-    if member.classical:
-        return _classical_entry(member, data, cache, train, key, progress, worker), "trained"
-    partial = cache.partial(train)  # per-epoch checkpoints of an unfinished member: a rerun resumes there
-    try:
-        trained = train_member(member, data, progress, checkpoint_dir=partial)
-    except RuntimeError as e:
-        if "input size" in str(e) or "Input image height" in str(e) or "Input height" in str(e):
-            raise EnsError(f"member {member.name}: size {member.final_size} is too small or does not fit "
-                           f"{member.arch} ({str(e).splitlines()[0]}); choose a larger size") from None
-        raise
-    trained_meta = _trained_meta(member, data, train, trained.seconds, trained.history, trained.device, worker,
-                                 resumed_at=trained.resumed_at, memory=trained.memory, normalize=trained.normalize,
-                                 precision=trained.precision, deterministic=trained.deterministic,
-                                 pseudo_labels=len(set(data.train_paths) & set(data.test_paths)) if member.pseudo else None)
-    if member.keep_model:  # what a TTA change, `ens eval`, `ens bench` and code competitions need
-        cache.save_model(train, trained.learn.model.state_dict(), dict(trained_meta, created=_now()))
-    entry = _entry_from(member, data, cache, key, trained.learn, trained_meta, progress)
-    shutil.rmtree(partial, ignore_errors=True)  # finished: its checkpoints have served
-    return entry, "resumed" if trained.resumed_at else "trained"
-
-
-def _classical_entry(member: Member, data: CompetitionData, cache: MemberCache, train: str, key: str, progress,
-                     worker: dict | None) -> Entry:
-    """A classical member (`classical.py`): features of the member's decoded copy at its size (every image
-    decoded once, as `decode: true` does), a scikit-learn classifier fitted on the training images, its class
-    probabilities of the validation and test images (no TTA: the plain probabilities are the TTA's)."""
-    from .classical import fit_predict
-    from .data.decoded import decoded_images
-    from .data.loaders import _hw
-
-    start = time.perf_counter()
-    say(progress)(f"{member.name} ({member.arch}): features of {len(data.train_paths) + len(data.test_paths)} images "
-                  "and a scikit-learn classifier")
-    decoded = decoded_images(data, _hw(member.final_size), say(progress))
-    images, index = decoded.images, {label: i for i, label in enumerate(data.vocab)}
-    rows = np.array(decoded.rows(data.train_paths))
-    targets = np.array([index[label] for label in data.train_labels], dtype="int64")
-    train_rows = [i for i, v in enumerate(data.is_valid) if not v]
-    valid_rows = [i for i, v in enumerate(data.is_valid) if v]
-    probs = fit_predict(member.arch, images[rows[train_rows]], targets[train_rows],
-                        {"valid": images[rows[valid_rows]], "test": images[decoded.rows(data.test_paths)]},
-                        seed=member.seed, n_classes=len(data.vocab))
-    seconds = time.perf_counter() - start
-    arrays = {"valid_plain": probs["valid"], "valid_tta": probs["valid"], "test_plain": probs["test"],
-              "test_tta": probs["test"], "valid_targets": targets[valid_rows]}
-    meta = _trained_meta(member, data, train, seconds, [], "cpu", worker,
-                         seconds_per_image=round(seconds / max(1, len(data.train_paths) + len(data.test_paths)), 5))
-    meta["versions"]["scikit-learn"] = version("scikit-learn")
-    return _save_probs(member, data, cache, key, arrays, meta, 0.0)
-
-
-def _trained_meta(member: Member, data: CompetitionData, train: str, seconds: float, history: list, device: str,
-                  worker: dict | None, **more) -> dict:
-    """How a member's cache entry (and kept weights) were made: what `ens cache ls`, reports and resumes read."""
-    return {
-        "computed": "trained",  # or "predicted" from kept weights, or "derived" from another entry's arrays
-        "competition": data.competition.name,
-        "train_key": train,
-        "train_fields": member.train_fields(),
-        "data_fingerprint": data.fingerprint,
-        "cv": data.cv_fold,  # None, or which fold of which cross-validation (`ens cache ls` groups by it)
-        "history": history,
-        "timings": {"train_seconds": round(seconds, 2)},
-        "device": device,
-        "threads": _threads(),
-        "worker": worker or {"host": platform.node(), "pid": os.getpid()},
-        "versions": versions(),
-        **more,
-    }
-
-
-def _threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
-
-
-def _check_aligned(outcomes: list[MemberOutcome]) -> None:
-    """Members are averaged row by row: their ids and classes must agree (they do when keys share the data)."""
-    first = outcomes[0].entry
-    for o in outcomes[1:]:
-        for name in ("valid_ids", "test_ids", "vocab"):
-            if not np.array_equal(o.entry.arrays[name], first.arrays[name]):
-                raise EnsError(f"cache entry {o.entry.key} ({o.member.name}) has other {name} than "
-                               f"{first.key} ({outcomes[0].member.name}); `ens cache ls` shows both, delete one")
 
 
 @dataclass
@@ -306,6 +123,8 @@ class Gathered:
         return holdout_parts(arrays["valid_ids"], arrays["valid_targets"], self.competition.split.seed)
 
 
+
+
 @dataclass
 class _Planned:
     member: Member
@@ -317,81 +136,14 @@ class _Planned:
     compute: bool  # computed when missing (else only read: --cached-only, or a fold outside --folds)
 
 
-def member_data(project: Project, member: Member, data: CompetitionData, fold, seen: tuple = ()) -> CompetitionData:
-    """The data `member` trains on for `fold` (None: holdout; k; 'refit'): `data`, plus its pseudo-labelled test
-    images when it has `pseudo:` (`config.Pseudo`), chosen from the teacher's cached test predictions that never
-    saw this unit's validation images."""
-    if member.distill is not None:
-        from .data import with_soft_targets
-
-        probs = _teacher_test_probs(project, member, member.distill.teacher, fold, seen)
-        tempered = probs.astype("float64") ** (1 / member.distill.temperature)
-        return with_soft_targets(data, tempered / tempered.sum(1, keepdims=True), member.distill.weight)
-    if member.pseudo is None:
-        return data
-    from .data import with_pseudo_labels
-
-    probs = _teacher_test_probs(project, member, member.pseudo.teacher, fold, seen)
-    pick = probs.max(1) >= member.pseudo.threshold if member.pseudo.threshold is not None else \
-        _top_per_class(probs, member.pseudo.top)
-    labels = [data.vocab[i] for i in probs.argmax(1)]
-    chosen = [i for i in range(len(probs)) if pick[i]]
-    return with_pseudo_labels(data, [data.test_paths[i] for i in chosen], [labels[i] for i in chosen])
-
-
-def _top_per_class(probs: np.ndarray, share: float) -> np.ndarray:
-    """The `share` most confident test images of each predicted class (at least one of each class predicted)."""
-    pick = np.zeros(len(probs), dtype=bool)
-    predicted, confidence = probs.argmax(1), probs.max(1)
-    for c in np.unique(predicted):
-        rows = np.flatnonzero(predicted == c)
-        keep = max(1, int(round(len(rows) * share)))
-        pick[rows[np.argsort(-confidence[rows], kind="stable")[:keep]]] = True
-    return pick
-
-
-def _teacher_test_probs(project: Project, member: Member, spec: str, fold, seen: tuple) -> np.ndarray:
-    """The teacher's blended test probabilities (its members' weighted mean of their `probs:` kind) that a unit of
-    `member` may learn from: a holdout unit, a holdout teacher's; fold f, the teacher's fold-f models'; the refit,
-    the teacher's own (fold mean or refit)."""
-    if spec in seen:
-        raise EnsError(f"member {member.name}: its teacher {spec} leads back to itself ({' → '.join(seen)})")
-    g = gather_members(project, spec, cached_only=True, seen=(*seen, spec))
-    shown = project.relative(g.path)
-    if g.missing or g.incomplete:
-        raise EnsError(f"member {member.name}: its teacher {shown} is not fully cached "
-                       f"({', '.join(m.name for m in g.missing)}); run `ens run {shown}` first")
-    if (fold is None) != (not g.cv) and fold != "refit":
-        mine = "holdout" if fold is None else "cross-validated"
-        raise EnsError(f"member {member.name}: a {mine} member needs a {mine} teacher ({shown} is not): the teacher's "
-                       "models must not have seen the member's validation images; pick another teacher")
-    kind = g.ensemble.probs
-    if fold is None or fold == "refit":
-        probs = [o.entry.probs("test", kind) for o in g.outcomes]
-    else:
-        probs = [next(u.entry for u in o.folds if u.fold == fold).probs("test", kind) for o in g.outcomes]
-    return ensemble.combine(probs, [o.member.weight for o in g.outcomes])
-
-
-def fold_variants(ens: Ensemble, data: CompetitionData, folds: list[int] | None, shown: str):
-    """[(fold, data, compute)] every member is trained on, and the folds of the training images (cv) or None:
-    the holdout split; or each fold of the competition's cv (and a refit on every image with `refit: full`),
-    those outside `folds` read from the cache but not computed."""
-    if ens.validation != "cv":
-        if folds is not None:
-            raise EnsError(f"{shown}: --folds needs a cross-validated ensemble (validation: cv)")
-        return [(None, data, True)], None
-    from .data import cv_folds, fold_data
-
-    fold_ids = cv_folds(data)
-    k = data.competition.cv.folds
-    bad = [f for f in folds or () if not 0 <= f < k]
-    if bad:
-        raise EnsError(f"--folds {','.join(map(str, folds))}: the competition has folds 0 to {k - 1}; fix --folds")
-    variants = [(f, fold_data(data, fold_ids, f), folds is None or f in folds) for f in range(k)]
-    if ens.refit == "full":
-        variants.append(("refit", fold_data(data, fold_ids, None), folds is None))
-    return variants, fold_ids
+def _check_aligned(outcomes: list[MemberOutcome]) -> None:
+    """Members are averaged row by row: their ids and classes must agree (they do when keys share the data)."""
+    first = outcomes[0].entry
+    for o in outcomes[1:]:
+        for name in ("valid_ids", "test_ids", "vocab"):
+            if not np.array_equal(o.entry.arrays[name], first.arrays[name]):
+                raise EnsError(f"cache entry {o.entry.key} ({o.member.name}) has other {name} than "
+                               f"{first.key} ({outcomes[0].member.name}); `ens cache ls` shows both, delete one")
 
 
 def gather_members(project: Project, spec: str, overrides: list[str] = (), progress=None,
@@ -400,7 +152,7 @@ def gather_members(project: Project, spec: str, overrides: list[str] = (), progr
     """Each member's cache entry, computing the ones that are missing (unless `cached_only`; in cv, only the
     folds in `folds` when given): first every key and cache look-up, then the checks that can fail before any
     training time is spent, then the work — in this process, or with `parallel` as Ray tasks
-    (`schedule.compute_member`). `on_member` hears of every model (each fold model in cv)."""
+    (`unit.compute_member`). `on_member` hears of every model (each fold model in cv)."""
     path, ens, comp = check_ensemble(project, spec, list(overrides))
     data = load_data(project, comp)
     cache = MemberCache(project.cache, comp.name)
@@ -411,7 +163,7 @@ def gather_members(project: Project, spec: str, overrides: list[str] = (), progr
     for member in ens.members:
         drift = []
         for fold, d, compute in variants:
-            d = member_data(project, member, d, fold, seen)
+            d = member_data(project, member, d, fold, seen, gather=gather_members)
             train = train_key(member, d.fingerprint)
             key = prediction_key(train, member)
             entry = cache.load(key)
@@ -460,10 +212,11 @@ def _compute_on_ray(project: Project, path: Path, overrides: list[str], todo: li
                     cache: MemberCache, progress, done, warnings: list[str]) -> None:
     """The missing units as Ray tasks; each finished one read back from the cache by its key and passed to
     `done`. A unit whose worker died and was retried is named in `warnings`."""
-    from .schedule import Connection, Unit, compute_member, run_units
+    from .schedule import Connection, Unit, run_units
 
     units = [Unit(u.member.name + ("" if u.fold is None else f" {unit_name(u.fold)}"), compute_member,
-                  (str(project.root), str(path), overrides, u.member.name, u.fold, u.train, u.key)) for u in todo]
+                  (str(project.root), str(path), overrides, u.member.name, u.fold, u.train, u.key, gather_members))
+             for u in todo]
     planned = {unit.label: u for unit, u in zip(units, todo)}
 
     def finished(unit: Unit) -> None:
@@ -496,7 +249,7 @@ def _by_member(ens: Ensemble, units: list[MemberOutcome], variants, data: Compet
         folds = {f: o.entry for f, o in mine.items() if f != "refit"}
         refit = mine["refit"].entry if "refit" in mine else None
         try:
-            entry = join_folds(data, fold_ids, folds, refit, _scores)
+            entry = join_folds(data, fold_ids, folds, refit, member_scores)
         except ValueError as e:
             raise EnsError(f"member {member.name}: its fold models do not fit together ({e}); "
                            "`ens cache ls` shows them: delete them and run again") from None

@@ -26,7 +26,6 @@ import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 from .errors import EnsError
@@ -393,27 +392,3 @@ def _task(fn, args, board, label: str, shape: Slots):
         progress.flush(wait=True)
 
 
-# ----------------------------------------------------------------------------------------------- ens run's unit
-def compute_member(root: str, spec: str, overrides: list[str], member_name: str, fold, train: str, key: str,
-                   progress=None, worker: dict | None = None) -> dict:
-    """One unit of `ens run` inside a task: the config and data re-read from the project, the unit's keys checked
-    against the driver's (a YAML or the data changed since the run began: an error, not a wrong entry), then the
-    same path as a sequential run (`run.member_entry`). Returns the entry's key and how it was computed."""
-    from .cache import MemberCache, train_key
-    from .config import Project, load_ensemble
-    from .data import load_data
-    from .run import fold_variants, member_data, member_entry
-
-    project = Project(Path(root))
-    path, ens, comp = load_ensemble(project, spec, list(overrides))
-    member = next((m for m in ens.members if m.name == member_name), None)
-    data = load_data(project, comp)
-    variants, _ = fold_variants(ens, data, None, project.relative(path))
-    data = next((d for f, d, _ in variants if f == fold), None)
-    data = member_data(project, member, data, fold) if member is not None and data is not None else data
-    if member is None or data is None or train_key(member, data.fingerprint) != train:
-        raise EnsError(f"{project.relative(path)}: member {member_name} (or its data) changed since this run began; "
-                       "run again")
-    cache = MemberCache(project.cache, comp.name)
-    entry, how = member_entry(member, data, cache, train, key, progress, worker)
-    return {"key": entry.key, "how": how}

@@ -194,3 +194,17 @@ def spread(values) -> str:
     import numpy as np
 
     return f"{np.mean(values):.4f} ± {np.std(values):.4f}" if len(values) else ""
+
+
+@contextmanager
+def building(dest: Path, leftovers: list[str], lock: Path | None = None):
+    """One builder of `dest` at a time, across processes: hold a lock file (`lock`, by default `.<name>.lock`
+    beside `dest`; released by the kernel if the holder dies), saying on stderr when another run holds it, and
+    sweep first what dead processes left in dest's folder (`leftovers`: util.sweep_dead patterns). Re-check
+    `dest` inside: another run may have built it while this one waited."""
+    def say():
+        print(f"waiting for another ens run building {dest} ...", file=sys.stderr, flush=True)
+
+    with file_lock(lock or dest.parent / f".{dest.name}.lock", on_wait=say):
+        sweep_dead(dest.parent, leftovers)
+        yield

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..config import Competition, Project
 from ..errors import ConfigError, EnsError
-from ..util import file_lock, lock_file_for, owner_tag, process_pool, sweep_dead, write_json
+from ..util import building, file_lock, lock_file_for, owner_tag, process_pool, sweep_dead, write_json
 
 
 @dataclass(frozen=True)
@@ -103,20 +103,6 @@ def build_digits(dest: Path, test_fraction: float = 0.2) -> None:
 
 
 BUILDERS = {"digits": build_digits}
-
-
-@contextmanager
-def building(dest: Path, leftovers: list[str], lock: Path | None = None):
-    """One builder of `dest` at a time, across processes: hold a lock file (`lock`, by default `.<name>.lock`
-    beside `dest`; released by the kernel if the holder dies), saying on stderr when another run holds it, and
-    sweep first what dead processes left in dest's folder (`leftovers`: util.sweep_dead patterns). Re-check
-    `dest` inside: another run may have built it while this one waited."""
-    def say():
-        print(f"waiting for another ens run building {dest} ...", file=sys.stderr, flush=True)
-
-    with file_lock(lock or dest.parent / f".{dest.name}.lock", on_wait=say):
-        sweep_dead(dest.parent, leftovers)
-        yield
 
 
 def ensure_data(project: Project, comp: Competition) -> Path:

@@ -93,7 +93,7 @@ def decoded_folder(data, hw: tuple[int, int]) -> Path:
 
 def decoded_images(data, hw: tuple[int, int], say=None) -> Decoded:
     """The copy of `data`'s training then test images at `hw` (h, w), built first if missing (see module doc)."""
-    from . import building
+    from ..util import building
 
     dest = decoded_folder(data, hw)
     paths = list(data.train_paths) + list(data.test_paths)
@@ -121,7 +121,7 @@ def _build(data, paths: list[str], hw: tuple[int, int], dest: Path, say) -> None
 
     import numpy as np
 
-    from ..cache import disk_full, disk_full_error
+    from ..errors import disk_full, disk_full_error
 
     start = time.perf_counter()
     tmp = dest.with_name(dest.name + f".building-{owner_tag()}")

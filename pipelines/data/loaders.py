@@ -13,8 +13,12 @@ inside the functions only.
 from __future__ import annotations
 
 
-from . import CompetitionData
+from typing import TYPE_CHECKING
+
 from .decoded import decoded_images
+
+if TYPE_CHECKING:
+    from . import CompetitionData
 
 
 def _hw(size) -> tuple[int, int]:

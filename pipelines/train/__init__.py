@@ -9,20 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import Member
+from ..device import resolve_precision
 from ..data import CompetitionData, dataloaders
 from ..models import build_learner
 from ..util import say, unique_suffix
-
-
-def resolve_precision(requested: str, cuda: bool, bf16_supported: bool) -> str:
-    """'fp32' on CPU whatever was asked (CPU autocast to half is slower and less exact); on CUDA 'auto' is bf16
-    where the card computes it natively (no loss scaling needed; `bf16_supported` must mean native, as
-    `memory.bf16_native` answers: emulated bf16 on a T4 or P100 is slower than fp16), else fp16."""
-    if not cuda:
-        return "fp32"
-    if requested in ("auto", "bf16"):  # bf16 asked of a card without it: fp16 is the fast path left
-        return "bf16" if bf16_supported else "fp16"
-    return requested
 
 
 def device_precision(requested: str) -> tuple[str, str]:
@@ -255,7 +245,7 @@ def _fit(member, data, progress, checkpoint_dir, cbs, device, precision, plan) -
     from fastai.vision.all import Normalize, accuracy, noop
 
     from ..accel import accelerate, loader_options
-    from ..cache import disk_full, disk_full_error
+    from ..errors import disk_full, disk_full_error
 
     start = time.perf_counter()
     seed_run(member, device)  # also seeds the DataLoaders' own RNG, drawn when they are built
