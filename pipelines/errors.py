@@ -23,6 +23,21 @@ class ConfigError(EnsError):
     exit_code = 2
 
 
+class KaggleError(EnsError):
+    """A Kaggle call that failed. `str(error)` is one line naming the problem and the fix; `reason` is a short
+    form for the submission history; `transient` is True when the same call may well succeed later; `kind` and
+    `detail` say how the call failed (the child's classification, or 'timeout' / 'crashed' in the parent), from
+    which `submit` judges `maybe_submitted`."""
+
+    def __init__(self, message: str, reason: str | None = None, transient: bool = False, kind: str | None = None,
+                 detail: str = ""):
+        super().__init__(message)  # one line: EnsError collapses the whitespace
+        self.reason = " ".join(str(reason or self).split())
+        self.transient = transient
+        self.kind, self.detail = kind, detail
+        self.maybe_submitted = False
+
+
 def disk_full(e: OSError) -> bool:
     """Whether an OSError means no space (or quota) left: every writer turns it into `disk_full_error`."""
     return e.errno in (errno.ENOSPC, errno.EDQUOT)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import ensemble, submission
+from . import ensemble, submission, unit
 from .cache import Entry, MemberCache, prediction_key, train_key, version_drift
 from .config import Combine, Competition, Ensemble, Member, Project, load_ensemble
 from .crossval import costliest, join_folds, unit_name
@@ -22,7 +22,7 @@ from .data import CompetitionData, load_data
 from .errors import EnsError
 from .models import check_arch
 from .notebook.bundle import Chosen
-from .unit import member_scores, compute_member, fold_variants, member_data, member_entry
+from .unit import compute_member, fold_variants, member_entry, member_scores
 
 if TYPE_CHECKING:
     from .schedule import Parallel
@@ -146,6 +146,11 @@ def _check_aligned(outcomes: list[MemberOutcome]) -> None:
                                f"{first.key} ({outcomes[0].member.name}); `ens cache ls` shows both, delete one")
 
 
+def member_data(project: Project, member: Member, data: CompetitionData, fold, seen: tuple = ()) -> CompetitionData:
+    """`unit.member_data` with this driver gathering the teacher ensembles it reads (pseudo-labels, distillation)."""
+    return unit.member_data(project, member, data, fold, seen, gather=gather_members)
+
+
 def gather_members(project: Project, spec: str, overrides: list[str] = (), progress=None,
                    on_member=lambda outcome: None, cached_only: bool = False,
                    folds: list[int] | None = None, parallel: "Parallel | None" = None, seen: tuple = ()) -> Gathered:
@@ -163,7 +168,7 @@ def gather_members(project: Project, spec: str, overrides: list[str] = (), progr
     for member in ens.members:
         drift = []
         for fold, d, compute in variants:
-            d = member_data(project, member, d, fold, seen, gather=gather_members)
+            d = member_data(project, member, d, fold, seen)
             train = train_key(member, d.fingerprint)
             key = prediction_key(train, member)
             entry = cache.load(key)

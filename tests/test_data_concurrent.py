@@ -11,8 +11,8 @@ from contextlib import redirect_stderr
 from pathlib import Path
 
 import pytest
-
 from conftest import make_project
+
 from pipelines import data as data_module
 from pipelines import kaggle
 from pipelines.config import Prepare, Project, load_competition
@@ -104,7 +104,7 @@ def test_two_first_runs_download_the_kaggle_data_once(tmp_path, monkeypatch):
             z.writestr("sample_submission.csv", "image_id,label\n")
         return []
 
-    monkeypatch.setattr(kaggle, "_call", fake_call)  # inherited by the forked processes
+    monkeypatch.setattr(kaggle.client, "_call", fake_call)  # inherited by the forked processes
     dest = tmp_path / "data" / "comp"
     dest.parent.mkdir()
     stale = dest.parent / f".comp.partial-download-{_dead_pid()}-0123abcd"

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import TINY, ens, make_project
+
 from pipelines.config import Project
 from pipelines.errors import EnsError
 from pipelines.schedule import Connection, Parallel, Slots, Unit, run_units, slots
@@ -225,11 +225,12 @@ def test_a_worker_killed_mid_member_is_retried_and_resumes_at_its_epoch(ray_clus
 
 
 def test_a_task_finding_its_member_changed_fails_once_with_the_reason(ray_cluster, tmp_path, digits_data):
-    from pipelines.schedule import compute_member
+    from pipelines.run import gather_members
+    from pipelines.unit import compute_member
 
     root = make_project(tmp_path / "p", digits_data, {"tiny": TINY})
     unit = Unit("resnet", compute_member, (str(root), str(root / "ensembles/digits/tiny.yaml"), [], "resnet", None,
-                                           "0" * 20, "1" * 20))
+                                           "0" * 20, "1" * 20, gather_members))
     with Connection(Parallel(n=1)) as conn, pytest.raises(EnsError, match="changed since this run began; run again"):
         run_units(conn, [unit])
     assert len(unit.starts) == 1
@@ -299,11 +300,11 @@ def test_a_parallel_tune_fills_the_same_study_a_sequential_one_resumes(ray_clust
     """Trials on Ray Tune (OptunaSearch in ens's SQLite study, Tune's median stopping): as many finished trials as
     asked, each value what retraining its member gives; a later sequential call counts them and adds one more."""
     import torch
+    from test_tune import SEARCH
 
     from pipelines.data import load_data, train_fraction
     from pipelines.train import train_member
-    from pipelines.tune import tune_member, trial_member
-    from test_tune import SEARCH
+    from pipelines.tune import trial_member, tune_member
 
     root = make_project(tmp_path / "p", digits_data, {"search": SEARCH.replace("pruner: none", "pruner: median")})
     import io
@@ -337,9 +338,9 @@ def test_a_parallel_tune_fills_the_same_study_a_sequential_one_resumes(ray_clust
 
 def test_a_killed_trial_is_restored_from_its_checkpoint(ray_cluster, tmp_path, digits_data):
     import optuna
+    from test_tune import SEARCH
 
     from pipelines.tune import tune_member
-    from test_tune import SEARCH
 
     search = SEARCH.replace("epochs: 2", "epochs: 5").replace("trials: 3", "trials: 1")
     root = make_project(tmp_path / "p", digits_data, {"search": search})

@@ -1,0 +1,183 @@
+"""A member's parameters and FLOPs (counted once, memoised) and the time estimate fitted on cached members'
+rates."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from ..cache import MemberCache
+from ..config import is_classical
+from ..data.decoded import decoded_bytes  # noqa: F401 - the plan prints it (tests import it from here)
+from ..memory import _size_text
+from ..models import package_version
+from ..util import user_cache, write_json
+
+
+def _hw(size) -> tuple[int, int]:
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def _text(size) -> str:
+    return _size_text(size if isinstance(size, int) else tuple(size))
+
+
+# the class count the networks are built with when neither the data nor the competition's `expected:` gives one:
+# the fewest a classifier has, so parameters and FLOPs are lower bounds (more classes only widen the last layer)
+PLACEHOLDER_CLASSES = 2
+
+
+# --------------------------------------------------------------------------------------------- params and FLOPs
+def flops_memo_path() -> Path:
+    versions = "-".join(f"{short}{package_version(p)}" for short, p in
+                        (("torch", "torch"), ("timm", "timm"), ("tv", "torchvision"), ("fastai", "fastai")))
+    return user_cache() / f"flops-{versions}.json"
+
+
+def count_flops(model, size) -> int:
+    """Forward FLOPs of one image at `size` (torch's FlopCounterMode: 2 per multiply-add)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    h, w = _hw(size)
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(torch.zeros(1, 3, h, w))
+    return int(counter.get_total_flops())
+
+
+class ModelStats:
+    """params and forward FLOPs per (arch, build size, classes), memoised in a JSON file."""
+
+    def __init__(self, memo: Optional[Path] = None, build: Optional[Callable] = None):
+        self.memo = memo or flops_memo_path()
+        try:
+            self.table = json.loads(self.memo.read_text())
+        except (OSError, ValueError):
+            self.table = {}
+        self.dirty = False
+        self.built = 0  # models built in this session (0 when everything came from the memo)
+        self._build = build
+
+    def _entry(self, arch: str, n_classes: int, final_size) -> tuple[str, dict]:
+        key = f"{arch}|{_text(final_size)}|{n_classes}"
+        entry = self.table.setdefault(key, {"params": None, "flops": {}})
+        entry.setdefault("errors", {})
+        return key, entry
+
+    def get(self, arch: str, n_classes: int, final_size, sizes) -> tuple[int, dict[str, Optional[int]]]:
+        """(params, {size text: forward FLOPs per image}) of `arch` built for `final_size`, at each of `sizes`;
+        None for a size the network cannot take (its reason in `error`)."""
+        if is_classical(arch):  # no network: features and a scikit-learn classifier
+            return 0, {_text(s): 0 for s in sizes}
+        key, entry = self._entry(arch, n_classes, final_size)
+        missing = [s for s in sizes if _text(s) not in entry["flops"]]
+        if entry["params"] is None or missing:
+            build = self._build
+            if build is None:
+                from ..models import build_model as build
+            model = build(arch, n_classes, final_size)
+            self.built += 1
+            entry["params"] = sum(p.numel() for p in model.parameters())
+            for s in missing:
+                try:
+                    entry["flops"][_text(s)] = count_flops(model, s)
+                except RuntimeError as e:  # e.g. a size too small for the arch's downsampling
+                    entry["flops"][_text(s)] = None
+                    entry["errors"][_text(s)] = str(e).splitlines()[0][:200]
+            self.dirty = True
+        return entry["params"], {_text(s): entry["flops"][_text(s)] for s in sizes}
+
+    def error(self, arch: str, n_classes: int, final_size, size) -> Optional[str]:
+        return self._entry(arch, n_classes, final_size)[1]["errors"].get(_text(size))
+
+    def save(self) -> None:
+        if not self.dirty:
+            return
+        try:  # merge with what another process may have written meanwhile
+            on_disk = json.loads(self.memo.read_text())
+        except (OSError, ValueError):
+            on_disk = {}
+        for k, v in self.table.items():
+            old = on_disk.get(k) or {"params": None, "flops": {}}
+            on_disk[k] = {"params": v["params"] or old["params"], "flops": {**old["flops"], **v["flops"]},
+                          "errors": {**old.get("errors", {}), **v.get("errors", {})}}
+        write_json(self.memo, on_disk, indent=0, sort_keys=True)
+        self.dirty = False
+
+
+def _train_work(n_train: int, stages, frozen_epochs: int, gflops: Callable) -> float:
+    """image · GFLOP of training (see the module docstring)."""
+    work = sum(epochs * gflops(size) for size, epochs in stages)
+    if frozen_epochs:
+        work += frozen_epochs * gflops(stages[0][0])
+    return n_train * work
+
+
+def _predict_work(n_images: int, tta_n: int, final_size, gflops: Callable) -> float:
+    return (tta_n + 1) * n_images * gflops(final_size)
+
+
+@dataclass
+class _Rate:
+    arch: str
+    train_seconds: float
+    train_work: float
+    predict_seconds: float
+    predict_work: float
+
+
+def _frozen(pretrained, freeze_epochs) -> int:
+    return int(freeze_epochs or 0) if pretrained else 0
+
+
+def _images(cv: Optional[dict], n_images: int, n_valid: int, n_test: int) -> tuple[int, int]:
+    """(images trained on, images predicted) of a cache entry by its `cv`: a holdout member's; a fold model's (its
+    fold taken as 1/folds of the images); a refit's (every image; only the test images predicted)."""
+    if not cv:
+        return n_images - n_valid, n_valid + n_test
+    if cv.get("fold") == "refit":
+        return n_images, n_test
+    fold = round(n_images / int(cv["folds"]))
+    return n_images - fold, fold + n_test
+
+
+def _rates(cache: MemberCache, device: str, stats: ModelStats, n_classes: int, images: Callable) -> list[_Rate]:
+    """One measured rate per cached model trained on `device` (entries that cannot be read are skipped);
+    `images(meta["cv"])` is (images trained on, images predicted) of an entry."""
+    rates = []
+    for meta in cache.entries():
+        try:
+            if meta.get("damaged") or meta.get("device") != device or meta.get("computed", "trained") != "trained":
+                continue  # entries predicted from kept weights or derived from others measure no training
+            k, t = meta["key_fields"], meta["timings"]
+            n_train, n_pred = images(meta.get("cv"))
+            stages = [(s if isinstance(s, int) else tuple(s), e) for s, e in k["stages"]]
+            final = stages[-1][0]
+            sizes = list(dict.fromkeys(s for s, _ in stages))
+            _, flops = stats.get(k["arch"], n_classes, final, sizes)
+            if any(f is None for f in flops.values()):
+                continue
+            gflops = lambda s: flops[_text(s)] / 1e9  # noqa: E731
+            train_work = _train_work(n_train, stages, _frozen(k.get("pretrained"), k.get("freeze_epochs")), gflops)
+            predict_work = _predict_work(n_pred, int(k.get("tta", {}).get("n", 4)), final, gflops)
+            if train_work > 0 and t.get("train_seconds"):
+                rates.append(_Rate(k["arch"], float(t["train_seconds"]), train_work,
+                                   float(t.get("predict_seconds") or 0.0), predict_work))
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError):
+            continue  # an entry of an older format, or an arch this installation cannot build
+    return rates
+
+
+def _estimate(rates: list[_Rate], arch: str, train_work: float, predict_work: float) -> tuple[float, float, str] | None:
+    same = [r for r in rates if r.arch == arch]
+    pool = same or rates
+    if not pool:
+        return None
+    train_rate = sum(r.train_seconds for r in pool) / sum(r.train_work for r in pool)
+    predict_rate = sum(r.predict_seconds for r in pool) / sum(r.predict_work for r in pool)
+    basis = f"{arch}, {len(same)} cached" if same else f"{len(pool)} cached member{'s' * (len(pool) > 1)}"
+    return train_rate * train_work, predict_rate * predict_work, basis
