@@ -289,21 +289,72 @@ def _stack_features(probs_list: list[np.ndarray], eps: float) -> np.ndarray:
     return np.concatenate([np.log(np.clip(np.asarray(p, dtype="float64"), eps, 1.0)) for p in probs_list], axis=1)
 
 
-def stacking_fit(probs_list: list[np.ndarray], targets: np.ndarray, C: float = 1.0, eps: float = BLEND_EPS):
-    """A multinomial logistic regression (lbfgs) on the members' concatenated, clipped log-probabilities: it can
-    re-temper a miscalibrated member, shift a class's bias and weigh members per class, which no weighted mean
-    can. C is the inverse L2 strength (small C: close to equal weights; use it on few OOF rows). Deterministic
-    (lbfgs, fixed random_state). Returns the fitted sklearn model; predict with `stacking_predict`.
-    Runs with one BLAS thread: the problem is small, and on a busy machine (data loaders, a CI run) BLAS threads
-    only contend — 500 rows fitted ~20x slower with two threads than with one here."""
-    from sklearn.linear_model import LogisticRegression
-    from threadpoolctl import threadpool_limits
+class Stacker:
+    """A fitted multinomial (binary: logistic) regression: `coef_` (one row per class seen, one for two classes),
+    `intercept_`, `classes_` (the target values seen in training), `ens_eps_` (the log inputs' floor)."""
 
-    model = LogisticRegression(C=C, solver="lbfgs", max_iter=5000, random_state=0)  # lbfgs is multinomial
-    with threadpool_limits(1):
-        model.fit(_stack_features(probs_list, eps), np.asarray(targets))
-    model.ens_eps_ = eps
-    return model
+    def __init__(self, coef, intercept, classes, eps):
+        self.coef_, self.intercept_, self.classes_, self.ens_eps_ = coef, intercept, classes, eps
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        z = x @ self.coef_.T + self.intercept_
+        if len(self.classes_) == 2:
+            p1 = 1 / (1 + np.exp(-z[:, 0]))
+            return np.stack([1 - p1, p1], axis=1)
+        z = z - z.max(1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(1, keepdims=True)
+
+
+def _logistic_loss(x: np.ndarray, y: np.ndarray, k: int, C: float):
+    """scikit-learn's L2 logistic regression objective, (1/n)·Σ log loss + ||coef||² / (2·C·n) (the intercept not
+    penalised), and its gradient, over the parameters laid out as scikit-learn's lbfgs path lays them out (binary:
+    [coef, intercept]; multinomial: the (classes × features+1) matrix raveled in Fortran order), so that scipy's
+    L-BFGS takes the same steps."""
+    n, d = x.shape
+    cols = 1 if k == 2 else k
+    onehot = (y[:, None] == np.arange(k)[None, :]).astype("float64")
+
+    def f(theta):
+        wb = theta.reshape(cols, d + 1, order="F")
+        w, b = wb[:, :d], wb[:, d]
+        z = x @ w.T + b
+        if k == 2:
+            t = onehot[:, 1:]
+            loss = np.logaddexp(0, z) - t * z  # -log σ(z) or -log(1 - σ(z))
+            resid = 1 / (1 + np.exp(-z)) - t
+        else:
+            top = z.max(1, keepdims=True)
+            e = np.exp(z - top)
+            total = e.sum(1, keepdims=True)
+            loss = top + np.log(total) - (z * onehot).sum(1, keepdims=True)
+            resid = e / total - onehot
+        value = loss.sum() / n + (w * w).sum() / (2 * C * n)
+        grad = np.concatenate([resid.T @ x / n + w / (C * n), resid.sum(0)[:, None] / n], axis=1)
+        return value, grad.ravel(order="F")
+
+    return f, cols
+
+
+def stacking_fit(probs_list: list[np.ndarray], targets: np.ndarray, C: float = 1.0, eps: float = BLEND_EPS) -> Stacker:
+    """A multinomial logistic regression on the members' concatenated, clipped log-probabilities: it can
+    re-temper a miscalibrated member, shift a class's bias and weigh members per class, which no weighted mean
+    can. C is the inverse L2 strength (small C: close to equal weights; use it on few OOF rows). Deterministic.
+    What `sklearn.linear_model.LogisticRegression(C=C, max_iter=5000)` fits — its objective, minimised by the same
+    scipy L-BFGS call with the same settings (tested against it) — without importing scikit-learn, whose import
+    costs `ens ablate` more than its whole computation. Predict with `stacking_predict`."""
+    from scipy.optimize import minimize
+
+    x = _stack_features(probs_list, eps)
+    classes, y = np.unique(np.asarray(targets), return_inverse=True)
+    d = x.shape[1]
+    if len(classes) < 2:  # one class seen: it is certain (there is nothing to weigh)
+        return Stacker(np.zeros((1, d)), np.array([0.0]), classes, eps)
+    f, cols = _logistic_loss(x, y, len(classes), C)
+    res = minimize(f, np.zeros(cols * (d + 1)), jac=True, method="L-BFGS-B",
+                   options={"maxiter": 5000, "maxls": 50, "gtol": 1e-4, "ftol": 64 * np.finfo(float).eps})
+    wb = res.x.reshape(cols, d + 1, order="F")
+    return Stacker(wb[:, :d], wb[:, d], classes, eps)
 
 
 def stacking_predict(model, probs_list: list[np.ndarray]) -> np.ndarray:

@@ -6,7 +6,6 @@ import math
 import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
-from threadpoolctl import threadpool_limits
 
 from pipelines import ensemble
 from pipelines import ensemble as blend  # the learned blends live beside the fixed ones
@@ -134,6 +133,40 @@ def test_stacking_beats_the_mean_when_a_member_is_miscalibrated():
     assert partial.shape == (test.sum(), K) and (partial[:, 3] == 0).all() and np.allclose(partial.sum(1), 1)
 
 
+@pytest.mark.parametrize("k, members, n, C", [(2, 3, 300, 0.5), (3, 2, 60, 10.0), (5, 4, 400, 1.0)])
+def test_stacking_fits_what_scikit_learns_logistic_regression_fits(k, members, n, C):
+    """ens's stacker minimises scikit-learn's objective without importing scikit-learn: the same probabilities
+    (where both solvers stop at the same point), or an objective at least as low (where L-BFGS paths part)."""
+    rng = np.random.default_rng(k)
+    y = rng.integers(0, k, n)
+    ps = [_softmax(rng.normal(size=(n, k)) + (0.5 + m) * np.eye(k)[y]) for m in range(members)]
+    x = np.concatenate([np.log(np.clip(p, blend.BLEND_EPS, 1)) for p in ps], axis=1)
+    ours = blend.stacking_fit(ps, y, C)
+    theirs = LogisticRegression(C=C, max_iter=5000).fit(x, y)
+    assert np.abs(ours.predict_proba(x) - theirs.predict_proba(x)).max() < 1e-4
+    f, _ = blend._logistic_loss(x, y, k, C)
+    layout = lambda w, b: np.concatenate([w, b[:, None]], axis=1).ravel(order="F")  # noqa: E731
+    assert f(layout(ours.coef_, ours.intercept_))[0] <= f(layout(theirs.coef_, theirs.intercept_))[0] + 1e-9
+
+
+def test_combine_methods_import_no_scikit_learn():
+    """`ens ablate` scores every combine method (stacking too) on accuracy and log loss without scikit-learn's
+    import (1.5 s, more than the whole ablation); it fails if a blend imports it again."""
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np\n"
+            "from pipelines import ensemble\nfrom pipelines.config import COMBINE_METHODS, Combine\n"
+            "rng = np.random.default_rng(0); y = rng.integers(0, 3, 90)\n"
+            "ps = [rng.dirichlet(np.ones(3), 90) for _ in range(3)]; folds = np.arange(90) % 5\n"
+            "for metric in ('accuracy', 'log_loss'):\n"
+            "    for m in COMBINE_METHODS:\n"
+            "        ensemble.blend(Combine(method=m), ps, ps, y, [1, 1, 1], folds, metric)\n"
+            "print(sorted(n for n in sys.modules if n.split('.')[0] in ('sklearn', 'torch')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 # --------------------------------------------------------------------------------------------- nested CV
 def test_nested_cv_score_equals_an_independent_loop_and_never_scores_rows_it_learned_on():
     folds = _folds()
@@ -152,16 +185,14 @@ def test_nested_cv_score_equals_an_independent_loop_and_never_scores_rows_it_lea
         expected_folds.append(float((raw.argmax(1) == y[te]).mean()))
     assert got == float((held_out.argmax(1) == y).mean())
     assert per_fold == expected_folds
-    # stacking on log loss, with sklearn called directly
+    # stacking on log loss, the stacker called directly (it is checked against scikit-learn's above)
     ps, y = _miscalibrated()
     got, per_fold = blend.nested_cv_score(ps, y, folds, blend.stacking_fitter(C=0.5), "log_loss")
     held_out, expected_folds = np.zeros((N, K)), []
     x = np.concatenate([np.log(np.clip(p, blend.BLEND_EPS, 1)) for p in ps], axis=1)
     for k in range(5):
         tr, te = folds != k, folds == k
-        with threadpool_limits(1):  # speed only (BLAS threads contend on a busy machine), as in stacking_fit
-            lr = LogisticRegression(C=0.5, max_iter=5000, random_state=0).fit(x[tr], y[tr])
-        held_out[te] = lr.predict_proba(x[te])
+        held_out[te] = blend.stacking_fit([p[tr] for p in ps], y[tr], C=0.5).predict_proba(x[te])
         expected_folds.append(ensemble.log_loss(held_out[te], y[te]))
     assert got == pytest.approx(ensemble.log_loss(held_out, y), rel=1e-9)
     assert per_fold == pytest.approx(expected_folds, rel=1e-9)
