@@ -86,3 +86,16 @@ def test_cached_only_leaves_out_what_is_missing_and_imports_no_torch(tiny_run, t
     # scikit-learn is allowed: the combine methods' table fits a stacking logistic regression
     assert not {"torch", "fastai", "timm", "torchvision"} & imported
     assert not list((root / "cache/digits").glob(".tmp-*")) and len(list((root / "cache/digits").glob("*/meta.json"))) == 3
+
+
+def test_ens_ablate_imports_no_heavy_library(tiny_run, tmp_path):
+    """`ens ablate` reads the cache: every table (bootstrap, McNemar, subsets, every combine method with stacking
+    and rank averaging) without torch, scikit-learn or scipy.stats, whose imports cost more than the ablation."""
+    root = copy_project(tiny_run[0], tmp_path / "p")
+    code = ("import sys\nfrom pipelines.cli import main\nsys.argv = ['ens', 'ablate', 'digits/tiny.yaml']\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "heavy = ('torch', 'fastai', 'timm', 'sklearn', 'scipy.stats', 'matplotlib', 'ray')\n"
+            "print('HEAVY', sorted(h for h in heavy if h in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert "combine" in out.stdout.lower(), out.stdout + out.stderr  # the methods table was computed
+    assert out.stdout.strip().splitlines()[-1] == "HEAVY []", out.stdout[-500:]

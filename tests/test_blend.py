@@ -150,8 +150,8 @@ def test_stacking_fits_what_scikit_learns_logistic_regression_fits(k, members, n
 
 
 def test_combine_methods_import_no_scikit_learn():
-    """`ens ablate` scores every combine method (stacking too) on accuracy and log loss without scikit-learn's
-    import (1.5 s, more than the whole ablation); it fails if a blend imports it again."""
+    """`ens ablate` scores every combine method (stacking and rank too) on accuracy and log loss without importing
+    scikit-learn or scipy.stats (each costs more than the whole ablation); it fails if a blend imports one again."""
     import subprocess
     import sys
 
@@ -162,9 +162,24 @@ def test_combine_methods_import_no_scikit_learn():
             "for metric in ('accuracy', 'log_loss'):\n"
             "    for m in COMBINE_METHODS:\n"
             "        ensemble.blend(Combine(method=m), ps, ps, y, [1, 1, 1], folds, metric)\n"
-            "print(sorted(n for n in sys.modules if n.split('.')[0] in ('sklearn', 'torch')))\n")
+            "print(sorted(n for n in sys.modules if n.split('.')[0] in ('sklearn', 'torch') or n == 'scipy.stats'))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_average_ranks_and_mcnemar_equal_scipys():
+    """The two statistics ens computes without importing scipy.stats (its import costs `ens ablate` more than
+    the ablation) equal scipy's: tie-averaged ranks and the exact two-sided binomial test of McNemar."""
+    from scipy.stats import binomtest, rankdata
+
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 7, 300):
+        for values in (rng.random(n), rng.integers(0, 4, n).astype(float)):
+            assert np.array_equal(blend.average_ranks(values), rankdata(values))
+    for n in range(1, 80):
+        for k in range(n + 1):
+            a = np.arange(n) < k
+            assert ensemble.mcnemar_p(a, ~a) == pytest.approx(binomtest(k, n, 0.5).pvalue, rel=1e-12, abs=1e-300)
 
 
 # --------------------------------------------------------------------------------------------- nested CV
