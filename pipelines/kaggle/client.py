@@ -262,7 +262,7 @@ def _call(op: str, args: dict, timeout: float, doing: str, slug: str, progress_d
     $ENS_KAGGLE_TIMEOUT (seconds), when set, caps every such limit."""
     if os.environ.get("ENS_KAGGLE_TIMEOUT"):
         timeout = min(timeout, float(os.environ["ENS_KAGGLE_TIMEOUT"]))
-    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r}); "
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r}); "
             "from pipelines.kaggle import _child_main; _child_main()")
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         proc = subprocess.Popen([sys.executable, "-c", code, op, json.dumps(args)], stdin=subprocess.DEVNULL,
