@@ -117,6 +117,27 @@ class DamagedEntry(Exception):
     pass
 
 
+def torch_save(obj, path: Path) -> None:
+    """`torch.save` into `path` through a Python file, so that a full disk is the OSError (ENOSPC) the disk-full
+    handlers catch. Given a path, torch writes itself and says only "enforce fail at inline_container.cc" (a
+    RuntimeError); given a file, the file's OSError is raised, or is the context of that RuntimeError (torch
+    closes its archive on the way out): raised as itself."""
+    import torch
+
+    try:
+        with open(path, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except RuntimeError as e:
+        cause = e.__context__
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__context__
+        if cause is None:
+            raise
+        raise cause from None
+
+
 def tta_blend(aug: np.ndarray, plain: np.ndarray, beta: float) -> np.ndarray:
     """fastai's `lerp(aug, plain, beta)`, computed by ens alone so that a blend derived later for another beta
     from the kept arrays equals one made at prediction time."""
@@ -139,6 +160,7 @@ class MemberCache:
     <key>/               an entry: probabilities (probs.npz) and meta.json, keyed by the prediction key;
     models/<train key>/  the kept weights (model.pth) and their meta.json, keyed by the training key;
     .partial-<train key>/ the per-epoch checkpoint of a member being trained;
+    notebook/<content>/  a code competition's dataset (`notebook.bundle`), not an entry;
     .locks/<train key>.lock  held while a member is trained or predicted, so two runs never do it twice at once."""
 
     def __init__(self, cache_root: Path, competition: str):
@@ -235,9 +257,7 @@ class MemberCache:
         """Keep a trained member's weights (and how to rebuild it) under models/<train key>/."""
 
         def write(tmp: Path) -> None:
-            import torch
-
-            torch.save(state_dict, tmp / MODEL)
+            torch_save(state_dict, tmp / MODEL)
             _write_json(tmp / "meta.json", dict(meta, train_key=train, files={MODEL: _sha256(tmp / MODEL)}))
 
         self._write_dir(self.model_dir(train), write, f"the weights of {train}")
@@ -285,7 +305,7 @@ class MemberCache:
         """meta.json of every entry (unverified: listing must stay instant)."""
         out = []
         for folder in sorted(self.root.iterdir()) if self.root.is_dir() else []:
-            if folder.name.startswith(".") or folder.name == "models" or not folder.is_dir():
+            if folder.name.startswith(".") or folder.name in ("models", "notebook") or not folder.is_dir():
                 continue
             try:
                 meta = json.loads((folder / "meta.json").read_text())

@@ -36,21 +36,31 @@ def member_entry(member: Member, data: CompetitionData, cache: MemberCache, trai
     waiting = lambda: say(progress)(f"{member.name}: another ens run is computing it (key {train}); "
                                     "waiting for it to finish")
     with file_lock(cache.lock(train), on_wait=waiting):
-        entry = cache.load(key)
-        if entry is not None:
-            return entry, "cached"
-        sibling = cache.tta_sibling(train, member.tta_passes, member.tta.view_names) \
-            if member.tta_passes or member.tta.views else None
-        if sibling is not None:
-            return _derive(member, sibling, cache, key), "derived"
-        if member.prepare:
-            from .data import prepare_data
+        entry, how = _compute_entry(member, data, cache, train, key, progress, worker)
+        # the checkpoints of an interrupted training have served once an entry exists (one is left when the
+        # rerun predicts from weights kept before the interruption)
+        shutil.rmtree(cache.partial(train), ignore_errors=True)
+        return entry, how
 
-            data = prepare_data(data, member.prepare, cache.root.parent)
-        kept = cache.model_meta(train)
-        if kept is not None:
-            return _predict_kept(member, data, cache, train, key, kept, progress), "predicted"
-        return _train_and_predict(member, data, cache, train, key, progress, worker)
+
+def _compute_entry(member: Member, data: CompetitionData, cache: MemberCache, train: str, key: str,
+                   progress, worker: dict | None) -> tuple[Entry, str]:
+    """`member_entry`'s work, under its lock."""
+    entry = cache.load(key)
+    if entry is not None:
+        return entry, "cached"
+    sibling = cache.tta_sibling(train, member.tta_passes, member.tta.view_names) \
+        if member.tta_passes or member.tta.views else None
+    if sibling is not None:
+        return _derive(member, sibling, cache, key), "derived"
+    if member.prepare:
+        from .data import prepare_data
+
+        data = prepare_data(data, member.prepare, cache.root.parent)
+    kept = cache.model_meta(train)
+    if kept is not None:
+        return _predict_kept(member, data, cache, train, key, kept, progress), "predicted"
+    return _train_and_predict(member, data, cache, train, key, progress, worker)
 
 
 def _derive(member: Member, sibling: Entry, cache: MemberCache, key: str) -> Entry:
@@ -134,8 +144,7 @@ def _train_and_predict(member: Member, data: CompetitionData, cache: MemberCache
     if member.keep_model:  # what a TTA change, `ens eval`, `ens bench` and code competitions need
         cache.save_model(train, trained.learn.model.state_dict(), dict(trained_meta, created=_now()))
     entry = _entry_from(member, data, cache, key, trained.learn, trained_meta, progress)
-    shutil.rmtree(partial, ignore_errors=True)  # finished: its checkpoints have served
-    return entry, "resumed" if trained.resumed_at else "trained"
+    return entry, "resumed" if trained.resumed_at else "trained"  # `member_entry` removes the partial
 
 
 def _classical_entry(member: Member, data: CompetitionData, cache: MemberCache, train: str, key: str, progress,

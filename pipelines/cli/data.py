@@ -1,4 +1,4 @@
-"""Competitions' data and the cache: `ens init`, `ens data`, `ens cache ls`."""
+"""Competitions' data and the cache: `ens init`, `ens data`, `ens cache ls`, `ens cache prune`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import EnsError
-from .app import ProjectOpt, _project, app, cache_app, console
+from .app import ProjectOpt, _project, app, cache_app, console, err
 
 
 @app.command(short_help="Write a competition's YAML and a starter ensemble from its data (Kaggle's, or a folder).")
@@ -88,6 +88,35 @@ def cache_ls(competition: Optional[str] = typer.Argument(None, help="only this c
     for name, cells, folds in rows:
         table.add_row(name, *cells[:3], *((folds,) if cv else ()), *cells[3:])
     console.print(table if rows else "no cached members yet")
+
+
+@cache_app.command("prune")
+def cache_prune(delete: bool = typer.Option(False, "--yes", "--delete", help="delete them (default: only list them)"),
+                entries: bool = typer.Option(False, "--entries", help="also cache entries and kept weights that no "
+                                             "ensemble YAML of the project uses"),
+                project: Optional[Path] = ProjectOpt):
+    """List what the cache holds that no run will read again, with sizes: interrupted trainings' checkpoints whose
+    member is done or gone, damaged entries moved aside, decoded and prepared copies no member reads, older
+    notebook datasets. Nothing a running ens holds, nor anything an ensemble YAML uses, is deleted."""
+    from ..prune import find_leftovers, prune
+
+    proj = _project(project)
+    found, notes = find_leftovers(proj, entries)
+    for note in notes:
+        err.print(f"note: {escape(note)}", highlight=False)
+    gone = {id(item) for item in prune(found)} if delete else set()
+    table = Table(title=f"{proj.relative(proj.cache)}/: " + ("deleted" if delete else "would delete (a dry run)"))
+    for col in ("path", "MB", "why"):
+        table.add_column(col, no_wrap=col != "why", justify="right" if col == "MB" else "left")
+    for item in found:
+        kept = item.in_use or (delete and id(item) not in gone)
+        table.add_row(escape(proj.relative(item.path)), f"{item.bytes / 1e6:.1f}",
+                      escape(item.why) + (" [yellow](in use by a running ens: kept)[/]" if kept else ""))
+    freed = sum(item.bytes for item in found if not item.in_use and (not delete or id(item) in gone))
+    console.print(table if found else "nothing to prune")
+    if found:
+        console.print(f"{'freed' if delete else 'would free'} {freed / 1e6:.1f} MB"
+                      + ("" if delete else "; `ens cache prune --yes` deletes them"), highlight=False)
 
 
 def _cache_groups(metas: list[dict]) -> list[list[dict]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
@@ -106,6 +107,15 @@ class Member(Strict):
     average: Optional[Average] = None  # the mean of the last epochs' weights (not with ema)
     pseudo: Optional[Pseudo] = None  # confident test predictions of a cached ensemble as extra training images
     distill: Optional[Distill] = None  # a cached ensemble's test probabilities as soft targets
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v):
+        # the name goes into file names (`ens tune`'s study, notebooks): nothing that could leave the folder
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v):
+            raise ValueError("a member name is letters, digits, '_', '.' and '-', starting with a letter or digit; "
+                             "rename it")
+        return v
 
     @field_validator("tune", mode="wrap")
     @classmethod

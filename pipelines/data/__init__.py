@@ -342,11 +342,15 @@ def _file_digest(path: Path) -> str:
 
 def content_fingerprint(root: Path, relative_paths: list[str], extra: str, memo_file: Path) -> str:
     """A hash of the files' contents and `extra` (labels, split). Hashing a gigabyte of images costs seconds, so
-    the result is memoised under the files' (size, mtime) signature: unchanged files are not read again."""
+    the result is memoised under the files' stat signature: unchanged files are not read again. The signature
+    holds what `utime` cannot set back (inode, ctime) besides size and mtime: a file replaced by another of the
+    same size with its mtime restored (`cp -p`, `rsync -t`, tar, unzip) is read again. A signature that differs
+    only costs a re-hash: data re-extracted or copied elsewhere with the same content keeps its fingerprint, and
+    so every cached member."""
     stat_sig = hashlib.sha256(extra.encode())
     for rel in relative_paths:
         st = (root / rel).stat()
-        stat_sig.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        stat_sig.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\0{st.st_ctime_ns}\n".encode())
     stat_sig = stat_sig.hexdigest()
     try:
         memo = json.loads(memo_file.read_text())
@@ -513,25 +517,48 @@ def prepare_data(data: CompetitionData, prepare, cache_root: Path) -> Competitio
     `prepare.max_size` (smaller ones are copied as they are), built once in parallel in
     cache/prepared/<competition>/<settings and data hash>/ and renamed into place when complete. One run builds
     a copy at a time; another that needs it waits, then uses it. Copies half-built by dead runs are swept."""
-    # the images, not the split: every fold of a cross-validation reads one copy
-    images = [data.images_fingerprint or data.fingerprint, data.train_paths, data.test_paths]
-    key = hashlib.sha256(json.dumps([images, prepare.model_dump()], sort_keys=True).encode()).hexdigest()[:16]
-    dest = cache_root / "prepared" / data.competition.name / f"max{prepare.max_size}-{key}"
-    if not dest.is_dir():
+    dest = prepared_folder(data, prepare, cache_root)
+    files = data.train_paths + data.test_paths
+    if not _intact(dest, files):
         with building(dest, ["*.building-{owner}", "*.tmp{owner}", "*.tmp{owner}-*"]):
-            if not dest.is_dir():
+            if not _intact(dest, files):
+                shutil.rmtree(dest, ignore_errors=True)  # an older version's copy with images missing or empty
                 _build_prepared(data, prepare, dest)
     return replace(data, root=dest)
 
 
-def _shrink(file: Path, **kwargs) -> None:
-    """fastai's resize_image of one file; an image it cannot read is left out (and named by the caller)."""
+def prepared_folder(data: CompetitionData, prepare, cache_root: Path) -> Path:
+    """Where `prepare_data` keeps the copy (built or not)."""
+    # the images, not the split: every fold of a cross-validation reads one copy
+    images = [data.images_fingerprint or data.fingerprint, data.train_paths, data.test_paths]
+    key = hashlib.sha256(json.dumps([images, prepare.model_dump()], sort_keys=True).encode()).hexdigest()[:16]
+    return cache_root / "prepared" / data.competition.name / f"max{prepare.max_size}-{key}"
+
+
+def _intact(dest: Path, files: list[str]) -> bool:
+    """Is the prepared copy at `dest` there, with every image non-empty? (A stat per image: milliseconds.)"""
+    try:
+        return dest.is_dir() and all((dest / f).stat().st_size > 0 for f in files)
+    except OSError:
+        return False
+
+
+def _shrink(file: Path, **kwargs) -> str | None:
+    """fastai's resize_image of one file: None, or why it failed (the caller names the images it could not
+    read). A full disk is raised: it is no fault of the image."""
     from fastai.vision.utils import resize_image
+
+    from ..errors import disk_full
 
     try:
         resize_image(file, **kwargs)
-    except Exception:  # noqa: BLE001 - reported as a missing copy
-        pass
+    except OSError as e:
+        if disk_full(e):
+            raise
+        return str(e) or type(e).__name__
+    except Exception as e:  # noqa: BLE001 - reported as a missing copy
+        return str(e) or type(e).__name__
+    return None
 
 
 def _build_prepared(data: CompetitionData, prepare, dest: Path) -> None:
@@ -539,18 +566,31 @@ def _build_prepared(data: CompetitionData, prepare, dest: Path) -> None:
 
     import fastai.vision.utils  # noqa: F401 - imported before the fork: the workers only resize
 
+    from ..errors import disk_full, disk_full_error
+
     tmp = dest.with_name(dest.name + f".building-{owner_tag()}")
     shutil.rmtree(tmp, ignore_errors=True)
     files = [Path(p) for p in data.train_paths + data.test_paths]
     resize = partial(_shrink, src=data.root, dest=tmp, max_size=prepare.max_size, quality=prepare.quality)
-    with process_pool(os.cpu_count() or 1) as pool:  # fastcore's `parallel`, with workers that die with this run
-        list(pool.map(resize, files, chunksize=max(1, len(files) // ((os.cpu_count() or 1) * 8))))
-    unreadable = [str(f) for f in files if not (tmp / f).is_file()]
-    if unreadable:
+    try:
+        with process_pool(os.cpu_count() or 1) as pool:  # fastcore's `parallel`, with workers that die with this run
+            problems = list(pool.map(resize, files, chunksize=max(1, len(files) // ((os.cpu_count() or 1) * 8))))
+        # an empty copy is a write that failed unseen (PIL, or a copy cut short): never renamed into place
+        unreadable = [(f, why) for f, why in zip(files, problems)
+                      if why or not (tmp / f).is_file() or not (tmp / f).stat().st_size]
+        if unreadable:
+            first, why = unreadable[0]
+            raise EnsError(f"{len(unreadable)} images could not be read, first {data.root / first}"
+                           f"{f' ({why})' if why else ''}; remove or replace them")
+        tmp.rename(dest)
+    except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise EnsError(f"{len(unreadable)} images could not be read, first {data.root / unreadable[0]}; "
-                       "remove or replace them")
-    tmp.rename(dest)
+        if disk_full(e):
+            raise disk_full_error(dest.parent, "a prepared copy of the images") from None
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 from .loaders import dataloaders, test_loader  # noqa: E402,F401 - fastai is imported inside them

@@ -116,6 +116,24 @@ def _fill(args) -> int:
     return len(paths)
 
 
+def _allocate(file: Path) -> None:
+    """Reserve the disk blocks of `file` (a sparse memmap): a full disk is then an OSError here, not a SIGBUS in
+    whichever process first writes a page with no block left to hold it."""
+    import errno
+
+    with open(file, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+            # a filesystem that cannot reserve space: at least refuse a copy larger than the free space
+            import shutil
+
+            if shutil.disk_usage(file.parent).free < os.fstat(f.fileno()).st_size:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file)) from None
+
+
 def _build(data, paths: list[str], hw: tuple[int, int], dest: Path, say) -> None:
     import shutil
 
@@ -132,6 +150,7 @@ def _build(data, paths: list[str], hw: tuple[int, int], dest: Path, say) -> None
     say(f"decoding {len(paths)} images once at {hw[0]}x{hw[1]} ({size / 2**30:.2f} GiB) into {dest.parent} ...")
     try:
         np.lib.format.open_memmap(tmp / IMAGES, mode="w+", dtype="uint8", shape=shape).flush()
+        _allocate(tmp / IMAGES)
         workers = max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
                              len(paths) // 64))
         step = math.ceil(len(paths) / (workers * 8))

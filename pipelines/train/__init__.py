@@ -245,6 +245,7 @@ def _fit(member, data, progress, checkpoint_dir, cbs, device, precision, plan) -
     from fastai.vision.all import Normalize, accuracy, noop
 
     from ..accel import accelerate, loader_options
+    from ..cache import torch_save
     from ..errors import disk_full, disk_full_error
 
     start = time.perf_counter()
@@ -295,13 +296,13 @@ def _fit(member, data, progress, checkpoint_dir, cbs, device, precision, plan) -
         tmp = checkpoint_dir / f"{CHECKPOINT}{unique_suffix()}"
         try:
             checkpoint_dir.mkdir(parents=True, exist_ok=True)
-            torch.save({"phase": phase, "epochs_done": epochs_done, "model": learn.model.state_dict(),
+            torch_save({"phase": phase, "epochs_done": epochs_done, "model": learn.model.state_dict(),
                         "opt": learn.opt.state_dict(), "rng": _rng_state(stage_dls), "history": history,
                         **({"average": average.state()} if average else {})}, tmp)
             os.replace(tmp, checkpoint_dir / CHECKPOINT)  # a kill mid-write leaves the previous epoch's checkpoint
-        except OSError as e:
+        except BaseException as e:
             tmp.unlink(missing_ok=True)
-            if not disk_full(e):
+            if not (isinstance(e, OSError) and disk_full(e)):
                 raise
             failure.append(disk_full_error(checkpoint_dir, f"the checkpoint of {member.name}"))
             raise CancelFitException() from None  # fastai would rewrite an error raised in a callback
