@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 
-.PHONY: run test bench install install-test clean-cache
+.PHONY: run test test-fast bench install install-test clean-cache
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -26,6 +26,10 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q tests
+
+# the edit-test loop: every test that trains nothing (tests that train carry the `slow` marker; GPU tests `gpu`)
+test-fast: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q -m "not slow and not gpu" tests
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/run_all.py
