@@ -40,7 +40,8 @@ def _project(root: Optional[Path]) -> Project:
 
 ParallelOpt = typer.Option(None, "--parallel", "-j", metavar="N",
                            help="train up to N missing members (fold models, trials) at once as Ray tasks on a local "
-                                "Ray cluster (one GPU each where there are GPUs); needs ens[ray]")
+                                "Ray cluster (one GPU each where there are GPUs); needs ens\\[ray] "
+                                "(pip install 'ens\\[ray]')")  # \\[: Rich would take [ray] for markup and drop it
 AddressOpt = typer.Option(None, "--address", envvar="RAY_ADDRESS", metavar="HOST:PORT|auto",
                           help="join a running Ray cluster instead (every node must see this project folder)")
 GpusOpt = typer.Option(1.0, "--gpus-per-member", help="with --parallel/--address on GPUs: each task's share of a "
