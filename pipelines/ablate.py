@@ -28,7 +28,8 @@ class MemberRow:
     without: float | None  # None for a one-member ensemble
     without_changed: tuple | None
     alone_interval: tuple  # (Δ against the full ensemble, low, high): paired bootstrap 95% interval over images
-    alone_p: float  # McNemar's exact p-value of the predicted labels' hits, against the full ensemble
+    # (over whole groups when the competition has cv.group_column): an `ensemble.Interval`
+    alone_p: float  # McNemar's p-value of the predicted labels' hits, against the full ensemble (clustered by group)
     without_interval: tuple | None
     without_p: float | None
     folds: list[float] | None = None  # cv: the member's score on each fold (its fold models)
@@ -73,11 +74,15 @@ class Ablation:
     greedy_score: float
     greedy_log_loss: float
     greedy_rounds: int
+    greedy_honest: float  # greedy selection's nested-CV score: its counts are learned on these rows
+    subset_honest: float | None  # the best subset's, picked on the training part of each nested-CV split
     correlation: np.ndarray
     methods: list[MethodRow]
     scored_on: str  # 'out-of-fold' (cv) or 'holdout'
     n_folds: int  # the folds learned blends are scored over by nested cross-validation
     views: list[ViewRow]  # members with TTA views: which views help
+    n_groups: int | None = None  # cv.group_column: the bootstrap draws whole groups, McNemar is clustered
+    subset_per_fold: list[float] | None = None  # the best subset's nested-CV score on each part
 
     @property
     def damaged(self) -> list:
@@ -88,33 +93,43 @@ class Ablation:
         return [o.member.name for o in self.outcomes]
 
     def pick(self, how: str) -> tuple[list[MemberOutcome], list[float]]:
-        """The chosen members and weights: greedy selection's counts, the best subset with its YAML weights, or
-        (a `combine:` method) every member with its YAML weight."""
-        if how == "subset" and self.subsets:
+        """The chosen members and weights: the best subset with its YAML weights, or (greedy, a `combine:`
+        method) every member with its YAML weight."""
+        if how == "subset":
+            if not self.subsets:
+                raise EnsError(f"--pick subset: {len(self.outcomes)} members are more than the "
+                               f"{MAX_SUBSET_MEMBERS} whose subsets are scored; pick greedy or a combine method")
             idx = self.subsets[0][0]
             return [self.outcomes[i] for i in idx], [self.outcomes[i].member.weight for i in idx]
-        if _method(how):
-            return list(self.outcomes), [o.member.weight for o in self.outcomes]
-        chosen = [i for i, c in enumerate(self.greedy_counts) if c > 0]
-        return [self.outcomes[i] for i in chosen], [float(self.greedy_counts[i]) for i in chosen]
+        return list(self.outcomes), [o.member.weight for o in self.outcomes]
 
     def combine(self, how: str) -> Combine:
-        """The blend a pick is submitted with: the method picked, or the weighted mean of the picked weights."""
+        """The blend a pick is submitted with: the method picked; greedy as `combine: greedy` with these rounds
+        (learned on the rows, so scored by nested CV wherever it is run: counts written out as a plain mean would
+        call their in-sample score honest); a subset as the weighted mean of its members."""
         own = self.gathered.ensemble.combine
+        if how == "greedy":
+            return own if own.method == "greedy" and own.rounds == self.greedy_rounds else \
+                Combine(method="greedy", rounds=self.greedy_rounds)
         if _method(how):
             return own if how == own.method else Combine(method=how)
         return Combine()
 
     def score_of(self, how: str) -> float:
-        """The pick's honest score on these rows."""
+        """The pick's honest score on these rows: nested cross-validation of whatever was learned or picked on
+        them (the subset included: the best of 2^m subsets flatters itself as a learned weight does)."""
         if _method(how):
             return next(m.honest for m in self.methods if m.method == how)
-        return self.greedy_score if how == "greedy" else self.subsets[0][1]
+        return self.greedy_honest if how == "greedy" else self.subset_honest
+
+    def picked(self, how: str) -> tuple[float, list[float]] | None:
+        """For a subset pick, (nested-CV score, per part) of the picking, which the picked blend's own score
+        (a plain mean, fixed) would flatter; None for the others (their `combine:` is scored honestly)."""
+        return (self.subset_honest, self.subset_per_fold) if how == "subset" else None
 
 
 def _method(how: str) -> bool:
-    """A pick that names a `combine:` method; `greedy` picks greedy selection's counts as member weights (a plain
-    weighted mean: the same blend as `combine: greedy` learned on every row, spelled out in the YAML)."""
+    """A pick that names a `combine:` method other than greedy (whose rounds are ablate's `--rounds`)."""
     return how in COMBINE_METHODS and how != "greedy"
 
 
@@ -131,6 +146,7 @@ def ablate(project: Project, spec: str, overrides: list[str] = (), cached_only: 
     p = [o.entry.probs("valid", kind) for o in outcomes]
     weights = [o.member.weight for o in outcomes]
     full = ensemble.combine(p, weights)
+    groups = g.valid_groups()
     rows = []
     for i, o in enumerate(outcomes):
         rest = [j for j in range(len(p)) if j != i and weights[j] > 0]
@@ -140,17 +156,23 @@ def ablate(project: Project, spec: str, overrides: list[str] = (), cached_only: 
             ensemble.changed(full, p[i], targets),
             None if without is None else ensemble.score(metric, without, targets),
             None if without is None else ensemble.changed(full, without, targets),
-            ensemble.paired_bootstrap_metric(metric, p[i], full, targets), _mcnemar(p[i], full, targets),
-            None if without is None else ensemble.paired_bootstrap_metric(metric, without, full, targets),
-            None if without is None else _mcnemar(without, full, targets),
+            ensemble.paired_bootstrap_metric(metric, p[i], full, targets, groups=groups),
+            _mcnemar(p[i], full, targets, groups),
+            None if without is None else ensemble.paired_bootstrap_metric(metric, without, full, targets,
+                                                                          groups=groups),
+            None if without is None else _mcnemar(without, full, targets, groups),
             o.fold_scores(f"{kind}_{metric}") or None))
     subsets = ensemble.subset_scores(p, weights, targets, metric) if len(p) <= MAX_SUBSET_MEMBERS else None
     counts, g_score, g_ll, _ = ensemble.greedy_selection(p, targets, metric, rounds)
     folds = g.blend_folds()
+    greedy = ensemble.blend(Combine(method="greedy", rounds=rounds), p, p, targets, weights, folds, metric)
+    subset = (ensemble.nested_cv_score(p, targets, folds, ensemble.subset_fitter(metric, weights), metric)
+              if subsets else (None, None))
     return Ablation(g, outcomes, metric, kind, len(targets), ensemble.score(metric, full, targets),
-                    ensemble.log_loss(full, targets), rows, subsets, counts, g_score, g_ll, rounds,
-                    ensemble.error_correlation(p, targets), _methods(g, p, weights, targets, folds, metric),
-                    "out-of-fold" if g.cv else "holdout", len(np.unique(folds)), _views(outcomes, metric))
+                    ensemble.log_loss(full, targets), rows, subsets, counts, g_score, g_ll, rounds, greedy.honest,
+                    subset[0], ensemble.error_correlation(p, targets), _methods(g, p, weights, targets, folds, metric),
+                    "out-of-fold" if g.cv else "holdout", len(np.unique(folds)), _views(outcomes, metric),
+                    n_groups=None if groups is None else len(np.unique(groups)), subset_per_fold=subset[1])
 
 
 def _views(outcomes: list[MemberOutcome], metric: str) -> list[ViewRow]:
@@ -174,8 +196,8 @@ def _views(outcomes: list[MemberOutcome], metric: str) -> list[ViewRow]:
     return rows
 
 
-def _mcnemar(a: np.ndarray, b: np.ndarray, targets: np.ndarray) -> float:
-    return ensemble.mcnemar_p(a.argmax(1) == targets, b.argmax(1) == targets)
+def _mcnemar(a: np.ndarray, b: np.ndarray, targets: np.ndarray, groups=None) -> float:
+    return ensemble.mcnemar_p(a.argmax(1) == targets, b.argmax(1) == targets, groups)
 
 
 def _methods(g: Gathered, p: list[np.ndarray], weights: list[float], targets: np.ndarray, folds: np.ndarray,
@@ -203,7 +225,7 @@ def write_selection(result: Ablation, overrides: list[str], dest: Path, how: str
         raw["combine"] = spelled["method"] if list(spelled) == ["method"] else spelled
     else:
         raw.pop("combine", None)  # the picked weights are a plain weighted mean
-    honest = " (nested cross-validation)" if combine.learned else ""
+    honest = " (nested cross-validation)" if combine.learned or result.picked(how) else ""
     header = (f"# written by `ens ablate` from {g.path.name}: {how}, {result.scored_on} {result.metric} "
               f"{result.score_of(how):.4f}{honest} on {result.n_valid} images ({result.probs} probabilities)\n")
     return write_ensemble(dest, raw, header)

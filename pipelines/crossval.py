@@ -79,11 +79,13 @@ def costliest(hows: list[str]) -> str:
     return min(hows, key=HOW_ORDER.index)
 
 
-def holdout_parts(valid_ids, targets, seed: int, parts: int = 5) -> np.ndarray:
+def holdout_parts(valid_ids, targets, seed: int, parts: int = 5, groups=None) -> np.ndarray:
     """The folds nested cross-validation scores a learned blend over in a holdout ensemble: `parts` stratified,
-    hash-based parts of the validation images (fewer when there are fewer images)."""
+    hash-based parts of the validation images (fewer when there are fewer images); with `groups` (each image's
+    `cv.group_column`), whole groups to a part (fewer parts when there are fewer groups), as the cv folds are."""
     from .data import fold_assignment
 
     ids = [str(i) for i in valid_ids]
-    k = max(2, min(parts, len(ids)))
-    return np.asarray(fold_assignment(ids, [str(t) for t in targets], k, seed, stratified=True))
+    groups = None if groups is None else [str(g) for g in groups]
+    k = max(2, min(parts, len(ids) if groups is None else len(set(groups))))
+    return np.asarray(fold_assignment(ids, [str(t) for t in targets], k, seed, stratified=True, groups=groups))

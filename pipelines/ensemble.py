@@ -44,15 +44,22 @@ def f1_macro(probs: np.ndarray, targets: np.ndarray) -> float:
 
 
 def roc_auc(probs: np.ndarray, targets: np.ndarray) -> float:
-    """Two classes: the AUC of the second class's probability (symmetric: the first's gives the same);
-    more: the one-vs-rest macro average. NaN when the targets hold a single class."""
-    from sklearn.metrics import roc_auc_score
-
-    if len(np.unique(targets)) < 2:
+    """Two classes: the AUC of the second class's column. More: the macro mean of each class's one-vs-rest binary
+    AUC, over the classes present in `targets` (a fold or a bootstrap sample may lack one; sklearn's `ovr` then
+    gives NaN). Only each column's order matters: rows need not sum to one (rank blends, scores). NaN when the
+    targets hold a single class. The Mann-Whitney form of the AUC (ties count half), as sklearn computes it, for
+    every class at once: ablation scores thousands of resamples."""
+    probs, targets = np.asarray(probs, dtype="float64"), np.asarray(targets)
+    present = np.unique(targets)
+    if len(present) < 2:
         return float("nan")
-    if probs.shape[1] == 2:
-        return float(roc_auc_score(targets == 1, probs[:, 1]))
-    return float(roc_auc_score(targets, probs, multi_class="ovr", labels=np.arange(probs.shape[1])))
+    cols = [1] if probs.shape[1] == 2 else present
+    ranks = np.apply_along_axis(average_ranks, 0, probs[:, cols])  # ties share their average rank
+    positive = targets[:, None] == np.asarray(cols)[None, :]
+    n_pos = positive.sum(0).astype("float64")
+    n_neg = len(targets) - n_pos
+    auc = ((ranks * positive).sum(0) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    return float(auc.mean())
 
 
 METRICS = {"accuracy": accuracy, "log_loss": log_loss, "f1_macro": f1_macro, "roc_auc": roc_auc}
@@ -170,16 +177,19 @@ def _rows_sum_to_one(p: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------------- fixed blends
 def rank_average(probs_list: list[np.ndarray], weights: list[float] | None = None) -> np.ndarray:
     """Per class, the weighted mean of the members' ranks of that class's probability over the images (scaled to
-    [0, 1]), rows then renormalised to sum one. Members with different calibration (a confident net, a timid one)
-    then count by how they order images, not by their scale. Meant for ranking metrics (ROC AUC); the result is
-    not a calibrated probability, so don't score log loss on it, and for accuracy the argmax is what matters —
-    ranks are comparable within a class, not across classes, so it can move argmaxes for the worse."""
+    [0, 1]). Members with different calibration (a confident net, a timid one) then count by how they order
+    images, not by their scale. Meant for ranking metrics (ROC AUC, per class: `roc_auc`); the rows are scores,
+    not probabilities, and are not renormalised: dividing each row by its sum would reorder each class's column
+    (a single member's macro AUC fell 0.7928 -> 0.7869) and leave the argmax where it is anyway. Two classes: the
+    rows sum to one as they are (a member's two columns rank in reverse). Don't score log loss on it; for accuracy
+    the argmax is what matters — ranks are comparable within a class, not across classes, so it can move
+    argmaxes for the worse."""
     w = _weights(weights, len(probs_list))
     stacked = np.stack(probs_list).astype("float64")  # (members, images, classes)
     n = stacked.shape[1]
     ranks = np.apply_along_axis(average_ranks, 1, stacked)
     ranks = (ranks - 1) / (n - 1) if n > 1 else np.full_like(ranks, 0.5)
-    return _rows_sum_to_one(np.tensordot(w, ranks, axes=1))
+    return np.tensordot(w, ranks, axes=1)
 
 
 def average_ranks(values: np.ndarray) -> np.ndarray:
@@ -419,33 +429,78 @@ def nested_cv(probs_list: list[np.ndarray], targets: np.ndarray, folds, fit: Fit
 
 
 # --------------------------------------------------------------------------------------------- is it better?
-def paired_bootstrap(correct_a, correct_b, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+class Interval(tuple):
+    """(observed difference, low, high) of a paired bootstrap's 95% percentile interval, with `lacking`: how many
+    resamples lacked a class the rows hold (their ROC AUC averages the classes present), and `dropped`: how many
+    had no score at all (a single class left) and are not in the interval."""
+
+    def __new__(cls, delta: float, low: float, high: float, lacking: int = 0, dropped: int = 0):
+        self = super().__new__(cls, (float(delta), float(low), float(high)))
+        self.lacking, self.dropped = lacking, dropped
+        return self
+
+
+def _codes(groups, n: int) -> np.ndarray | None:
+    """Each row's group as 0..G-1, or None without groups."""
+    if groups is None:
+        return None
+    groups = np.asarray(groups)
+    if groups.shape != (n,):
+        raise ValueError(f"{groups.shape} groups for {n} rows")
+    return np.unique(groups, return_inverse=True)[1].ravel()
+
+
+def _bootstrap_means(d: np.ndarray, n_boot: int, seed: int, groups=None) -> np.ndarray:
+    """The mean of `d` over `n_boot` resamples: rows drawn with replacement, or with `groups` whole groups (a
+    cluster bootstrap: the images of one patient or plant share their errors, so they are not independent
+    draws, and resampling them one by one makes the interval far too narrow — 35% of 5%-level intervals
+    excluded 0 on equally good models with 40 groups × 15 images). Each resample's mean is over its images."""
+    n = len(d)
+    rng = np.random.default_rng(seed)
+    codes = _codes(groups, n)
+    if codes is None:
+        sums, sizes = d, np.ones(n)
+    else:
+        sums, sizes = np.bincount(codes, weights=d), np.bincount(codes).astype("float64")
+    k = len(sums)
+    chunk = max(1, 4_000_000 // k)  # bounded memory on large validation sets
+    return np.concatenate([_ratio(sums, sizes, rng.integers(0, k, size=(min(chunk, n_boot - s), k)))
+                           for s in range(0, n_boot, chunk)])
+
+
+def _ratio(sums: np.ndarray, sizes: np.ndarray, draws: np.ndarray) -> np.ndarray:
+    return sums[draws].sum(1) / sizes[draws].sum(1)
+
+
+def paired_bootstrap(correct_a, correct_b, n_boot: int = 2000, seed: int = 0, groups=None) -> Interval:
     """Is ensemble A more accurate than B on these images, or is the difference luck? Resamples the images with
-    replacement (the same images for both: the comparison is paired) and returns (observed accuracy(a) -
-    accuracy(b), low, high) of the 95% percentile interval. An interval that contains 0 means "not shown".
-    Reproducible: a numpy Generator seeded with `seed`."""
+    replacement (the same images for both: the comparison is paired; with `groups`, whole groups: see
+    `_bootstrap_means`) and returns (observed accuracy(a) - accuracy(b), low, high) of the 95% percentile
+    interval. An interval that contains 0 means "not shown". Reproducible: a numpy Generator seeded with `seed`."""
     a, b = np.asarray(correct_a, dtype=bool), np.asarray(correct_b, dtype=bool)
     if a.shape != b.shape or a.ndim != 1 or not len(a):
         raise ValueError("correct_a and correct_b must be equal-length, non-empty 1-d arrays")
     d = a.astype("float64") - b.astype("float64")
-    n = len(d)
-    rng = np.random.default_rng(seed)
-    chunk = max(1, 4_000_000 // n)  # bounded memory on large validation sets
-    means = np.concatenate([d[rng.integers(0, n, size=(min(chunk, n_boot - s), n))].mean(1)
-                            for s in range(0, n_boot, chunk)])
-    low, high = np.percentile(means, [2.5, 97.5])
-    return float(d.mean()), float(low), float(high)
+    low, high = np.percentile(_bootstrap_means(d, n_boot, seed, groups), [2.5, 97.5])
+    return Interval(d.mean(), low, high)
 
 
-def mcnemar_p(correct_a, correct_b) -> float:
+def mcnemar_p(correct_a, correct_b, groups=None) -> float:
     """Exact McNemar test: only the images exactly one of A and B gets right tell them apart; under "equally
-    good" each such image is a fair coin. Two-sided p-value of scipy's exact binomial test; 1.0 with none."""
+    good" each such image is a fair coin. Two-sided p-value of scipy's exact binomial test; 1.0 with none.
+    With `groups` the images of a group are not independent coins: Durkalski et al.'s (2003) clustered McNemar
+    test, (sum over groups of (only A - only B))^2 / sum of its squares, against chi-squared with 1 degree of
+    freedom; with one image per group it is McNemar's chi-squared test."""
     a, b = np.asarray(correct_a, dtype=bool), np.asarray(correct_b, dtype=bool)
     if a.shape != b.shape:
         raise ValueError("correct_a and correct_b must have the same length")
     only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
     if only_a + only_b == 0:
         return 1.0
+    codes = _codes(groups, len(a))
+    if codes is not None:  # chi-squared with 1 degree of freedom: P(X > x) = erfc(sqrt(x / 2))
+        per_group = np.bincount(codes, weights=(a & ~b).astype("float64") - (~a & b))
+        return math.erfc(math.sqrt(per_group.sum() ** 2 / (per_group ** 2).sum() / 2))
     # Bin(n, ½) is symmetric: the outcomes at most as likely as the one seen are both tails beyond it, so
     # scipy.stats.binomtest's two-sided p-value is 2·P(X ≤ min(a, b)) (tested equal), in exact integers here:
     # importing scipy.stats costs `ens ablate` more than its whole computation
@@ -454,34 +509,38 @@ def mcnemar_p(correct_a, correct_b) -> float:
 
 
 def paired_bootstrap_metric(metric: str, probs_a: np.ndarray, probs_b: np.ndarray, targets: np.ndarray,
-                            n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
+                            n_boot: int = 1000, seed: int = 0, groups=None) -> Interval:
     """`paired_bootstrap` for any metric: (metric(a) - metric(b), low, high) of the 95% percentile interval over
-    images resampled with replacement (the same images for both). Accuracy and log loss are means of per-image
-    values, resampled at once; F1 and ROC AUC are recomputed per resample."""
+    images resampled with replacement (the same images for both; with `groups`, whole groups). Accuracy and log
+    loss are means of per-image values, resampled at once; F1 and ROC AUC are recomputed per resample, and the
+    result counts the resamples that lacked a class and those with no score (`Interval`)."""
     targets = np.asarray(targets)
     if metric == "accuracy":
-        return paired_bootstrap(probs_a.argmax(1) == targets, probs_b.argmax(1) == targets, n_boot, seed)
+        return paired_bootstrap(probs_a.argmax(1) == targets, probs_b.argmax(1) == targets, n_boot, seed, groups)
     if metric == "log_loss":
         def per_image(p):
             p = np.clip(p, EPS, 1 - EPS)
             p = p / p.sum(1, keepdims=True)
             return -np.log(p[np.arange(len(targets)), targets])
-        # paired_bootstrap of the per-image difference, through its mean: (a - b) resampled
         d = per_image(probs_a) - per_image(probs_b)
-        rng = np.random.default_rng(seed)
-        means = np.array([d[rng.integers(0, len(d), len(d))].mean() for _ in range(n_boot)])
-        low, high = np.percentile(means, [2.5, 97.5])
-        return float(d.mean()), float(low), float(high)
+        low, high = np.percentile(_bootstrap_means(d, n_boot, seed, groups), [2.5, 97.5])
+        return Interval(d.mean(), low, high)
     rng = np.random.default_rng(seed)
     n = len(targets)
-    diffs = []
+    codes = _codes(groups, n)
+    k = n if codes is None else int(codes.max()) + 1
+    present = len(np.unique(targets))
+    diffs, lacking = [], 0
     for _ in range(n_boot):
-        idx = rng.integers(0, n, n)
+        draw = rng.integers(0, k, k)
+        idx = draw if codes is None else np.repeat(np.arange(n), np.bincount(draw, minlength=k)[codes])
+        lacking += len(np.unique(targets[idx])) < present
         a, b = score(metric, probs_a[idx], targets[idx]), score(metric, probs_b[idx], targets[idx])
         if a == a and b == b:  # a resample with a single class has no AUC
             diffs.append(a - b)
     low, high = np.percentile(diffs, [2.5, 97.5]) if diffs else (float("nan"), float("nan"))
-    return float(score(metric, probs_a, targets) - score(metric, probs_b, targets)), float(low), float(high)
+    return Interval(score(metric, probs_a, targets) - score(metric, probs_b, targets), low, high,
+                    lacking, n_boot - len(diffs))
 
 
 # --------------------------------------------------------------------------------------------- the ensemble's blend
@@ -490,6 +549,17 @@ def greedy_fitter(metric: str, rounds: int = 25) -> Fit:
     def fit(probs_list, targets):
         counts = greedy_selection(probs_list, targets, metric, rounds)[0]
         return _with_weights(lambda ps: combine(ps, counts), counts)
+    return fit
+
+
+def subset_fitter(metric: str, weights: list[float]) -> Fit:
+    """The best subset (`subset_scores`) as a `fit` for `nested_cv_score`: the subset is chosen on the rows it
+    is fitted on, and blended as the weighted mean of its members' `weights` (indices into every member)."""
+    def fit(probs_list, targets):
+        idx = list(subset_scores(probs_list, weights, targets, metric)[0][0])
+        w = np.zeros(len(probs_list))
+        w[idx] = np.asarray(weights, dtype="float64")[idx]
+        return _with_weights(lambda ps: combine(ps, w), w)
     return fit
 
 

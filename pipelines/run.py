@@ -120,7 +120,19 @@ class Gathered:
             return arrays["valid_folds"]
         from .crossval import holdout_parts
 
-        return holdout_parts(arrays["valid_ids"], arrays["valid_targets"], self.competition.split.seed)
+        return holdout_parts(arrays["valid_ids"], arrays["valid_targets"], self.competition.split.seed,
+                             groups=self.valid_groups())
+
+    def valid_groups(self) -> np.ndarray | None:
+        """Each validation (or out-of-fold) row's group (`cv.group_column`), None when the competition has none:
+        nested-CV parts and the bootstrap then keep or draw whole groups."""
+        comp = self.competition
+        if not comp.cv.group_column:
+            return None
+        from .data import read_groups
+
+        ids = [str(i) for i in self.outcomes[0].entry.arrays["valid_ids"]]
+        return np.asarray(read_groups(comp, self.data.root, ids))
 
 
 
@@ -319,12 +331,15 @@ def _deliver(project: Project, g: Gathered, chosen, csv_path: Path, shown: str, 
 
 def blend_and_submit(project: Project, g: Gathered, outcomes: list[MemberOutcome], weights: list[float],
                      name: str, probs: str, submit: bool = True, wait: bool = True, force: bool = False,
-                     combine: Combine | None = None, push: bool = False, notebook: dict | None = None) -> Blend:
+                     combine: Combine | None = None, push: bool = False, notebook: dict | None = None,
+                     picked: tuple[float, list[float]] | None = None) -> Blend:
     """`outcomes`' probabilities blended as `combine` says (default: their weighted mean) → a CSV checked against
     the sample submission, scored on local answers where the competition has them, uploaded to Kaggle where it
     has a slug (unless `submit` is off; a code competition's notebook is pushed and submitted instead: `push`
     pushes it without submitting, `notebook` holds `notebook.push.deliver`'s options), and recorded in the
-    history with its honest validation score. A failed
+    history with its honest validation score (`picked`: the nested-CV (score, per part) of how `outcomes`
+    themselves were picked on the validation rows, `ens ablate --pick subset`, which their blend's own score
+    would flatter). A failed
     upload is recorded and returned, not raised: the CSV stays. The CSV's name `<stamp>-<name>.csv` is reserved
     atomically (`-2`, `-3`, ... when taken), so concurrent runs of one ensemble never share a file."""
     comp, data = g.competition, g.data
@@ -334,6 +349,9 @@ def blend_and_submit(project: Project, g: Gathered, outcomes: list[MemberOutcome
                              [o.entry.probs("test", probs) for o in outcomes], targets, weights, g.blend_folds(),
                              comp.metric)
     valid, test, valid_score = blended.valid, blended.test, blended.honest
+    per_fold = blended.per_fold
+    if picked is not None:
+        valid_score, per_fold = picked
 
     out_dir = project.submissions / comp.name
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -354,8 +372,9 @@ def blend_and_submit(project: Project, g: Gathered, outcomes: list[MemberOutcome
             o.test_score = submission.score_values(data.test_ids, values, solution, comp)
     validation = {"metric": comp.metric, "score": valid_score, "in_sample": blended.in_sample,
                   "scored_on": "out-of-fold" if g.cv else "holdout", "combine": combine.model_dump(),
-                  "honest": "nested cross-validation" if blended.learned else "as blended",
-                  "per_fold": blended.per_fold, "learned_weights": blended.weights if blended.learned else None,
+                  "honest": ("nested cross-validation of the members' pick" if picked is not None else
+                             "nested cross-validation" if blended.learned else "as blended"),
+                  "per_fold": per_fold, "learned_weights": blended.weights if blended.learned else None,
                   "probs": probs, "n_images": int(len(targets)),
                   "members": {o.member.name: w for o, w in zip(outcomes, weights)},
                   "per_class": ensemble.per_class(valid, targets, data.vocab)}

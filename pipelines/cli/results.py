@@ -29,8 +29,9 @@ def ablate(ensemble: str = typer.Argument(..., help="the ensemble YAML"),
            top: int = typer.Option(10, "--top", help="how many of the best subsets to show"),
            probs: Optional[str] = typer.Option(None, "--probs", help="tta or plain (default: the ensemble's)"),
            rounds: int = typer.Option(25, "--rounds", help="greedy selection rounds"),
-           pick: str = typer.Option("greedy", "--pick", help="what --write/--submit use: greedy (its weights), subset "
-                                    "(the best), or a combine method (mean, hill_climb, rank, power, stack) over every member"),
+           pick: str = typer.Option("greedy", "--pick", help="what --write/--submit use: greedy (combine: greedy with "
+                                    "these rounds), subset (the best), or a combine method (mean, hill_climb, rank, "
+                                    "power, stack) over every member; each scored by nested cross-validation"),
            write: Optional[Path] = typer.Option(None, "--write", help="write the chosen members and weights as an ensemble YAML"),
            submit: bool = typer.Option(False, "--submit", help="write, check, record (and upload, as `ens run` does) the chosen blend's submission"),
            force: bool = typer.Option(False, "--force", help="with --submit: upload even a CSV already submitted"),
@@ -60,7 +61,7 @@ def ablate(ensemble: str = typer.Argument(..., help="the ensemble YAML"),
     if submit:
         chosen, weights = result.pick(pick)
         blend = blend_and_submit(proj, result.gathered, chosen, weights, f"{result.gathered.path.stem}-{pick}",
-                                 result.probs, force=force, combine=result.combine(pick))
+                                 result.probs, force=force, combine=result.combine(pick), picked=result.picked(pick))
         console.print(f"submission: {proj.relative(blend.csv)} ({blend.rows} rows, checked against the sample); "
                       f"valid {result.metric} {blend.valid_score:.4f}"
                       + (f", test {blend.test_score:.4f}" if blend.test_score is not None else ""))
@@ -130,11 +131,13 @@ def _print_ablation(r, top: int) -> None:
     g = r.gathered
     rows = (f"{r.n_valid} out-of-fold rows (every training image, {r.n_folds} folds)" if g.cv
             else f"{r.n_valid} holdout validation images")
+    over = ("the images and 'p' McNemar's exact test of the hits" if r.n_groups is None else
+            f"whole groups ({r.n_groups} {g.competition.cv.group_column}s, resampled as units: their images are not "
+            "independent) and 'p' McNemar's test clustered by group (Durkalski)")
     console.print(f"[bold]{g.path.name}[/] on {g.competition.name}: {r.metric} on {rows} ({r.probs} probabilities); "
                   f"one image is {1 / r.n_valid:.4f}. 'changed' counts the images whose predicted label differs from "
-                  "the full ensemble's (+ now right, − now wrong); '95% CI' is a paired bootstrap interval of Δ over "
-                  "the images and 'p' McNemar's exact test of the hits: an interval holding 0, or a large p, is not "
-                  "a difference shown.", soft_wrap=True)
+                  f"the full ensemble's (+ now right, − now wrong); '95% CI' is a paired bootstrap interval of Δ over "
+                  f"{over}: an interval holding 0, or a large p, is not a difference shown.", soft_wrap=True)
     from ..crossval import unit_name
 
     uncached = [m.name for m in g.missing if m.name not in g.incomplete]
@@ -155,6 +158,11 @@ def _print_ablation(r, top: int) -> None:
                   "" if row.without is None else _delta(row.without, r.full), _interval(row.without_interval),
                   "" if row.without_p is None else f"{row.without_p:.2g}", _moves(row.without_changed))
     console.print(t)
+    cis = [ci for row in r.members for ci in (row.alone_interval, row.without_interval) if ci is not None]
+    lacking, dropped = max(getattr(ci, "lacking", 0) for ci in cis), max(getattr(ci, "dropped", 0) for ci in cis)
+    if lacking:
+        console.print(f"note: up to {lacking} of the bootstrap samples lacked a class ({r.metric} over the classes "
+                      f"present there){f'; {dropped} had a single class and no score, left out' if dropped else ''}")
     if any(row.folds for row in r.members):
         _print_fold_scores(r)
     if r.views:
@@ -169,7 +177,8 @@ def _print_ablation(r, top: int) -> None:
             t.add_row(str(rank), " + ".join(r.names[i] for i in idx), f"{s:.4f}", f"{ll:.4f}")
         console.print(t)
     console.print(f"\n[bold]greedy selection with replacement[/] ({r.greedy_rounds} rounds, Caruana et al. 2004): "
-                  f"{r.greedy_score:.4f} (log loss {r.greedy_log_loss:.4f})")
+                  f"{r.greedy_score:.4f} in-sample (log loss {r.greedy_log_loss:.4f}), {r.greedy_honest:.4f} nested"
+                  + (f"; best subset {r.subset_honest:.4f} nested" if r.subset_honest is not None else ""))
     t = Table()
     t.add_column("member")
     t.add_column("picks", justify="right")

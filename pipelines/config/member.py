@@ -172,6 +172,9 @@ class Member(Strict):
     def _distill_needs(self):
         if self.distill is None:
             return self
+        if self.classical:  # its classifier fits hard labels: the test images would count as labelled ones
+            raise ValueError(f"distill trains a network on soft targets; {self.arch} fits hard labels only: "
+                             "drop distill or give the member a network arch")
         if not self.decode:
             raise ValueError("distill needs decode: true (the soft targets travel with the decoded batches)")
         if self.mixup or self.cutmix or self.pseudo:

@@ -159,10 +159,14 @@ def list_train(comp: Competition, root: Path) -> tuple[list[str], list[str]]:
     return list(paths), list(labels)
 
 
-def validation_mask(paths: list[str], labels: list[str], valid_pct: float, seed: int, stratified: bool) -> list[bool]:
+def validation_mask(paths: list[str], labels: list[str], valid_pct: float, seed: int, stratified: bool,
+                    groups: list[str] | None = None) -> list[bool]:
     """The fixed validation split: images ranked by a seeded hash of their path, the first `valid_pct` taken
     (per class when stratified). It depends on nothing but the paths, labels and seed — no library's RNG —
-    so it never moves between machines or versions."""
+    so it never moves between machines or versions. With `groups` (`cv.group_column`: a patient, a plant),
+    whole groups validate (`_group_validation`): a validation image whose group also trains is not unseen."""
+    if groups is not None:
+        return _group_validation(labels, groups, valid_pct, seed, stratified)
     groups: dict[str, list[int]] = {}
     for i, label in enumerate(labels):
         groups.setdefault(label if stratified else "", []).append(i)
@@ -171,6 +175,33 @@ def validation_mask(paths: list[str], labels: list[str], valid_pct: float, seed:
         ranked = sorted(members, key=lambda i: hashlib.sha256(f"{seed}:{paths[i]}".encode()).hexdigest())
         for i in ranked[: int(round(len(ranked) * valid_pct))]:
             valid[i] = True
+    return valid
+
+
+def _group_validation(labels: list[str], groups: list[str], valid_pct: float, seed: int,
+                      stratified: bool) -> list[bool]:
+    """Whole groups validate: groups ranked by a seeded hash of their id (within their most frequent class when
+    stratified, so classes keep their share as far as the groups allow), each taken when it brings its class's
+    validated images closer to `valid_pct` of that class's images than leaving it out would."""
+    members: dict[str, list[int]] = {}
+    for i, group in enumerate(groups):
+        members.setdefault(group, []).append(i)
+    buckets: dict[str, list[str]] = {}
+    for group, rows in members.items():
+        counts: dict[str, int] = {}
+        for i in rows:
+            counts[labels[i]] = counts.get(labels[i], 0) + 1
+        key = min(counts, key=lambda c: (-counts[c], c)) if stratified else ""
+        buckets.setdefault(key, []).append(group)
+    valid = [False] * len(labels)
+    for bucket in buckets.values():
+        target = sum(len(members[g]) for g in bucket) * valid_pct
+        taken = 0
+        for group in sorted(bucket, key=lambda g: (hashlib.sha256(f"{seed}:group:{g}".encode()).hexdigest(), g)):
+            if 2 * (target - taken) > len(members[group]):  # nearer the target with it than without
+                taken += len(members[group])
+                for i in members[group]:
+                    valid[i] = True
     return valid
 
 
@@ -372,7 +403,8 @@ def load_data(project: Project, comp: Competition) -> CompetitionData:
     root = ensure_data(project, comp)
     paths, labels = list_train(comp, root)
     split = comp.split
-    valid = validation_mask(paths, labels, split.valid_pct, split.seed, split.stratified)
+    groups = read_groups(comp, root, paths) if comp.cv.group_column else None  # whole groups validate
+    valid = validation_mask(paths, labels, split.valid_pct, split.seed, split.stratified, groups)
     test = list_test(comp, root)
     check_sample_ids(comp, root, test)
     extra = json.dumps([labels, valid, comp.train.model_dump(), comp.test_images])
@@ -398,7 +430,8 @@ def load_data(project: Project, comp: Competition) -> CompetitionData:
         if not keep:
             raise EnsError(f"competitions/{comp.name}.yaml: every training image is damaged; fix the data")
         paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
-        valid = validation_mask(paths, labels, split.valid_pct, split.seed, split.stratified)
+        groups = None if groups is None else [groups[i] for i in keep]
+        valid = validation_mask(paths, labels, split.valid_pct, split.seed, split.stratified, groups)
         # other training images, other split: other members (the full data's fingerprint and what was left out)
         fp = hashlib.sha256(f"{fp}:damaged images left out:{json.dumps(sorted(bad_train))}".encode()).hexdigest()
     return CompetitionData(comp, root, paths, labels, valid, test, fp, fp, cache_root=project.cache)

@@ -263,9 +263,9 @@ def _fit(member, data, progress, checkpoint_dir, cbs, device, precision, plan) -
     if loss_func(member) is not None:
         learn.loss_func = loss_func(member)
     if data.soft_targets is not None:  # distillation (`data.with_soft_targets`)
-        from .recipe import SoftTargetLoss
+        from .recipe import distill_loss
 
-        learn.loss_func = SoftTargetLoss(learn.loss_func)
+        learn.loss_func = distill_loss(member, learn.loss_func)
     for dls in stage_dls.values():  # the statistics are known only once the model (and its weights) is
         dls.add_tfms([Normalize.from_stats(*stats)], "after_batch")
     learn.remove_cb(ProgressCallback)

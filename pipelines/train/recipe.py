@@ -44,14 +44,17 @@ class LastEpochsAverage(Callback):
 class SoftTargetLoss:
     """Distillation's loss: on a batch of soft targets (N × C+1: each row's target distribution, its weight last)
     the weighted mean of the cross-entropy to the targets — the KL divergence to the teacher up to its constant
-    entropy, one-hot rows being the labels' plain cross-entropy; on class labels (validation), `base`."""
+    entropy, one-hot rows being the labels' plain cross-entropy; on class labels (validation), `base`. With label
+    smoothing `eps` each target row becomes (1 - eps) · row + eps / C, as fastai's label smoothing does to a
+    one-hot row: labelled rows then train exactly as `LabelSmoothingCrossEntropyFlat(eps)` would."""
 
-    def __init__(self, base):
-        self.base = base
+    def __init__(self, base, eps: float = 0.0):
+        self.base, self.eps = base, eps
 
     def __call__(self, pred, y, **kwargs):
         if y.ndim == 2 and y.is_floating_point():
             targets, weights = y[:, :-1], y[:, -1]
+            targets = (1 - self.eps) * targets + self.eps / targets.shape[1]
             ce = -(targets * torch.log_softmax(pred.float(), 1)).sum(1)
             return (weights * ce).sum() / weights.sum()
         return self.base(pred, y, **kwargs)
@@ -68,6 +71,11 @@ def loss_func(member):
     if member.loss is not None and member.loss.label_smoothing:
         return LabelSmoothingCrossEntropyFlat(eps=member.loss.label_smoothing)
     return None
+
+
+def distill_loss(member, base):
+    """A distilled member's loss: soft targets, smoothed by its `loss.label_smoothing`; `base` on labels."""
+    return SoftTargetLoss(base, member.loss.label_smoothing if member.loss is not None else 0.0)
 
 
 class MixUpOrCutMix(CutMix):
