@@ -3,6 +3,8 @@ groups stay whole in the holdout, its parts and the bootstrap, macro ROC AUC is 
 and distillation's options do what they say. Pure maths on synthetic numbers (fixed seeds), no training, except
 the last test (classical members, marked slow)."""
 
+import json
+
 import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
@@ -215,3 +217,85 @@ def test_distill_on_a_classical_member_is_refused():
 
     with pytest.raises(ValueError, match="distill trains a network on soft targets"):
         Member(name="m", arch="classical:em_traces/logistic", decode=True, distill={"teacher": "digits/final.yaml"})
+
+
+# --------------------------------------------------------------------------------------------- items 1-3 end to end
+CLASSICAL = """\
+competition: digits
+defaults: {pretrained: false, size: 32, num_workers: 0, tta: {n: 0}}
+members:
+  - {name: traces, arch: "classical:em_traces/logistic"}
+  - {name: svc, arch: "classical:em_traces/svc"}
+  - {name: forest, arch: "classical:em_traces+color_hist/random_forest"}
+  - {name: hist, arch: "classical:color_hist/logistic"}
+"""
+
+
+@pytest.mark.slow
+def test_ablate_on_grouped_images_keeps_groups_whole_and_records_nested_scores(tmp_path, digits_data):
+    """Digits written by 40 writers (cv.group_column): the holdout, its nested-CV parts and the bootstrap keep
+    writers whole, and `ens ablate --pick greedy|subset --write --submit` records the nested-CV score of the pick
+    in the YAML's header, the validation JSON and history.csv (before: the in-sample score of the picked mean)."""
+    import csv
+
+    import pandas as pd
+    import yaml
+
+    from conftest import ens, make_project
+    from pipelines.ablate import ablate
+    from pipelines.config import Project, load_competition, load_ensemble
+    from pipelines.data import load_data
+
+    names = sorted(p.name for p in (digits_data / "train_images").glob("*/*.png"))
+    writers = {n: f"w{i % 40:02d}" for i, n in enumerate(names)}
+    pd.DataFrame({"image_id": list(writers), "writer": list(writers.values())}).to_csv(tmp_path / "w.csv", index=False)
+    root = make_project(tmp_path / "p", digits_data, {"classic": CLASSICAL},
+                        cv=f"{{folds: 5, group_column: writer, groups_csv: {tmp_path / 'w.csv'}}}")
+    project = Project(root)
+    data = load_data(project, load_competition(project, "digits"))
+    side = {}
+    for path, valid in zip(data.train_paths, data.is_valid):
+        side.setdefault(writers[path.split("/")[-1]], set()).add(valid)
+    assert all(len(s) == 1 for s in side.values()) and 0.15 < np.mean(data.is_valid) < 0.25
+
+    out = ens("ablate", "digits/classic.yaml", "--write", "ensembles/digits/greedy.yaml", "--submit", cwd=root)
+    assert out.returncode == 0, out.stderr
+    assert "whole groups (8 writers" in out.stdout.replace("\n", " ")  # 8 writers validate
+    r = ablate(project, "digits/classic.yaml", cached_only=True)
+    y = r.outcomes[0].entry.arrays["valid_targets"]
+    p = [o.entry.arrays["valid_plain"].astype("float64") for o in r.outcomes]
+    groups = np.array([writers[str(i).split("/")[-1]] for i in r.outcomes[0].entry.arrays["valid_ids"]])
+    folds = r.gathered.blend_folds()
+    assert all(len(set(folds[groups == g])) == 1 for g in set(groups)) and len(set(folds)) == 5
+    full = ensemble.combine(p)
+    for row, q in zip(r.members, p):
+        assert tuple(row.alone_interval) == ensemble.paired_bootstrap(q.argmax(1) == y, full.argmax(1) == y, 1000,
+                                                                      groups=groups)
+        assert row.alone_p == pytest.approx(ensemble.mcnemar_p(q.argmax(1) == y, full.argmax(1) == y, groups))
+
+    def recorded(stem):
+        csv_path = next((root / "submissions/digits").glob(f"*-classic-{stem}.csv"))
+        validation = json.loads(csv_path.with_suffix(".validation.json").read_text())
+        with open(root / "submissions/digits/history.csv") as f:
+            history = [row for row in csv.DictReader(f) if row["file"].endswith(csv_path.name)]
+        return validation, float(history[0]["valid_score"])
+
+    greedy, _ = ensemble.nested_cv_score(p, y, folds, ensemble.greedy_fitter("accuracy", 25), "accuracy")
+    written = yaml.safe_load((root / "ensembles/digits/greedy.yaml").read_text())
+    assert written["combine"] == {"method": "greedy", "rounds": 25} and len(written["members"]) == 4
+    header = (root / "ensembles/digits/greedy.yaml").read_text().splitlines()[0]
+    assert f"{greedy:.4f} (nested cross-validation)" in header
+    validation, history = recorded("greedy")
+    assert validation["score"] == pytest.approx(greedy) and history == pytest.approx(greedy, abs=1e-6)
+    assert validation["honest"] == "nested cross-validation" and validation["in_sample"] == pytest.approx(r.greedy_score)
+    _, e, _ = load_ensemble(project, "digits/greedy.yaml")
+    assert e.combine.method == "greedy"  # `ens run` of the written YAML scores it the same way
+
+    out = ens("ablate", "digits/classic.yaml", "--cached-only", "--pick", "subset", "--write",
+              "ensembles/digits/subset.yaml", "--submit", cwd=root)
+    assert out.returncode == 0, out.stderr
+    subset, _ = ensemble.nested_cv_score(p, y, folds, ensemble.subset_fitter("accuracy", [1.0] * 4), "accuracy")
+    assert f"{subset:.4f} (nested cross-validation)" in (root / "ensembles/digits/subset.yaml").read_text()
+    validation, history = recorded("subset")
+    assert validation["score"] == pytest.approx(subset) and history == pytest.approx(subset, abs=1e-6)
+    assert validation["honest"] == "nested cross-validation of the members' pick"
