@@ -170,7 +170,8 @@ def ablate(project: Project, spec: str, overrides: list[str] = (), cached_only: 
               if subsets else (None, None))
     return Ablation(g, outcomes, metric, kind, len(targets), ensemble.score(metric, full, targets),
                     ensemble.log_loss(full, targets), rows, subsets, counts, g_score, g_ll, rounds, greedy.honest,
-                    subset[0], ensemble.error_correlation(p, targets), _methods(g, p, weights, targets, folds, metric),
+                    subset[0], ensemble.error_correlation(p, targets),
+                    _methods(g, p, weights, targets, folds, metric, rounds),
                     "out-of-fold" if g.cv else "holdout", len(np.unique(folds)), _views(outcomes, metric),
                     n_groups=None if groups is None else len(np.unique(groups)), subset_per_fold=subset[1])
 
@@ -201,12 +202,14 @@ def _mcnemar(a: np.ndarray, b: np.ndarray, targets: np.ndarray, groups=None) -> 
 
 
 def _methods(g: Gathered, p: list[np.ndarray], weights: list[float], targets: np.ndarray, folds: np.ndarray,
-             metric: str) -> list[MethodRow]:
-    """Every `combine:` method on these members (the ensemble's own with its settings), side by side."""
+             metric: str, rounds: int) -> list[MethodRow]:
+    """Every `combine:` method on these members (the ensemble's own with its settings; greedy, unless the
+    ensemble's own, with ablate's rounds, as `--pick greedy` writes it), side by side."""
     own = g.ensemble.combine
     rows = []
     for method in COMBINE_METHODS:
-        cfg = own if method == own.method else Combine(method=method)
+        settings = {"rounds": rounds} if method == "greedy" else {}
+        cfg = own if method == own.method else Combine(method=method, **settings)
         b = ensemble.blend(cfg, p, p, targets, weights, folds, metric)  # no test rows wanted here
         rows.append(MethodRow(method, b.learned, b.in_sample, b.honest, b.per_fold, ensemble.log_loss(b.valid, targets)))
     return rows
