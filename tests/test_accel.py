@@ -236,6 +236,7 @@ def test_channels_last_weights_save_and_load_both_ways(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- torch.compile
+@pytest.mark.slow
 def test_compile_in_place_keeps_the_state_dict(dynamo):
     import torch._dynamo
 

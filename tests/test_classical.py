@@ -142,6 +142,7 @@ def test_parse_arch_errors_name_the_problem_and_the_fix(arch, words):
 
 
 # --------------------------------------------------------------------------------------------- cost
+@pytest.mark.slow
 def test_cost_per_224_image():
     """Measured, not asserted: seconds per 224×224 image, k = 3, 20 iterations, a batch of 16."""
     images = filtered(np.random.default_rng(6), 16, 224)

@@ -2,9 +2,12 @@
 member's decoded copy, cached under a key like any member's, blended, ablated, planned; a bad name is one line."""
 
 import numpy as np
+import pytest
 
 from conftest import ens, make_project
 from pipelines.config import Project
+
+pytestmark = pytest.mark.slow  # trains (fastai members, Ray tasks, notebooks): not in make test-fast
 
 MIXED = """\
 competition: digits

@@ -15,6 +15,8 @@ from test_notebook import chosen_of, delivery, notebook_project
 
 from pipelines.config import Project
 
+pytestmark = pytest.mark.slow  # trains (fastai members, Ray tasks, notebooks): not in make test-fast
+
 HIDDEN = 600  # hidden test images: more than the public 359, other ids
 
 

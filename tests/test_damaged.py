@@ -60,6 +60,7 @@ def test_damaged_training_images_end_ens_run_before_any_epoch(damaged):
     assert not list((root / "cache" / "digits").glob("*/meta.json"))  # nothing trained
 
 
+@pytest.mark.slow
 def test_skip_leaves_damaged_images_out_of_training(damaged, digits_data):
     root, data, bad = damaged
     _set(root, "damaged_images: skip")

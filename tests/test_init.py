@@ -10,6 +10,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from conftest import ens
@@ -66,6 +67,7 @@ def _folders_data(root: Path, classes=("real", "fake"), per_class=4, n_test=3, s
 
 
 # --------------------------------------------------------------------------------------------- class folders
+@pytest.mark.slow
 def test_digits_folder_gives_a_yaml_whose_starter_runs(tmp_path, digits_data):
     root = _project(tmp_path)
     shutil.copytree(digits_data, root / "data" / "digits")

@@ -13,6 +13,8 @@ from pipelines.errors import ConfigError
 from pipelines.models import build_model, check_arch, known_architectures, list_models, split_arch
 from pipelines.run import run_ensemble
 
+pytestmark = pytest.mark.slow  # trains (fastai members, Ray tasks, notebooks): not in make test-fast
+
 NETS = """\
 competition: digits
 defaults:

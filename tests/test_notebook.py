@@ -18,6 +18,8 @@ from conftest import TINY, make_project
 from pipelines.config import Project
 from pipelines.errors import EnsError
 
+pytestmark = pytest.mark.slow  # trains (fastai members, Ray tasks, notebooks): not in make test-fast
+
 # the conftest's tiny defaults with two random TTA passes; a decoded member and a weighted one
 NOTEBOOK_TINY = TINY.split("members:")[0].replace("tta: {n: 1}", "tta: {n: 2}") + """\
 members:

@@ -22,6 +22,8 @@ from pipelines.config import Project
 from pipelines.errors import EnsError
 from pipelines.schedule import Connection, Parallel, Slots, Unit, run_units, slots
 
+pytestmark = pytest.mark.slow  # trains (fastai members, Ray tasks, notebooks): not in make test-fast
+
 ray = pytest.importorskip("ray")
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the probes below run in Ray's workers
 

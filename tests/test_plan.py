@@ -89,6 +89,7 @@ def test_fresh_project_has_nothing_cached_and_no_estimate(project, memo, no_trai
     assert entries(project) == []
 
 
+@pytest.mark.slow
 def test_tiny_run_is_all_cached_and_nothing_is_trained(tiny_run, memo, no_training):
     root, result = tiny_run
     before = entries(root)
@@ -100,6 +101,7 @@ def test_tiny_run_is_all_cached_and_nothing_is_trained(tiny_run, memo, no_traini
     assert entries(root) == before
 
 
+@pytest.mark.slow
 def test_changed_lr_is_not_cached_and_is_estimated(tiny_run, memo, no_training):
     root, result = tiny_run
     before = entries(root)

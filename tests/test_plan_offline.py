@@ -59,6 +59,7 @@ def text(plan) -> str:
     return console.export_text()
 
 
+@pytest.mark.slow
 def test_plan_without_the_data_prints_what_is_known_and_exits_0(tmp_path, digits_data, monkeypatch):
     root = remote_project(tmp_path / "p", digits_data)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # the memo the subprocess reads

@@ -9,6 +9,8 @@ from conftest import ONE_RESNET, ens, make_project
 from pipelines.config import Project, load_ensemble
 from pipelines.errors import EnsError
 
+pytestmark = pytest.mark.slow  # trains (fastai members, Ray tasks, notebooks): not in make test-fast
+
 STUDENT = """\
 competition: digits
 defaults: {pretrained: false, size: 32, epochs: 1, lr: 0.005, batch_size: 64, num_workers: 0, tta: {n: 0},

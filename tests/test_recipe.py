@@ -10,6 +10,8 @@ from pydantic import ValidationError
 from conftest import make_project
 from pipelines.config import Member, Project, load_competition
 
+pytestmark = pytest.mark.slow  # trains (fastai members, Ray tasks, notebooks): not in make test-fast
+
 BASE = dict(name="m", arch="test_resnet", pretrained=False, size=32, epochs=2, lr=0.005, batch_size=64,
             num_workers=0, aug_transforms=None, tta={"n": 0})
 

@@ -11,6 +11,8 @@ from conftest import make_project
 from pipelines.cache import MemberCache, prediction_key, tta_probs_of
 from pipelines.config import Member, Project
 
+pytestmark = pytest.mark.slow  # trains (fastai members, Ray tasks, notebooks): not in make test-fast
+
 VIEWS = """\
 competition: digits
 defaults: {pretrained: false, size: 32, epochs: 2, lr: 0.005, batch_size: 64, num_workers: 0,

@@ -7,6 +7,8 @@ from pipelines.cache import MemberCache, member_key
 from pipelines.config import Project, TuneRange, load_ensemble
 from pipelines.errors import ConfigError
 
+pytestmark = pytest.mark.slow  # trains (fastai members, Ray tasks, notebooks): not in make test-fast
+
 SEARCH = """\
 competition: digits
 defaults:
