@@ -45,7 +45,9 @@ def dataloaders(data: CompetitionData, member, size, device=None):
 
     batch_tfms = []
     if member.aug_transforms is not None:  # presizing: items at resize.size, the batch augmentation brings them to size
-        batch_tfms += aug_transforms(size=size, **member.aug_transforms.model_dump())
+        from .fastai_parts import sync_free  # no read back to the host per batch (a sync on CUDA)
+
+        batch_tfms += sync_free(aug_transforms(size=size, **member.aug_transforms.model_dump()))
     # without a batch augmentation nothing would bring a presized item to the stage's size: the stage size governs
     presize = _hw(member.resize.size or size if batch_tfms else size)
     if member.decode:

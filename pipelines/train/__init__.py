@@ -258,6 +258,7 @@ def _fit(member, data, progress, checkpoint_dir, cbs, device, precision, plan) -
     stage_dls = {str(s): dataloaders(data, loader_member, s) for s in sizes}
     first = stage_dls[str(sizes[0])]
     learn, stats = build_learner(first, member, metrics=[accuracy])
+    from .on_device import OnDeviceRecords
     from .recipe import EMAWeights, LastEpochsAverage, loss_func, mix_callbacks
 
     if loss_func(member) is not None:
@@ -269,6 +270,7 @@ def _fit(member, data, progress, checkpoint_dir, cbs, device, precision, plan) -
     for dls in stage_dls.values():  # the statistics are known only once the model (and its weights) is
         dls.add_tfms([Normalize.from_stats(*stats)], "after_batch")
     learn.remove_cb(ProgressCallback)
+    learn.add_cb(OnDeviceRecords())  # no host-device sync per step: losses and metrics read once per epoch
     learn.logger = noop  # the Recorder would print every epoch
     if precision == "fp16":
         learn.to_fp16()
