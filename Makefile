@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 
-.PHONY: run test test-fast bench install install-test clean-cache
+.PHONY: run test test-fast test-gpu bench bench-gpu install install-test clean-cache
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -33,6 +33,14 @@ test-fast: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/run_all.py
+
+# the GPU tier (tests/gpu, marker gpu): skipped with one line ("no CUDA") on a machine without CUDA
+test-gpu: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q -m gpu tests/gpu
+
+# the paddy members on the GPU (row 8), written into BENCHMARKS.md; "skipped: no CUDA" without one
+bench-gpu: $(VENV)/.installed
+	$(BIN)/python benchmarks/gpu_members.py --write
 
 clean-cache:
 	rm -rf cache/digits cache/data/digits cache/fingerprints

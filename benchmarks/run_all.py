@@ -10,7 +10,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SCRIPTS = ["overhead", "efficiency", "warm_rerun", "ablation", "tta_cost", "data_loading", "bench_batching", "gpu_members",
-           "parallel", "recipe"]
+           "parallel", "recipe", "host_side"]
 
 
 def machine() -> str:
@@ -20,6 +20,19 @@ def machine() -> str:
 
     return (f"{date.today()}, {platform.machine()} {os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, "
             f"torch {torch.__version__}, {'CUDA' if torch.cuda.is_available() else 'no GPU'}")
+
+
+def write_rows(prefix: str, rows: list[str], path: Path = HERE.parent / "BENCHMARKS.md") -> None:
+    """Put `rows` in BENCHMARKS.md's table in place of the rows starting with `| {prefix}` (where the first of
+    them was; at the table's end when there were none): one script rerun alone (`make bench-gpu`) updates its
+    rows and leaves the others as the last `make bench` wrote them."""
+    lines = path.read_text().splitlines()
+    mine = [i for i, line in enumerate(lines) if line.startswith(f"| {prefix}")]
+    table = [i for i, line in enumerate(lines) if line.startswith("| ")]
+    at = mine[0] if mine else table[-1] + 1
+    kept = [line for i, line in enumerate(lines) if i not in set(mine)]
+    kept[at:at] = rows
+    path.write_text("\n".join(kept) + "\n")
 
 
 def main() -> None:
