@@ -112,8 +112,11 @@ def _rng_state(stage_dls: dict) -> dict:
     import numpy as np
     import torch
 
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
-            "dls": {k: (d.train.rng.getstate(), d.valid.rng.getstate()) for k, d in stage_dls.items()}}
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+             "dls": {k: (d.train.rng.getstate(), d.valid.rng.getstate()) for k, d in stage_dls.items()}}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # the batch augmentation draws on the GPU there
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def _set_rng_state(state: dict, stage_dls: dict) -> None:
@@ -123,6 +126,8 @@ def _set_rng_state(state: dict, stage_dls: dict) -> None:
     import torch
 
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     for k, (train, valid) in state["dls"].items():
