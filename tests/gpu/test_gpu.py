@@ -243,7 +243,7 @@ def test_kept_weights_predict_the_same_on_the_gpu_and_the_cpu(digits, monkeypatc
     within 1e-4)."""
     from pipelines.predict import learner_from_weights, paths_probs
 
-    member = _member(precision="fp32", tta={"n": 2})
+    member = _member(precision="fp32", tta={"n": 2}, decode=False)  # kept weights predict image files
     trained = _train(member, digits)
     weights = {k: v.detach().cpu().clone() for k, v in trained.learn.model.state_dict().items()}
     paths = [digits.root / p for p in digits.test_paths]
