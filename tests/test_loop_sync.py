@@ -24,7 +24,8 @@ def digits(tmp_path_factory, digits_data):
 
 def _member(**kw):
     base = dict(name="m", arch="test_resnet", pretrained=False, size=32, epochs=2, batch_size=64, num_workers=0,
-                lr=0.005, decode=True, tta={"n": 0}, aug_transforms={"do_flip": True, "max_rotate": 10})
+                lr=0.005, decode=True, tta={"n": 0},
+                aug_transforms={"do_flip": True, "max_rotate": 10, "max_warp": 0.2, "max_lighting": 0.2})
     return Member(**{**base, **kw})
 
 
@@ -157,7 +158,8 @@ class HostReads(torch.overrides.TorchFunctionMode):
     came from. fastai's ParamScheduler is left out: it reads tensors it builds on the CPU itself (its phase
     boundaries), never a device's."""
 
-    READS = {"item", "cpu", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__"}
+    # reads back, and `tensor` (torch.tensor from host data: on CUDA a copy that waits for the device)
+    READS = {"item", "cpu", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__", "tensor"}
     HOST_ONLY = ("fastai/callback/schedule.py",)
 
     def __init__(self):
@@ -262,14 +264,16 @@ def test_an_interrupted_fit_leaves_no_prefetch_thread(digits, monkeypatch):
 
 @pytest.mark.parametrize("presize", [32, 80])  # 80 > 2 x 32: fastai's down-sampling hack applies
 def test_the_affine_augmentation_reads_nothing_back_and_gives_fastais_pixels(presize):
-    """fastai's affine augmentation (flip, rotate, zoom, warp) reads the batch's values back 3 times per batch;
-    ens's (`sync_free`) none where fastai's down-sampling hack cannot apply, with the same pixels bit for bit."""
+    """fastai's affine augmentation (flip, rotate, zoom, warp) reads the batch's values back or copies host data to
+    it 3 times per batch; ens's (`sync_free`) never (once its corner points are made) where fastai's down-sampling
+    hack cannot apply, with the same pixels bit for bit."""
     from fastai.torch_core import TensorImage, set_seed
     from fastai.vision.all import aug_transforms
 
     from pipelines.data.fastai_parts import SyncFreeAffine, sync_free
 
     x = TensorImage(torch.rand(16, 3, presize, presize))
+    sync_free(aug_transforms(max_warp=0.4, p_affine=1.0))[0](x, split_idx=0)  # the corner points made once
     outs, reads = {}, {}
     for free in (False, True):
         tfms = aug_transforms(size=32, max_warp=0.4, p_affine=1.0, max_rotate=20, max_zoom=1.3, max_lighting=0.3)

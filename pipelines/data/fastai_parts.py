@@ -15,7 +15,7 @@ from fastai.data.core import TfmdDL
 from fastai.losses import CrossEntropyLossFlat
 from fastai.torch_core import TensorBase, TensorCategory, TensorImage, retain_type, to_device
 from fastai.vision.all import PILImage, Resize, Transform
-from fastai.vision.augment import AffineCoordTfm, _init_mat, _WarpCoord, affine_grid, compose_tfms
+from fastai.vision.augment import AffineCoordTfm, _draw_mask, _init_mat, _WarpCoord, affine_grid, compose_tfms
 from fastcore.basics import chunked
 from PIL import Image
 
@@ -155,11 +155,11 @@ class DecodedDL(TfmdDL):
 
 
 # --------------------------------------------------------------------------------------------- augmentation
-# fastai's affine augmentation, less its three reads back to the host per batch (each a sync on CUDA, where the
-# batch augmentation runs: issue 23): `_grid_sample` reads the zoom (`.item()`) for a down-sampling hack that can
-# apply only where the input is over twice the output's size, the warp solves its 8 coefficients with
-# `torch.linalg.solve` (which reads back its error flag) and asks `if (...).any()` whether a point went to
-# infinity. The same numbers, computed without asking the host.
+# fastai's affine augmentation, less its four host-device syncs per batch (on CUDA, where the batch augmentation
+# runs: issue 23): `_grid_sample` reads the zoom (`.item()`) for a down-sampling hack that can apply only where the
+# input is over twice the output's size; the warp copies its corner points from the host (`torch.tensor(...,
+# device=)`), solves its 8 coefficients with `torch.linalg.solve` (which reads back its error flag) and asks
+# `if (...).any()` whether a point went to infinity. The same numbers, computed without asking the host.
 def _grid_sample(x, coords, mode="bilinear", padding_mode="reflection", align_corners=None):
     """fastai's `_grid_sample`, reading the zoom back only where its hack can apply (input > 2x the output)."""
     import torch.nn.functional as F
@@ -195,7 +195,28 @@ def _apply_perspective(coords, coeffs):
     return torch.where((coords1[..., 2] == 0.0).any(), coords, warped).view(*sz)
 
 
+_CORNERS: dict = {}
+
+
+def _corners(dtype, device):
+    """The warp's four corner points, made once per dtype and device: fastai's `torch.tensor(..., device=)`
+    copies them from the host every batch, and a copy from pageable memory waits for the device."""
+    key = (dtype, str(device))
+    if key not in _CORNERS:
+        _CORNERS[key] = torch.tensor([[-1, -1], [-1, 1], [1, -1], [1, 1]], dtype=dtype, device=device)
+    return _CORNERS[key]
+
+
 class _SyncFreeWarp(_WarpCoord):
+    def before_call(self, x):
+        """fastai's `_WarpCoord.before_call` (the same draws, in the same order), the corners from `_corners`."""
+        x_t = _draw_mask(x, self._def_draw, self.draw_x, p=self.p, batch=self.batch)
+        y_t = _draw_mask(x, self._def_draw, self.draw_y, p=self.p, batch=self.batch)
+        self.orig_pts = _corners(x.dtype, x.device).unsqueeze(0).expand(x.size(0), 4, 2)
+        targ_pts = torch.stack([torch.stack([-1 - y_t, -1 - x_t]), torch.stack([-1 + y_t, 1 + x_t]),
+                                torch.stack([1 + y_t, -1 + x_t]), torch.stack([1 - y_t, 1 - x_t])])
+        self.targ_pts = targ_pts.permute(2, 0, 1)
+
     def __call__(self, x, invert=False):
         pts = (self.targ_pts, self.orig_pts) if invert else (self.orig_pts, self.targ_pts)
         return _apply_perspective(x, _find_coeffs(*pts))
