@@ -155,15 +155,12 @@ def test_a_fold_killed_mid_training_resumes_at_that_fold_and_epoch(digits_data, 
                 pass
         return len(entries), None
 
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "run", "digits/one.yaml"], cwd=root,
-                            env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and state() != (1, 2):  # fold 0 done, fold 1 at epoch 2
-        time.sleep(0.05)
-    assert state() == (1, 2), proc.communicate()[0][-2000:]
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=60) != 0
+    # Ctrl-C in fold 1's third epoch (the second time a fold reaches train epoch 2), at that named point
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", "digits/one.yaml"], cwd=root,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1", ENS_TEST_KILL_AT="SIGINT after train epoch 2 #2"),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert proc.returncode == 130, proc.stdout[-2000:]
+    assert state() == (1, 2)  # fold 0 done, fold 1 at epoch 2
 
     resumed = run_ensemble(Project(root), "digits/one.yaml")
     units = {u.fold: u for u in resumed.gathered.units}

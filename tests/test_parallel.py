@@ -249,12 +249,17 @@ def _raylet_node(cluster, pid: int):
     return None
 
 
-def test_a_node_lost_mid_member_and_the_run_still_finishes(tmp_path, digits_data, ray_tmp):
+def test_a_node_lost_mid_member_and_the_run_still_finishes(tmp_path, digits_data, ray_tmp, monkeypatch):
     """A two-node cluster (ray.cluster_utils, on loopback) joined with --address: the node training the member
     is removed after its first epoch; Ray retries the task on the other node, which resumes from the checkpoint
     in the shared project folder."""
     from ray.cluster_utils import Cluster
 
+    # Cluster writes the head's address to `ray_current_cluster` in Ray's default folder ($RAY_TMPDIR/ray, else
+    # $TMPDIR/ray or /tmp/ray), which it never creates: on a machine where Ray never ran it is missing. Point it
+    # into this test's folder: it then exists, and no other session's `ray.init()` finds this cluster there.
+    monkeypatch.setenv("RAY_TMPDIR", ray_tmp)
+    os.makedirs(os.path.join(ray_tmp, "ray"), exist_ok=True)
     root = make_project(tmp_path / "p", digits_data, {"long": RESNET_LONG})
     cluster = Cluster(initialize_head=True, connect=False,
                       head_node_args={"num_cpus": 0, "temp_dir": ray_tmp, "include_dashboard": False})

@@ -86,6 +86,49 @@ def _callbacks():
     return ProgressiveResize, EpochLog
 
 
+# For tests that interrupt training at a named point rather than after a guessed sleep (which misses a window of
+# one epoch on a loaded machine): "SIGINT after train epoch 2" (or "... #2": the second time this process reaches
+# that point: the second member or fold). The signal comes at the first batch after that epoch's checkpoint.
+KILL_AT = "ENS_TEST_KILL_AT"
+_kill_state: dict = {"seen": 0, "armed": False}  # per process: members and folds trained one after another
+
+
+def _kill_at_callback():
+    """The callback class `ENS_TEST_KILL_AT` asks for (built with the phase's name and first epoch), or None."""
+    import re
+    import signal
+
+    from fastai.callback.core import Callback
+
+    from ..errors import EnsError
+
+    spec = os.environ.get(KILL_AT)
+    if not spec:
+        return None
+    m = re.fullmatch(r"(SIG[A-Z]+) after (\w+) epoch (\d+)(?: #(\d+))?", spec.strip())
+    if m is None or not isinstance(getattr(signal, m[1], None), signal.Signals):
+        raise EnsError(f"{KILL_AT}={spec!r}: write it as 'SIGINT after train epoch 2' (optionally ' #2': the nth time)")
+    sig, point, nth = getattr(signal, m[1]), (m[2], int(m[3])), int(m[4] or 1)
+
+    class KillAt(Callback):
+        order = 61  # after EpochLog has saved the epoch's checkpoint
+
+        def __init__(self, phase, start_epoch):
+            self.phase, self.start_epoch = phase, start_epoch
+
+        def after_epoch(self):
+            if self.epoch >= self.start_epoch and (self.phase, self.epoch + 1) == point:
+                _kill_state["seen"] += 1
+                _kill_state["armed"] = _kill_state["seen"] == nth
+
+        def after_batch(self):
+            if _kill_state["armed"] and self.training:  # mid-epoch (the next phase's, too), as Ctrl-C would come
+                _kill_state["armed"] = False
+                os.kill(os.getpid(), sig)
+
+    return KillAt
+
+
 def _float(v):
     try:
         return float(v)
@@ -289,6 +332,7 @@ def _fit(member, data, progress, checkpoint_dir, cbs, device, precision, plan) -
     recipe = mix_callbacks(member) + ([average] if average else [])
 
     ProgressiveResize, EpochLog = _callbacks()
+    KillAt = _kill_at_callback()
     size_per_epoch = [s for s, e in member.stage_plan for _ in range(e)]
     resize = ProgressiveResize([stage_dls[str(s)] for s in size_per_epoch])
     phases = _phases(member, resize, size_per_epoch, sizes[0])
@@ -334,10 +378,11 @@ def _fit(member, data, progress, checkpoint_dir, cbs, device, precision, plan) -
             if begin and phase.name == "train":
                 learn.dls = resize.dls_per_epoch[begin]
             log = EpochLog(phase.name, history, begin, save, progress, task, phase.size_of)
+            kill = [KillAt(phase.name, begin)] if KillAt else []
             if isinstance(average, LastEpochsAverage):  # the last epochs of the last fit
                 average.active = index == len(phases) - 1
             accumulate = plan.callbacks() if plan is not None else []
-            learn.fit_one_cycle(phase.epochs, **phase.fit_args, cbs=[*phase.cbs, *accumulate, *recipe, *cbs, log],
+            learn.fit_one_cycle(phase.epochs, **phase.fit_args, cbs=[*phase.cbs, *accumulate, *recipe, *cbs, log, *kill],
                                 start_epoch=begin)
             if failure:
                 raise failure[0]
