@@ -3,10 +3,8 @@ probabilities where every training image is predicted by the one model that did 
 from the fold mean or a refit; blends scored honestly by nested cross-validation; a killed fold resumes."""
 
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pandas as pd

@@ -2,10 +2,8 @@
 schedule where it was, and reaches exactly what an uninterrupted run reaches."""
 
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
