@@ -16,11 +16,18 @@ fragmentation that builds up over many epochs; the margin is for those, and the 
 
 Accumulation with fastai: `GradientAccumulation(n_acc=effective_batch)` counts SAMPLES, not micro-batches. It
 scales every micro-batch's loss by micro/n_acc and steps once at least n_acc samples were seen, so when the
-micro-batch divides the effective batch, k = effective/micro micro-batches make one step whose gradient is the
-full batch's mean, exactly. A micro-batch m that does not divide it steps every ceil(effective/m) micro-batches,
-on m·ceil(effective/m) samples (fewer than ceil(effective/m) extra), with the gradient scaled up by the same small
-ratio. Micro-batches are therefore chosen among the divisors of the effective batch, and a non-divisor only where
-no divisor lies within a factor 2 below it (an effective batch of 97 gets 49 × 2, not 1 × 97).
+micro-batch divides the effective batch, k = effective/micro micro-batches make one step on as many samples as the
+full batch. That step is only APPROXIMATELY the full batch's: BatchNorm (every fastai head has it) normalises each
+micro-batch with that micro-batch's own statistics and updates its running averages k times — one SGD step
+through 16 × 4 differs from 64 × 1 by 68–100 % on timm's test_convnext and test_resnet. Hence a smallest
+micro-batch (`min_micro_batch`: 16 with BatchNorm, else 2, unless the member allows less): below it the budget is
+an error, not a silently worse model (and a micro-batch of 1 would crash BatchNorm). A micro-batch m that does not
+divide the effective batch steps every ceil(effective/m) micro-batches, on m·ceil(effective/m) samples (fewer than
+ceil(effective/m) extra), with the gradient scaled up by the same small ratio. Micro-batches are therefore chosen
+among the divisors of the effective batch, and a non-divisor only where no divisor lies within a factor 2 below it
+(an effective batch of 97 gets 49 × 2, not 1 × 97). fastai resets its count only in before_fit and never zeroes
+gradients between fits, so training zeroes them at each fit's start (`train._fit`): a phase's leftover micro-batches
+would otherwise enter the next phase's first step.
 
 torch is imported inside functions only.
 """
@@ -30,6 +37,7 @@ from __future__ import annotations
 import gc
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional
 
@@ -57,9 +65,10 @@ class MicroBatchPlan:
     """How a member's effective batch is split on one device.
 
     `micro_batch` images go through the network at once; `accumulation_steps` micro-batches make one optimiser
-    step, on `samples_per_step` images (== effective_batch when `exact`). For fastai, train with DataLoaders of
+    step, on `samples_per_step` images (== effective_batch when `divides`). For fastai, train with DataLoaders of
     batch size `micro_batch` and, when `accumulation_steps > 1`, `GradientAccumulation(n_acc=n_acc)` — n_acc counts
-    samples and is the effective batch, not the number of steps.
+    samples and is the effective batch, not the number of steps. Such a step is `approximate`: with BatchNorm (or a
+    non-dividing micro-batch) it is not the full batch's step (see the module docstring).
     """
 
     effective_batch: int
@@ -72,6 +81,8 @@ class MicroBatchPlan:
     oom_restarts: int = 0
     limit_bytes: Optional[int] = None  # what the peak had to stay under: min(budget, free on the card) − margin
     oom_errors: tuple = ()  # the first line of each out-of-memory error that restarted training
+    min_micro: int = 1  # the smallest micro-batch allowed (`min_micro_batch`): below it, a budget error
+    batchnorm: bool = True  # whether the network has BatchNorm layers (which see each micro-batch on its own)
 
     @property
     def accumulation_steps(self) -> int:
@@ -87,8 +98,14 @@ class MicroBatchPlan:
         return self.micro_batch * self.accumulation_steps
 
     @property
-    def exact(self) -> bool:
+    def divides(self) -> bool:
+        """Whether the micro-batch divides the effective batch (each step on exactly effective_batch samples)."""
         return self.effective_batch % self.micro_batch == 0
+
+    @property
+    def approximate(self) -> bool:
+        """Whether a step differs from the full batch's: accumulated with BatchNorm, or over extra samples."""
+        return self.accumulation_steps > 1 and (self.batchnorm or not self.divides)
 
     def callbacks(self) -> list:
         """The fastai callbacks this plan needs: GradientAccumulation when more than one micro-batch per step."""
@@ -101,16 +118,22 @@ class MicroBatchPlan:
     def as_meta(self) -> dict:
         """For a cache entry's meta.json."""
         return {"effective_batch": self.effective_batch, "micro_batch": self.micro_batch,
-                "accumulation_steps": self.accumulation_steps, "n_acc": self.n_acc, "exact": self.exact,
+                "accumulation_steps": self.accumulation_steps, "accumulation": self.steps_text(),
+                "n_acc": self.n_acc, "divides": self.divides, "approximate": self.approximate,
+                "min_micro_batch": self.min_micro, "batchnorm": self.batchnorm,
                 "peak_bytes": self.peak_bytes, "budget_bytes": self.budget_bytes,
                 "probes": [list(p) for p in self.probes], "oom_restarts": self.oom_restarts,
                 "limit_bytes": self.limit_bytes, "oom_errors": list(self.oom_errors)}
 
+    def steps_text(self) -> str:
+        """'16 × 4' (micro-batch × accumulation steps), '64 × 1' without accumulation."""
+        return f"{self.micro_batch} × {self.accumulation_steps}"
+
     def describe(self) -> str:
         if self.accumulation_steps == 1:
             return f"batch {self.micro_batch}"
-        extra = "" if self.exact else f" = {self.samples_per_step} samples"
-        return f"{self.micro_batch} × {self.accumulation_steps}{extra}"
+        extra = "" if self.divides else f" = {self.samples_per_step} samples"
+        return f"{self.steps_text()}{extra}{', approximate' if self.approximate else ''}"
 
 
 # --------------------------------------------------------------------------------------------- the search
@@ -128,8 +151,10 @@ def candidates(effective_batch: int) -> list[int]:
 
 
 def plan_micro_batch(effective_batch: int, fits: Fits, budget_bytes: int, *, member: str = "member",
-                     size=None, limit_bytes: int | None = None) -> MicroBatchPlan:
-    """The largest micro-batch ≤ `effective_batch` (among `candidates`) whose probe fits the budget.
+                     size=None, limit_bytes: int | None = None, min_micro: int = 1,
+                     batchnorm: bool = True) -> MicroBatchPlan:
+    """The largest micro-batch ≤ `effective_batch` (among `candidates`, none below `min_micro` unless the
+    effective batch itself is) whose probe fits the budget.
 
     `fits(mb)` runs one probe and returns its peak bytes, or None when it ran out of memory; a peak above
     `limit_bytes` (default `budget_bytes`; `cuda_probe`'s `fits.limit()` is lower: the card's free memory and a
@@ -142,7 +167,8 @@ def plan_micro_batch(effective_batch: int, fits: Fits, budget_bytes: int, *, mem
     """
     if effective_batch < 1:
         raise ValueError(f"effective batch must be at least 1, got {effective_batch}")
-    cands = candidates(effective_batch)
+    floor = min(max(min_micro, 1), effective_batch)
+    cands = [c for c in candidates(effective_batch) if c >= floor]
     cap = budget_bytes if limit_bytes is None else limit_bytes
     probes: list[tuple[int, Optional[int]]] = []
     peaks: dict[int, Optional[int]] = {}
@@ -162,13 +188,15 @@ def plan_micro_batch(effective_batch: int, fits: Fits, budget_bytes: int, *, mem
         if i == 0:
             usable = "" if cap == budget_bytes else (f" ({_gib(cap)} usable: what the card has free, less a "
                                                        "safety margin)")
+            smallest = cands[0]
             raise MemoryBudgetError(
-                f"member {member}: even a micro-batch of 1 at size {_size_text(size) or '?'} does not fit gpu_memory "
-                f"{_gib(budget_bytes)}{usable} (peak {_gib(peaks[1]) if peaks[1] is not None else 'out of memory'}); "
-                f"raise the member's gpu_memory (if the card has more), free the GPU, lower its size or choose a "
-                f"smaller arch")
+                f"member {member}: even a micro-batch of {smallest} at size {_size_text(size) or '?'} does not fit "
+                f"gpu_memory {_gib(budget_bytes)}{usable} (peak "
+                f"{_gib(peaks[smallest]) if peaks[smallest] is not None else 'out of memory'}); raise the member's "
+                f"gpu_memory (if the card has more), free the GPU, lower its size or choose a smaller arch"
+                + _floor_hint(smallest))
         limit = cands[i] // 2
-        i = max(j for j, c in enumerate(cands) if c <= max(limit, 1))
+        i = max(j for j, c in enumerate(cands) if c <= max(limit, cands[0]))
     lo = i  # the largest candidate known to fit
     # refinement: binary search over cands[lo+1 : hi]
     if hi is not None:
@@ -181,20 +209,36 @@ def plan_micro_batch(effective_batch: int, fits: Fits, budget_bytes: int, *, mem
                 b = mid - 1
     mb = cands[lo]
     return MicroBatchPlan(effective_batch, mb, peaks[mb], budget_bytes, tuple(probes), member, size,
-                          limit_bytes=limit_bytes)
+                          limit_bytes=limit_bytes, min_micro=floor, batchnorm=batchnorm)
+
+
+def _floor_hint(smallest: int) -> str:
+    """What lowers the smallest micro-batch, where one is set above what the hardware needs."""
+    if smallest <= 2:
+        return ""
+    return (f" (or let it accumulate smaller micro-batches: min_micro_batch below {smallest}, at the cost of "
+            "noisier BatchNorm statistics)")
+
+
+def min_micro_batch(member, batchnorm: bool) -> int:
+    """The member's `min_micro_batch`, by default 16 where the network has BatchNorm, else 2."""
+    allowed = getattr(member, "min_micro_batch", None)
+    return allowed if allowed is not None else (16 if batchnorm else 2)
 
 
 def halve_on_oom(plan: MicroBatchPlan, reason: str | None = None) -> MicroBatchPlan:
     """After an out-of-memory error during training (`reason`: one line of it, kept in the plan): the next
     candidate at or below half the micro-batch (so about twice the accumulation steps), unmeasured. An error when
-    the micro-batch is already 1."""
-    if plan.micro_batch <= 1:
+    nothing smaller is allowed (the plan's `min_micro`, at least 1)."""
+    floor = min(max(plan.min_micro, 1), plan.effective_batch)
+    smaller = [c for c in candidates(plan.effective_batch) if floor <= c <= plan.micro_batch // 2]
+    if not smaller:
         last = f"; last error: {reason}" if reason else ""
         raise MemoryBudgetError(
-            f"member {plan.member}: ran out of memory at a micro-batch of 1 at size {_size_text(plan.size) or '?'} "
-            f"(gpu_memory {_gib(plan.budget_bytes)}); lower its size, choose a smaller arch or free the GPU "
-            f"(another process may be using it){last}")
-    smaller = max(c for c in candidates(plan.effective_batch) if c <= max(plan.micro_batch // 2, 1))
+            f"member {plan.member}: ran out of memory at a micro-batch of {plan.micro_batch} at size "
+            f"{_size_text(plan.size) or '?'} (gpu_memory {_gib(plan.budget_bytes)}); lower its size, choose a "
+            f"smaller arch or free the GPU (another process may be using it)" + _floor_hint(plan.micro_batch) + last)
+    smaller = max(smaller)
     errors = plan.oom_errors + ((reason,) if reason else ())
     return replace(plan, micro_batch=smaller, peak_bytes=None, oom_restarts=plan.oom_restarts + 1, oom_errors=errors)
 
@@ -337,10 +381,11 @@ def cuda_probe(model_factory_or_learner, size, budget_bytes: int, precision: str
     generators (dropout, the input) are restored after each probe, so probing a learner before training leaves
     its run reproducible.
 
-    `limit_memory`: cap this process at budget/total of the card (`set_per_process_memory_fraction`, which caps
-    reserved memory) so that a larger card runs out of memory where the budget would. The cap stays for the
-    training that follows, which is then held to the budget it was planned for. `fits.release()` drops the model
-    when planning is done. `cuda` (default `torch.cuda`) and `device` are injectable, for tests on CPU.
+    `limit_memory`: cap this process at budget/total of the card (`memory_cap`: set_per_process_memory_fraction,
+    which caps reserved memory) so that a larger card runs out of memory where the budget would.
+    `fits.release()` drops the model when planning is done and puts the process's previous cap back (training
+    holds its own cap, `train.train_member`). `fits.batchnorm()` says whether the model has BatchNorm layers.
+    `cuda` (default `torch.cuda`) and `device` are injectable, for tests on CPU.
     """
     import torch
 
@@ -360,8 +405,8 @@ def cuda_probe(model_factory_or_learner, size, budget_bytes: int, precision: str
                 m = obj()
             state["model"] = m.to(device)
             if limit_memory:
-                total = cuda.get_device_properties(0).total_memory
-                cuda.set_per_process_memory_fraction(min(1.0, budget_bytes / total))
+                state["cap"] = memory_cap(budget_bytes, cuda)
+                state["cap"].__enter__()
         return state["model"]
 
     def steps(net, mb: int) -> None:
@@ -428,13 +473,57 @@ def cuda_probe(model_factory_or_learner, size, budget_bytes: int, precision: str
         return usable_bytes(budget_bytes, int(free) + int(cuda.memory_reserved()), margin)
 
     def release() -> None:
-        """Drop the probe's reference to the model (and the cached blocks): call once the plan is made."""
+        """Drop the probe's reference to the model (and the cached blocks) and put the previous memory cap back:
+        call once the plan is made."""
+        cap = state.pop("cap", None)
         state.clear()
         free_memory(cuda)
+        if cap is not None:
+            cap.__exit__(None, None, None)
+
+    def batchnorm() -> bool:
+        return has_batchnorm(model())
 
     fits.limit = limit
     fits.release = release
+    fits.batchnorm = batchnorm
     return fits
+
+
+def has_batchnorm(model) -> bool:
+    """Whether `model` normalises with batch statistics in training (BatchNorm1d/2d/3d, SyncBatchNorm)."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    return any(isinstance(m, _BatchNorm) for m in model.modules())
+
+
+def memory_fraction(cuda) -> float:
+    """The process's current cap on the card, as a fraction of it (1.0, torch's default, where torch has no
+    getter)."""
+    get = getattr(cuda, "get_per_process_memory_fraction", None)
+    return 1.0 if get is None else float(get())
+
+
+@contextmanager
+def memory_cap(budget_bytes: int, cuda=None):
+    """Caps this process's CUDA caching allocator at `budget_bytes` (as budget/total of the card) inside the block
+    and puts the previous cap back after it, however it ends: a member's budget must not outlive its fit (`ens
+    tune`'s trials, Ray workers reused across tasks and benchmarks train several members in one process). Nothing
+    without a CUDA card. `cuda` (default torch.cuda) is injectable."""
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda
+    if not cuda.is_available():
+        yield
+        return
+    previous = memory_fraction(cuda)
+    total = cuda.get_device_properties(0).total_memory
+    cuda.set_per_process_memory_fraction(min(1.0, budget_bytes / total))
+    try:
+        yield
+    finally:
+        cuda.set_per_process_memory_fraction(previous)
 
 
 def plan_member(member, model_factory_or_learner, precision: str, *, budget_bytes: int | None = None,
@@ -448,7 +537,10 @@ def plan_member(member, model_factory_or_learner, precision: str, *, budget_byte
     fits = probe(model_factory_or_learner, size, budget, precision)
     try:
         limit = fits.limit() if callable(getattr(fits, "limit", None)) else None
-        return plan_micro_batch(member.batch_size, fits, budget, member=member.name, size=size, limit_bytes=limit)
+        # a probe that cannot tell is taken to have BatchNorm: every fastai head does
+        batchnorm = fits.batchnorm() if callable(getattr(fits, "batchnorm", None)) else True
+        return plan_micro_batch(member.batch_size, fits, budget, member=member.name, size=size, limit_bytes=limit,
+                                min_micro=min_micro_batch(member, batchnorm), batchnorm=batchnorm)
     finally:
         getattr(fits, "release", lambda: None)()
 

@@ -192,6 +192,40 @@ def test_train_member_restart_leaves_the_autocast_the_failed_forward_entered(mon
         reset_autocast()  # whatever happened, leave no autocast on for the other tests
 
 
+# --------------------------------------------------------------------------------------------- the member's cap
+@pytest.mark.parametrize("fails", [False, True], ids=["fit", "failed-fit"])
+def test_train_member_holds_the_budget_cap_for_its_fit_only(monkeypatch, restore_backends, fails):
+    """The process's memory cap is the member's budget while it plans and trains, and what it was before once the
+    fit ends, however it ends (`ens tune`, Ray workers and benchmarks train several members in one process).
+    torch.cuda's cap functions are stand-ins here: no card."""
+    import torch
+
+    caps = [0.9]  # the process's cap before the member (an earlier one's, or the user's)
+    seen = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=16 * GiB))
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: caps[-1], raising=False)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, device=None: caps.append(f))
+
+    def fake_fit(member, data, progress, checkpoint_dir, cbs, device, precision, plan):
+        seen["fit"] = caps[-1]
+        if fails:
+            raise ValueError("a fit that failed")
+        return train.Trained(learn=None, device=device)
+
+    monkeypatch.setattr(train, "_fit", fake_fit)
+    monkeypatch.setattr(train, "device_precision", lambda requested: ("cuda", "fp16"))
+    monkeypatch.setattr(train, "memory_plan", lambda *a: seen.setdefault("plan", caps[-1]) and None)
+    member = Member(name="m", arch="test_resnet", gpu_memory="4GiB")
+    if fails:
+        with pytest.raises(ValueError, match="a fit that failed"):
+            train.train_member(member, data=None)
+    else:
+        train.train_member(member, data=None)
+    assert seen == {"plan": 0.25, "fit": 0.25}  # 4 GiB of a 16 GiB card while planning and training
+    assert caps[-1] == 0.9  # and the previous cap back after
+
+
 # --------------------------------------------------------------------------------------------- 15: bf16
 def fake_cuda(capability, emulates=True, has_argument=True, available=True):
     """torch.cuda's bf16 query: `is_bf16_supported()` answers True on pre-Ampere cards that emulate bf16."""

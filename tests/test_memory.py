@@ -34,7 +34,7 @@ def threshold(limit, per_image=1000):
 def test_search_finds_largest_dividing_micro_batch(effective, limit, micro, steps):
     plan = plan_micro_batch(effective, threshold(limit), 10 * GiB)
     assert (plan.micro_batch, plan.accumulation_steps) == (micro, steps)
-    assert plan.exact and plan.samples_per_step == effective
+    assert plan.divides and plan.samples_per_step == effective
     assert plan.n_acc == effective  # fastai's GradientAccumulation counts samples
     assert plan.peak_bytes == micro * 1000
     assert plan.probes[-1][0] == micro or (micro, micro * 1000) in plan.probes
@@ -43,7 +43,7 @@ def test_search_finds_largest_dividing_micro_batch(effective, limit, micro, step
 def test_prime_effective_batch_uses_a_near_split_not_one():
     # 97 is prime: exact accumulation would mean micro-batches of 1; 49 × 2 = 98 samples per step instead
     plan = plan_micro_batch(97, threshold(60), 10 * GiB)
-    assert (plan.micro_batch, plan.accumulation_steps, plan.samples_per_step, plan.exact) == (49, 2, 98, False)
+    assert (plan.micro_batch, plan.accumulation_steps, plan.samples_per_step, plan.divides) == (49, 2, 98, False)
     plan = plan_micro_batch(97, threshold(48), 10 * GiB)
     assert (plan.micro_batch, plan.accumulation_steps, plan.samples_per_step) == (33, 3, 99)
 
@@ -97,7 +97,7 @@ def test_probes_are_recorded_for_the_cache_metadata():
     meta = json.loads(json.dumps(plan.as_meta()))
     assert meta["micro_batch"] == 16 and meta["accumulation_steps"] == 4 and meta["n_acc"] == 64
     assert meta["probes"] == [[64, None], [32, None], [16, 16000]]
-    assert plan.describe() == "16 × 4"
+    assert plan.describe() == "16 × 4, approximate"  # BatchNorm (assumed unless known otherwise)
 
 
 def test_halve_on_oom():
@@ -107,7 +107,7 @@ def test_halve_on_oom():
     assert smaller.peak_bytes is None and smaller.oom_restarts == 1
     assert halve_on_oom(smaller).oom_restarts == 2
     odd = halve_on_oom(plan_micro_batch(100, threshold(30), 10 * GiB))  # 25 → 10, the largest divisor ≤ 12
-    assert (odd.micro_batch, odd.accumulation_steps, odd.exact) == (10, 10, True)
+    assert (odd.micro_batch, odd.accumulation_steps, odd.divides) == (10, 10, True)
     one = plan_micro_batch(64, threshold(1), 10 * GiB, member="vit", size=224)
     with pytest.raises(MemoryBudgetError, match=r"member vit: ran out of memory at a micro-batch of 1 at size 224"):
         halve_on_oom(one)
@@ -202,6 +202,12 @@ class FakeCuda:
     def set_per_process_memory_fraction(self, fraction):
         self.fractions.append(fraction)
 
+    def get_per_process_memory_fraction(self):
+        return self.fractions[-1] if self.fractions else 1.0
+
+    def is_available(self):
+        return True
+
 
 def small_net():
     import torch.nn as nn
@@ -279,7 +285,7 @@ def test_plan_applies_free_memory_and_the_safety_margin():
     from functools import partial
 
     assert SAFETY_MARGIN == 512 * MiB
-    m = Member(name="m", arch="a", size=8, batch_size=64, gpu_memory="2GiB")
+    m = Member(name="m", arch="a", size=8, batch_size=64, gpu_memory="2GiB", min_micro_batch=2)
     per_image, resident = 40 * MiB, 100 * MiB  # 50 MiB reserved per image, with the fake's fragmentation
 
     def plan(free):
@@ -329,3 +335,84 @@ def test_plan_member_uses_budget_and_largest_stage():
     assert (plan.micro_batch, plan.accumulation_steps, plan.member, plan.size) == (24, 4, "vit", (48, 48))
     with pytest.raises(MemoryBudgetError, match="member vit: .* at size 48x48 does not fit gpu_memory 6.00 GiB"):
         plan_member(m, "factory", "bf16", probe=lambda *a: threshold(0))
+
+
+# --------------------------------------------------------------------------------------------- the process's cap
+def test_a_probe_puts_the_previous_memory_cap_back_when_planning_is_done():
+    """The cap a member's budget sets must not outlive it: `ens plan` probes member after member, `ens tune` and Ray
+    workers train one member after another in one process."""
+    from functools import partial
+
+    net = small_net()
+    fake = FakeCuda(limit=10_000)
+    net.register_forward_pre_hook(fake.hook)
+    fake.set_per_process_memory_fraction(0.5)  # what the process had before (an earlier member, or the user)
+    m = Member(name="m", arch="a", size=8, batch_size=64, gpu_memory="4GiB")
+    plan_member(m, lambda: net, "fp32", probe=partial(cuda_probe, cuda=fake, device="cpu", optimizer=fake.spy))
+    assert fake.fractions == [0.5, 0.25, 0.5]  # capped at budget / card while probing, then as it was
+
+
+def test_memory_cap_is_restored_however_the_block_ends():
+    from pipelines.memory import memory_cap
+
+    fake = FakeCuda(limit=1)
+    with memory_cap(8 * GiB, fake):
+        assert fake.get_per_process_memory_fraction() == 0.5
+    assert fake.fractions == [0.5, 1.0]  # torch's default, uncapped, is back
+    with pytest.raises(KeyError), memory_cap(4 * GiB, fake):
+        raise KeyError("a fit that failed")
+    assert fake.get_per_process_memory_fraction() == 1.0
+    no_card = SimpleNamespace(is_available=lambda: False)  # the CPU: nothing to cap, nothing called
+    with memory_cap(GiB, no_card):
+        pass
+
+
+# --------------------------------------------------------------------------------------------- the smallest micro-batch
+def bn_free_net():
+    import torch.nn as nn
+
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5))
+
+
+@pytest.mark.parametrize("net,allowed,fits_images,micro", [
+    (small_net, None, 8, None),  # BatchNorm: 16 at the least; 8 would fit, and is refused
+    (small_net, 4, 8, 8),  # the member allows down to 4
+    (small_net, None, 16, 16),
+    (bn_free_net, None, 2, 2),  # no BatchNorm: 2 at the least
+    (bn_free_net, None, 1, None),  # 1 is never a micro-batch (BatchNorm in any fastai head would crash on it)
+])
+def test_the_smallest_micro_batch_is_a_budget_error_not_a_silent_one(net, allowed, fits_images, micro):
+    from functools import partial
+
+    model, tried = net(), []
+    fake = FakeCuda(limit=fits_images)
+    model.register_forward_pre_hook(lambda module, args: tried.append(args[0].shape[0]))
+    model.register_forward_pre_hook(fake.hook)
+    m = Member(name="m", arch="a", size=8, batch_size=64, min_micro_batch=allowed)
+    plan = lambda: plan_member(m, lambda: model, "fp32",  # noqa: E731
+                               probe=partial(cuda_probe, cuda=fake, device="cpu", optimizer=fake.spy))
+    if micro is None:
+        with pytest.raises(MemoryBudgetError, match="even a micro-batch of (16|2) at size 8x8 does not fit"):
+            plan()
+        assert min(tried) >= 2  # never probed (nor trained) at 1
+    else:
+        assert plan().micro_batch == micro
+
+
+def test_halving_after_out_of_memory_stops_at_the_smallest_micro_batch():
+    plan = plan_micro_batch(64, threshold(32), 10 * GiB, member="vit", size=224, min_micro=16)
+    assert halve_on_oom(plan).micro_batch == 16
+    with pytest.raises(MemoryBudgetError, match="ran out of memory at a micro-batch of 16 .* min_micro_batch below 16"):
+        halve_on_oom(halve_on_oom(plan))
+    assert plan_micro_batch(8, threshold(8), GiB, min_micro=16).micro_batch == 8  # a batch below the floor is whole
+
+
+def test_the_meta_and_the_plan_say_micro_batch_times_steps_and_that_it_is_approximate():
+    with_bn = plan_micro_batch(64, threshold(16), GiB, min_micro=16)
+    meta = with_bn.as_meta()
+    assert (meta["accumulation"], meta["approximate"], meta["min_micro_batch"]) == ("16 × 4", True, 16)
+    assert "exact" not in meta and with_bn.describe() == "16 × 4, approximate"
+    without_bn = plan_micro_batch(64, threshold(16), GiB, batchnorm=False)
+    assert not without_bn.approximate and without_bn.describe() == "16 × 4"  # the full batch's mean gradient
+    whole = plan_micro_batch(64, threshold(64), GiB).as_meta()
+    assert (whole["accumulation"], whole["approximate"]) == ("64 × 1", False)

@@ -109,3 +109,42 @@ def test_out_of_memory_restarts_from_the_last_epoch_with_half_the_micro_batch(pr
     assert trained.resumed_at == "train epoch 3 of 4"
     assert [r["epoch"] for r in trained.history] == [0, 1, 2, 3]
     assert {bs for e, bs in seen if e < 2} == {64} and max(bs for e, bs in seen if e >= 2) == 32
+
+
+def test_a_fit_starts_without_the_last_fits_leftover_gradients(project, monkeypatch, tmp_path):
+    """Gradient accumulation (the CUDA path's plan, forced on the CPU): the frozen phase's last micro-batches come
+    after its last optimiser step, and fastai neither steps nor zeroes them at the fit's end; the unfrozen fit's
+    first step must not carry them (fastai's GradientAccumulation resets only its count in before_fit)."""
+    import timm
+    import torch
+    from fastai.callback.core import Callback
+
+    from pipelines import train
+    from pipelines.config import Member, load_competition
+    from pipelines.data import load_data
+    from pipelines.memory import MicroBatchPlan
+
+    weights = tmp_path / "body.pth"
+    torch.save(timm.create_model("test_resnet", pretrained=False).state_dict(), weights)
+    at_start, batches = [], []
+
+    class GradientsAtStart(Callback):
+        order = 100  # after every other callback's before_fit
+
+        def before_fit(self):
+            batches.append(len(self.dls.train))
+
+        def before_batch(self):
+            if self.training and self.iter == 0 and self.epoch == 0:
+                grads = [p.grad.norm() for p in self.model.parameters() if p.grad is not None]
+                at_start.append(float(torch.stack(grads).norm()) if grads else 0.0)
+
+    # 24 × 3 micro-batches per step; a fit of a number of batches that 3 does not divide ends with leftovers
+    monkeypatch.setattr(train, "memory_plan", lambda *a: MicroBatchPlan(72, 24, 1 << 30, 8 << 30, member="m"))
+    data = load_data(Project(project), load_competition(Project(project), "digits"))
+    member = Member(name="m", arch="test_resnet", pretrained=str(weights), freeze_epochs=1, size=32, epochs=1,
+                    batch_size=72, num_workers=0)
+    trained = train.train_member(member, data, cbs=[GradientsAtStart()])
+    assert trained.memory["accumulation"] == "24 × 3" and trained.memory["approximate"]
+    assert batches[0] % 3 != 0, batches  # the frozen fit does end with micro-batches not stepped
+    assert at_start == [0.0, 0.0]

@@ -116,13 +116,26 @@ def _sources(outcomes) -> list[tuple[str, int]]:
 
 
 
+def batch_text(meta: dict) -> str:
+    """A cached member's batch as trained: '64', or on CUDA '64 ≈ 16 × 4' (micro-batch × accumulation steps)."""
+    mem = meta.get("memory")
+    if not mem:
+        return str((meta.get("member") or {}).get("batch_size", ""))
+    if mem["accumulation_steps"] == 1:
+        return str(mem["micro_batch"])
+    sign = "≈" if mem.get("approximate", True) else "="
+    return f"{mem['effective_batch']} {sign} {mem['micro_batch']} × {mem['accumulation_steps']}"
+
+
 def _print_run(result, proj: Project) -> None:
     g, blended, cv = result.gathered, result.blended, result.gathered.cv
     table = Table(title=f"{proj.relative(result.ensemble_path)} on {result.competition.name}"
                         + (f" ({g.competition.cv.folds}-fold cross-validation)" if cv else ""))
     scored = result.test_score is not None
     rows = "OOF" if cv else "valid"
-    columns = (["member", "arch", "size", "epochs", f"{rows} acc", "TTA acc"] + (["folds (TTA)"] if cv else [])
+    micro = any(o.entry.meta.get("memory") for o in result.members)  # trained on CUDA: micro-batch × steps
+    columns = (["member", "arch", "size", "epochs", *(["batch"] if micro else []), f"{rows} acc", "TTA acc"]
+               + (["folds (TTA)"] if cv else [])
                + (["test acc" if result.metric == "accuracy" else f"test {result.metric}"] if scored else []))
     for col in columns + ["time", "source"]:
         table.add_column(col, justify="left" if col in ("member", "arch", "source") else "right")
@@ -130,7 +143,8 @@ def _print_run(result, proj: Project) -> None:
         m, meta = o.member, o.entry.meta
         seconds = sum(meta["timings"].values())
         test = [f"{o.test_score:.4f}"] if scored else []
-        table.add_row(m.name, m.arch, str(m.final_size), str(m.total_epochs), f"{meta['metrics']['plain_accuracy']:.4f}",
+        table.add_row(m.name, m.arch, str(m.final_size), str(m.total_epochs), *([batch_text(meta)] if micro else []),
+                      f"{meta['metrics']['plain_accuracy']:.4f}",
                       f"{meta['metrics']['tta_accuracy']:.4f}", *([spread(o.fold_scores("tta_accuracy"))] if cv else []), *test,
                       f"{seconds:.1f}s", _how(o))
     if scored:
@@ -138,9 +152,13 @@ def _print_run(result, proj: Project) -> None:
         name = (f"{'weighted ' if len({o.member.weight for o in result.members}) > 1 else ''}mean"
                 if method == "mean" else method)
         table.add_section()
-        table.add_row("ensemble", name, "", "", "", f"{result.valid_score:.4f}" if result.metric == "accuracy" else "",
+        table.add_row("ensemble", name, "", "", *([""] if micro else []), "",
+                      f"{result.valid_score:.4f}" if result.metric == "accuracy" else "",
                       *([""] if cv else []), f"{result.test_score:.4f}", f"{result.seconds:.1f}s", "")
     console.print(table)
+    if any("≈" in batch_text(o.entry.meta) for o in result.members):
+        console.print("≈: gradient accumulation, micro-batch × steps; approximately the full batch's step (BatchNorm "
+                      "normalises each micro-batch on its own)")
     where = "out-of-fold" if cv else "valid"
     honest = ""
     if blended.learned:

@@ -15,7 +15,7 @@ from .tuning import Tune, TuneRange
 
 
 TUNE_FIXED = ("name", "tune", "epochs", "stages", "weight", "num_workers", "keep_model", "gpu_memory", "deterministic",
-              "decode", "compile")
+              "decode", "compile", "min_micro_batch")
 
 
 def member_field(path: str):
@@ -94,6 +94,9 @@ class Member(Strict):
     keep_model: bool = True  # keep the trained weights (cache/<c>/models/): a TTA change then costs prediction only
     gpu_memory: str = "7GiB"  # the memory budget on CUDA: micro-batches and gradient accumulation are fitted to it
     # (7 GiB: what an "8 GB" card offers once the CUDA context has its share; see README, "an 8 GB GPU")
+    # the smallest micro-batch the budget may force (None: 16 where the network has BatchNorm, whose statistics of
+    # fewer images are noise, else 2); below it the member is a budget error rather than a worse model
+    min_micro_batch: Optional[int] = Field(None, ge=2)
     # bit-exact reruns (true) or cudnn.benchmark's speed (false); None: exact on the CPU, fast on CUDA. It changes
     # the last bits of the results, not what is learned, so it is kept out of the cache key (RUN_ONLY)
     deterministic: Optional[bool] = None
@@ -225,7 +228,7 @@ class Member(Strict):
 
     # fields that do not change a member's predictions
     RUN_ONLY: ClassVar[tuple] = ("name", "weight", "num_workers", "keep_model", "gpu_memory", "tune",
-                                 "deterministic", "decode", "compile")
+                                 "deterministic", "decode", "compile", "min_micro_batch")
 
     @property
     def tta_passes(self) -> int:

@@ -83,7 +83,15 @@ def _callbacks():
             self.rows.append(row)
             self.save(self.phase, self.epoch + 1)
 
-    return ProgressiveResize, EpochLog
+    class ZeroGradients(Callback):
+        """Every fit starts without gradients. fastai zeroes them after each optimiser step only, and its
+        GradientAccumulation resets its sample count in before_fit but leaves the gradients of the micro-batches
+        after the last step (a phase's last epoch rarely ends on a step) to join the next fit's first step."""
+
+        def before_fit(self):
+            self.learn.model.zero_grad(set_to_none=True)
+
+    return ProgressiveResize, EpochLog, ZeroGradients
 
 
 # For tests that interrupt training at a named point rather than after a guessed sleep (which misses a window of
@@ -267,21 +275,26 @@ def train_member(member: Member, data: CompetitionData, progress=None, checkpoin
     split into micro-batches that fit the memory budget; an out-of-memory error restarts from the last completed
     epoch with half the micro-batch (and twice the accumulation), once the failed learner is freed (cuBLAS and
     cuDNN allocation failures count as out of memory: `memory.retry_on_oom`). `cbs` join every fit. The result's
-    `deterministic` says whether the run was bit-exact (`seed_run`)."""
-    from ..memory import retry_on_oom, set_determinism
+    `deterministic` says whether the run was bit-exact (`seed_run`). On CUDA the process is held to the member's
+    budget while it plans and trains (`memory.memory_cap`), and its previous cap is back afterwards."""
+    from contextlib import nullcontext
+
+    from ..config import parse_bytes
+    from ..memory import memory_cap, retry_on_oom, set_determinism
 
     device, precision = device_precision(member.precision)
     # before the probe too: cudnn.benchmark picks other convolution algorithms, with other workspaces
     deterministic = set_determinism(member.deterministic, device)
-    plan = memory_plan(member, data, device, precision)
 
     def restarted(smaller, reason: str) -> None:
         say(progress)(f"[yellow]out of memory[/]: {member.name} restarts from its last completed epoch with micro-batch "
             f"{smaller.describe()}")
 
-    # `_fit` is looked up when called (tests put a stub there); the lambda holds no learner between attempts
-    trained = retry_on_oom(lambda p: _fit(member, data, progress, checkpoint_dir, cbs, device, precision, p), plan,
-                           restarted)
+    with memory_cap(parse_bytes(member.gpu_memory)) if device == "cuda" else nullcontext():
+        plan = memory_plan(member, data, device, precision)
+        # `_fit` is looked up when called (tests put a stub there); the lambda holds no learner between attempts
+        trained = retry_on_oom(lambda p: _fit(member, data, progress, checkpoint_dir, cbs, device, precision, p),
+                               plan, restarted)
     trained.deterministic = deterministic
     return trained
 
@@ -331,7 +344,7 @@ def _fit(member, data, progress, checkpoint_dir, cbs, device, precision, plan) -
                LastEpochsAverage(member.average.epochs) if member.average else None)
     recipe = mix_callbacks(member) + ([average] if average else [])
 
-    ProgressiveResize, EpochLog = _callbacks()
+    ProgressiveResize, EpochLog, ZeroGradients = _callbacks()
     KillAt = _kill_at_callback()
     size_per_epoch = [s for s, e in member.stage_plan for _ in range(e)]
     resize = ProgressiveResize([stage_dls[str(s)] for s in size_per_epoch])
@@ -382,8 +395,8 @@ def _fit(member, data, progress, checkpoint_dir, cbs, device, precision, plan) -
             if isinstance(average, LastEpochsAverage):  # the last epochs of the last fit
                 average.active = index == len(phases) - 1
             accumulate = plan.callbacks() if plan is not None else []
-            learn.fit_one_cycle(phase.epochs, **phase.fit_args, cbs=[*phase.cbs, *accumulate, *recipe, *cbs, log, *kill],
-                                start_epoch=begin)
+            fit_cbs = [ZeroGradients(), *phase.cbs, *accumulate, *recipe, *cbs, log, *kill]
+            learn.fit_one_cycle(phase.epochs, **phase.fit_args, cbs=fit_cbs, start_epoch=begin)
             if failure:
                 raise failure[0]
     finally:
