@@ -388,7 +388,7 @@ def test_the_smallest_micro_batch_is_a_budget_error_not_a_silent_one(net, allowe
     fake = FakeCuda(limit=fits_images)
     model.register_forward_pre_hook(lambda module, args: tried.append(args[0].shape[0]))
     model.register_forward_pre_hook(fake.hook)
-    m = Member(name="m", arch="a", size=8, batch_size=64, min_micro_batch=allowed)
+    m = Member(name="m", arch="a", size=8, batch_size=64, **({} if allowed is None else {"min_micro_batch": allowed}))
     plan = lambda: plan_member(m, lambda: model, "fp32",  # noqa: E731
                                probe=partial(cuda_probe, cuda=fake, device="cpu", optimizer=fake.spy))
     if micro is None:

@@ -139,12 +139,12 @@ def test_a_fit_starts_without_the_last_fits_leftover_gradients(project, monkeypa
                 grads = [p.grad.norm() for p in self.model.parameters() if p.grad is not None]
                 at_start.append(float(torch.stack(grads).norm()) if grads else 0.0)
 
-    # 24 × 3 micro-batches per step; a fit of a number of batches that 3 does not divide ends with leftovers
-    monkeypatch.setattr(train, "memory_plan", lambda *a: MicroBatchPlan(72, 24, 1 << 30, 8 << 30, member="m"))
+    # 25 × 3 micro-batches per step; a fit of a number of batches that 3 does not divide ends with leftovers
+    monkeypatch.setattr(train, "memory_plan", lambda *a: MicroBatchPlan(75, 25, 1 << 30, 8 << 30, member="m"))
     data = load_data(Project(project), load_competition(Project(project), "digits"))
     member = Member(name="m", arch="test_resnet", pretrained=str(weights), freeze_epochs=1, size=32, epochs=1,
-                    batch_size=72, num_workers=0)
+                    batch_size=75, num_workers=0)
     trained = train.train_member(member, data, cbs=[GradientsAtStart()])
-    assert trained.memory["accumulation"] == "24 × 3" and trained.memory["approximate"]
+    assert trained.memory["accumulation"] == "25 × 3" and trained.memory["approximate"]
     assert batches[0] % 3 != 0, batches  # the frozen fit does end with micro-batches not stepped
     assert at_start == [0.0, 0.0]
