@@ -193,7 +193,9 @@ def with_size_kwargs(create, final_size):
               "dynamic_img_size": True, "dynamic_img_pad": True}
     while True:
         try:
-            return create(**kwargs)
+            model = create(**kwargs)
+            model.ens_size_kwargs = kwargs  # what it took (`plan.ModelStats`: without img_size, sizes are shared)
+            return model
         except TypeError as e:
             rejected = [k for k in kwargs if f"'{k}'" in str(e)]
             if not rejected:

@@ -68,6 +68,33 @@ def test_flops_scale_with_the_square_of_the_size(project, memo, no_training):
         assert 3.5 < ratio < 4.2, (m.arch, ratio)  # convolutions: 4x the pixels; the head does not grow
 
 
+def test_members_of_one_convnet_arch_share_its_build_and_counts(project, tmp_path, no_training):
+    """A convnet takes no size argument, so members of its arch at other final sizes need no other network (the
+    paddy ensemble's three ConvNeXts): one build, each size counted once, on the meta device; the same FLOPs as
+    a real forward pass on the CPU. A ViT is built for its size: one build per final size."""
+    import torch
+
+    from pipelines.models import build_model
+    from pipelines.plan import count_flops
+
+    over = [f"members.{m}.arch=test_resnet" for m in ("convnext", "effnet")] + [
+        "members.convnext.stages=[[24, 1], [40, 1]]", "members.effnet.stages=[[24, 1], [32, 1]]"]
+    built = []
+    plan = plan_ensemble(Project(project), "digits/tiny", over, device="cpu", memo=tmp_path / "flops.json",
+                         build=lambda *a: built.append((a, str(next(build_model(*a).parameters()).device)))
+                         or build_model(*a))
+    assert plan.models_built == len(built) == 1 and built[0] == (("test_resnet", 10, 40), "meta")
+    with torch.device("cpu"):
+        cpu = build_model("test_resnet", 10, 40)
+    for m in plan.members:
+        assert m.params == sum(p.numel() for p in cpu.parameters())
+        for size, flops in m.flops.items():
+            assert flops == count_flops(cpu, int(size)), (m.name, size)
+    vit = plan_ensemble(Project(project), "digits/tiny", ["members.*.arch=test_vit", "members.convnext.size=48"],
+                        device="cpu", memo=tmp_path / "vit.json")
+    assert vit.models_built == 2  # 48 and 32: a ViT's position embedding follows its size
+
+
 def test_a_second_plan_builds_nothing(project, memo, no_training):
     plan_ensemble(Project(project), "digits/tiny", device="cpu", memo=memo)
 
