@@ -5,6 +5,9 @@ and no cache entry is written (only the data fingerprint memo, as by every comma
 Parameters and FLOPs are counted on the network `build_learner` trains (fastai body and head, random weights:
 nothing is downloaded), with torch's FlopCounterMode on a forward pass of one image at each stage size, and
 memoised per (arch, build size, classes) and library versions in ~/.cache/ens/, so a second plan builds nothing.
+The networks are built on torch's meta device (no weights allocated or initialised, shapes computed without the
+arithmetic; attention counted as the matrix products it is, which the CPU's fused kernel hides from the counter),
+and a convnet, which takes no size argument, once for all the members of its arch.
 
 The time estimate is a rate fitted on what was trained before: every cached member of the same competition on the
 same device gives seconds per (image · forward GFLOP) of training work,

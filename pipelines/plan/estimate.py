@@ -33,7 +33,7 @@ PLACEHOLDER_CLASSES = 2
 def flops_memo_path() -> Path:
     versions = "-".join(f"{short}{package_version(p)}" for short, p in
                         (("torch", "torch"), ("timm", "timm"), ("tv", "torchvision"), ("fastai", "fastai")))
-    return user_cache() / f"flops-{versions}.json"
+    return user_cache() / f"flops2-{versions}.json"  # 2: counted on the meta device (attention included)
 
 
 def count_flops(model, size, device: str = "cpu") -> int:
