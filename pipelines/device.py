@@ -23,7 +23,10 @@ def _torch_facts() -> dict:
     from .memory import bf16_native
 
     cuda = torch.cuda.is_available()
-    return {"cuda": cuda, "bf16": cuda and bf16_native()}
+    card = None
+    if cuda:  # what a memoised memory plan is valid on (`plan.estimate.MemoryPlans`)
+        card = f"{torch.cuda.get_device_name(0)} {torch.cuda.get_device_properties(0).total_memory}"
+    return {"cuda": cuda, "bf16": cuda and bf16_native(), "card": card}
 
 
 def _no_nvidia_device() -> bool:
@@ -35,7 +38,7 @@ def _no_nvidia_device() -> bool:
 
 
 def cuda_facts() -> dict:
-    """{"cuda": bool, "bf16": bool} for this process."""
+    """{"cuda": bool, "bf16": bool, "card": the first card's name and bytes or None} for this process."""
     global _FACTS
     if _FACTS is not None:
         return _FACTS
@@ -55,6 +58,8 @@ def cuda_facts() -> dict:
         memo = user_cache() / f"device-{sig.hexdigest()[:16]}.json"
         try:
             _FACTS = json.loads(memo.read_text())
+            if "card" not in _FACTS:  # written before the card was recorded
+                raise ValueError("stale")
         except (OSError, ValueError):
             _FACTS = _torch_facts()
             write_json(memo, _FACTS)

@@ -171,6 +171,41 @@ def test_cuda_plans_micro_batches_with_the_injected_probe(project, memo, no_trai
     assert "64 = 16 × 4, approximate" in out and "does not fit" in out
 
 
+def test_a_second_cuda_plan_probes_nothing_the_budget_bounded(project, tmp_path, no_training):
+    """Memory plans are memoised per arch, classes, size, precision, budget, batch and card: a second plan probes
+    no member again. A plan the card's free memory bounded (another process on it) is a fact of that moment, not
+    kept; nor is anything without a known card."""
+    from pipelines.memory import SAFETY_MARGIN
+
+    calls, free = [], {"bytes": 64 * 2**30}
+
+    def probe(factory, size, budget, precision):
+        def fits(mb):
+            calls.append(mb)
+            return mb * 1000 if mb <= 16 else None
+
+        fits.limit = lambda: min(budget, free["bytes"]) - SAFETY_MARGIN
+        return fits
+
+    def plan(**kw):
+        calls.clear()
+        return plan_ensemble(Project(project), "digits/tiny", device="cuda", bf16_supported=True, probe=probe,
+                             memo=tmp_path / "flops.json", **kw)
+
+    first = plan(card="Fake 8GB 8589934592")
+    assert calls and [m.memory.micro_batch for m in first.members] == [16, 16, 16]
+    again = plan(card="Fake 8GB 8589934592")
+    assert calls == [] and [m.memory.describe() for m in again.members] == [m.memory.describe() for m in first.members]
+    assert [m.memory.as_meta() for m in again.members] == [m.memory.as_meta() for m in first.members]
+    assert plan(card="Other 24GB 25769803776").members[0].memory.micro_batch == 16 and calls  # another card: probed
+    free["bytes"] = 2 * 2**30  # a busy card: the plan is its moment's, not memoised
+    plan(card="Busy 8GB 1", overrides=["members.*.gpu_memory=4GiB"])
+    plan(card="Busy 8GB 1", overrides=["members.*.gpu_memory=4GiB"])
+    assert calls
+    plan()  # no card known: probed, never memoised
+    assert calls
+
+
 def test_a_size_too_small_is_a_problem_not_a_crash(project, memo, no_training):
     plan = plan_ensemble(Project(project), "digits/tiny", ["defaults.stages=[[16, 1], [32, 1]]"], device="cpu",
                          memo=memo)

@@ -14,6 +14,7 @@ from ..data.decoded import decoded_bytes  # noqa: F401 - the plan prints it (tes
 from ..memory import MemoryBudgetError, MicroBatchPlan
 from .estimate import (
     PLACEHOLDER_CLASSES,
+    MemoryPlans,
     ModelStats,
     _estimate,
     _frozen,
@@ -22,6 +23,7 @@ from .estimate import (
     _rates,
     _text,
     _train_work,
+    memory_memo_path,
 )
 
 
@@ -250,11 +252,12 @@ def _decoded_copies(members: list[MemberPlan], n_images: Optional[int]) -> list[
 
 def plan_ensemble(project: Project, spec: str, overrides: list[str] = (), *, device: Optional[str] = None,
                   bf16_supported: Optional[bool] = None, probe: Optional[Callable] = None,
-                  memo: Optional[Path] = None, build: Optional[Callable] = None) -> Plan:
+                  memo: Optional[Path] = None, build: Optional[Callable] = None, card: Optional[str] = None) -> Plan:
     """What `ens run` would do, without training. The keyword arguments are for tests: `device` ("cpu"/"cuda",
     default detected), `probe` (memory.cuda_probe's signature, default the real one), `memo` (the FLOP memo
-    file), `build` (models.build_model's signature). Before the data is downloaded: what the YAMLs tell (see the
-    module docstring); nothing is downloaded."""
+    file; the memory plans' memo lies beside it), `build` (models.build_model's signature), `card` (the CUDA
+    card memory plans are memoised for; detected with the device, none when `device` is given without it).
+    Before the data is downloaded: what the YAMLs tell (see the module docstring); nothing is downloaded."""
     from ..device import resolve_precision
     from ..memory import cuda_probe, plan_member
     from ..models import build_model
@@ -288,9 +291,14 @@ def plan_ensemble(project: Project, spec: str, overrides: list[str] = (), *, dev
     if device is None:
         device, detected_bf16 = _detect_device()
         bf16_supported = detected_bf16 if bf16_supported is None else bf16_supported
+        if device == "cuda" and card is None:
+            from ..device import cuda_facts
+
+            card = cuda_facts().get("card")
     bf16_supported = bool(bf16_supported)
     cache = MemberCache(project.cache, comp.name)
     stats = ModelStats(memo, build)
+    memory_plans = MemoryPlans(memory_memo_path(memo), card if device == "cuda" else None)
     rates = [] if counts_from is None else _rates(cache, device, stats, n_classes,
                                                   lambda c: _images(c, n_images, holdout_valid, n_test))
     plan = Plan(path, ens, comp, device, None if n_images is None else n_images - n_valid, n_valid, n_test,
@@ -343,11 +351,13 @@ def plan_ensemble(project: Project, spec: str, overrides: list[str] = (), *, dev
             precision = resolve_precision(member.precision, True, bf16_supported)
             factory = lambda m=member: (build or build_model)(m.arch, n_classes, m.final_size)  # noqa: E731
             try:
-                mp.memory = plan_member(member, factory, precision, probe=probe or cuda_probe)
+                mp.memory = memory_plans.plan(member, n_classes, precision, lambda: plan_member(
+                    member, factory, precision, probe=probe or cuda_probe))
             except MemoryBudgetError as e:
                 mp.problem = str(e)
         plan.members.append(mp)
     plan.decoded = _decoded_copies(plan.members, None if n_images is None else n_images + n_test)
     stats.save()
+    memory_plans.save()
     plan.models_built = stats.built
     return plan

@@ -149,6 +149,61 @@ class ModelStats:
         self.dirty = False
 
 
+class MemoryPlans:
+    """Memory plans (`memory.plan_member` on CUDA) memoised per (arch, classes, probe size, precision, budget, batch,
+    min_micro_batch) and card, with the library versions in the file name: the probes (a model built on the card,
+    up to 7 pairs of training steps per member) are most of a first `ens plan` on a GPU. Only plans the budget
+    bounded are kept, not ones the card's free memory at that moment bounded (another process on it): those are
+    not facts of the arch and the budget. Training probes again, for real, whatever this memo holds."""
+
+    def __init__(self, path: Path, card: Optional[str]):
+        self.path, self.card = path, card
+        try:
+            self.table = json.loads(path.read_text()) if card else {}
+        except (OSError, ValueError):
+            self.table = {}
+        self.dirty = False
+
+    def _key(self, member, n_classes: int, precision: str, budget: int) -> str:
+        from ..memory import probe_size
+
+        return json.dumps([member.arch, n_classes, probe_size(member), precision, budget, member.batch_size,
+                           member.min_micro_batch, self.card])
+
+    def plan(self, member, n_classes: int, precision: str, make: Callable):
+        """The member's MicroBatchPlan from the memo, else `make()` (memoised when the budget bounded it)."""
+        from dataclasses import asdict
+
+        from ..config import parse_bytes
+        from ..memory import SAFETY_MARGIN, MicroBatchPlan, probe_size
+
+        budget = parse_bytes(member.gpu_memory)
+        key = self._key(member, n_classes, precision, budget)
+        if self.card and key in self.table:
+            fields = dict(self.table[key], probes=tuple(tuple(p) for p in self.table[key]["probes"]))
+            return MicroBatchPlan(**fields, member=member.name, size=probe_size(member))
+        plan = make()
+        if self.card and plan.limit_bytes in (None, budget - SAFETY_MARGIN):
+            kept = {k: v for k, v in asdict(plan).items() if k not in ("member", "size", "oom_restarts", "oom_errors")}
+            self.table[key], self.dirty = kept, True
+        return plan
+
+    def save(self) -> None:
+        if self.dirty:
+            try:  # merge with what another process may have written meanwhile
+                on_disk = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                on_disk = {}
+            write_json(self.path, {**on_disk, **self.table}, indent=0, sort_keys=True)
+            self.dirty = False
+
+
+def memory_memo_path(flops_memo: Optional[Path] = None) -> Path:
+    """Beside the FLOP memo (a test's own, or ~/.cache/ens's), with the same library versions."""
+    flops = flops_memo or flops_memo_path()
+    return flops.with_name(flops.name.replace("flops2-", "memory-") if flops_memo is None else f"memory-{flops.name}")
+
+
 def _train_work(n_train: int, stages, frozen_epochs: int, gflops: Callable) -> float:
     """image · GFLOP of training (see the module docstring)."""
     work = sum(epochs * gflops(size) for size, epochs in stages)
