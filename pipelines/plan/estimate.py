@@ -109,7 +109,10 @@ class ModelStats:
 
         shared = self._shared.get((arch, n_classes))
         if shared is None:
-            meta = model("meta")
+            try:
+                meta = model("meta")
+            except Exception:  # noqa: BLE001 - a constructor that computes on its weights: the CPU it is
+                meta = models["meta"] = model("cpu")
             shared = {"params": sum(p.numel() for p in meta.parameters()), "flops": {}}
             if "img_size" not in getattr(meta, "ens_size_kwargs", {"img_size": None}):  # size-free: share it
                 self._shared[(arch, n_classes)] = shared
