@@ -23,6 +23,7 @@ from .errors import EnsError
 from .models import check_arch
 from .notebook.bundle import Chosen
 from .unit import compute_member, fold_variants, member_entry, member_scores
+from .util import process_seconds
 
 if TYPE_CHECKING:
     from .schedule import Parallel
@@ -107,6 +108,8 @@ class Gathered:
     fold_ids: list[int] | None = None  # cv: each training image's fold
     incomplete: dict = field(default_factory=dict)  # cv: member name -> its fold models not computed yet
     units: list[MemberOutcome] = field(default_factory=list)  # every model read or computed (fold models in cv)
+    # seconds before any member's work: imports_s (process start to here), data_s (listing and fingerprint)
+    startup: dict = field(default_factory=dict)
 
     @property
     def cv(self) -> bool:
@@ -170,8 +173,11 @@ def gather_members(project: Project, spec: str, overrides: list[str] = (), progr
     folds in `folds` when given): first every key and cache look-up, then the checks that can fail before any
     training time is spent, then the work — in this process, or with `parallel` as Ray tasks
     (`unit.compute_member`). `on_member` hears of every model (each fold model in cv)."""
+    startup = {"imports_s": round(process_seconds(), 3)}
     path, ens, comp = check_ensemble(project, spec, list(overrides))
+    listing = time.perf_counter()
     data = load_data(project, comp)
+    startup["data_s"] = round(time.perf_counter() - listing, 3)
     cache = MemberCache(project.cache, comp.name)
     cache.sweep()
     warnings = _warnings(ens)
@@ -222,7 +228,7 @@ def gather_members(project: Project, spec: str, overrides: list[str] = (), progr
     if outcomes:
         _check_aligned(outcomes)
     return Gathered(path, ens, comp, data, outcomes, left_out, list(cache.damaged), warnings, fold_ids,
-                    incomplete, units)
+                    incomplete, units, startup=startup)
 
 
 def _compute_on_ray(project: Project, path: Path, overrides: list[str], todo: list[_Planned], parallel: "Parallel",

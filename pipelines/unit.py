@@ -140,6 +140,7 @@ def _train_and_predict(member: Member, data: CompetitionData, cache: MemberCache
     trained_meta = _trained_meta(member, data, train, trained.seconds, trained.history, trained.device, worker,
                                  resumed_at=trained.resumed_at, memory=trained.memory, normalize=trained.normalize,
                                  precision=trained.precision, deterministic=trained.deterministic,
+                                 startup_timings=trained.startup,  # seconds to the first step, by phase
                                  pseudo_labels=len(set(data.train_paths) & set(data.test_paths)) if member.pseudo else None)
     if member.keep_model:  # what a TTA change, `ens eval`, `ens bench` and code competitions need
         cache.save_model(train, trained.learn.model.state_dict(), dict(trained_meta, created=_now()))

@@ -208,3 +208,17 @@ def building(dest: Path, leftovers: list[str], lock: Path | None = None):
     with file_lock(lock or dest.parent / f".{dest.name}.lock", on_wait=say):
         sweep_dead(dest.parent, leftovers)
         yield
+
+
+_IMPORTED = time.monotonic()
+
+
+def process_seconds() -> float:
+    """Seconds since this process started (its start time in /proc, where there is one; else since ens was
+    imported): what `ens run`'s start-up timings count imports from."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.monotonic() - _IMPORTED

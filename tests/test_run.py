@@ -203,3 +203,16 @@ def test_cache_ls_lists_entries_without_importing_torch(tiny_run):
                             "pipelines.submission; print('torch' in sys.modules, 'fastai' in sys.modules)"],
                            capture_output=True, text=True, cwd=root)
     assert probe.stdout.split() == ["False", "False"], probe.stderr
+
+
+def test_start_up_is_timed_by_phase(tiny_run):
+    """Where the time before a member's first training step goes (issue 23's start-up goal): the run's imports and
+    data listing, then per member its loaders (decoded copy included), model, memory probe and first step."""
+    _, result = tiny_run
+    assert set(result.gathered.startup) == {"imports_s", "data_s"}
+    assert all(v >= 0 for v in result.gathered.startup.values())
+    assert result.gathered.startup["imports_s"] > 0.05  # python, numpy, pydantic, rich at least
+    for outcome in result.members:
+        phases = outcome.entry.meta["startup_timings"]
+        assert set(phases) == {"memory_probe_s", "loaders_s", "model_s", "first_step_s"}, phases
+        assert all(v >= 0 for v in phases.values()) and phases["model_s"] > 0 and phases["first_step_s"] > 0

@@ -91,7 +91,18 @@ def _callbacks():
         def before_fit(self):
             self.learn.model.zero_grad(set_to_none=True)
 
-    return ProgressiveResize, EpochLog, ZeroGradients
+    class FirstStep(Callback):
+        """Calls `note` once, when the first training step has run: the end of a member's start-up."""
+
+        def __init__(self, note):
+            self.note = note
+
+        def after_batch(self):
+            if self.training and self.note is not None:
+                self.note()
+                self.note = None
+
+    return ProgressiveResize, EpochLog, ZeroGradients, FirstStep
 
 
 # For tests that interrupt training at a named point rather than after a guessed sleep (which misses a window of
@@ -155,6 +166,9 @@ class Trained:
     memory: dict | None = None  # on CUDA: micro-batch, accumulation, peak memory, OOM restarts
     normalize: tuple | None = None  # the (mean, std) inputs were normalised with: needed to reuse kept weights
     deterministic: bool = True  # bit-exact (`seed_run`): always on the CPU, on CUDA with `deterministic: true`
+    # seconds of each step before the first training step: memory_probe_s, loaders_s (decoded copy included),
+    # model_s (network and weights), first_step_s (the first batch, forward and backward)
+    startup: dict = field(default_factory=dict)
 
 
 def _rng_state(stage_dls: dict) -> dict:
@@ -291,11 +305,14 @@ def train_member(member: Member, data: CompetitionData, progress=None, checkpoin
             f"{smaller.describe()}")
 
     with memory_cap(parse_bytes(member.gpu_memory)) if device == "cuda" else nullcontext():
+        probing = time.perf_counter()
         plan = memory_plan(member, data, device, precision)
+        probed = time.perf_counter() - probing
         # `_fit` is looked up when called (tests put a stub there); the lambda holds no learner between attempts
         trained = retry_on_oom(lambda p: _fit(member, data, progress, checkpoint_dir, cbs, device, precision, p),
                                plan, restarted)
     trained.deterministic = deterministic
+    trained.startup = {"memory_probe_s": round(probed, 3), **(trained.startup or {})}
     return trained
 
 
@@ -317,8 +334,10 @@ def _fit(member, data, progress, checkpoint_dir, cbs, device, precision, plan) -
             sizes.append(size)
     loader_member = member if plan is None else member.model_copy(update={"batch_size": plan.micro_batch})
     stage_dls = {str(s): dataloaders(data, loader_member, s) for s in sizes}
+    startup = {"loaders_s": round(time.perf_counter() - start, 3)}
     first = stage_dls[str(sizes[0])]
     learn, stats = build_learner(first, member, metrics=[accuracy])
+    startup["model_s"] = round(time.perf_counter() - start - startup["loaders_s"], 3)
     from .on_device import OnDeviceRecords
     from .recipe import EMAWeights, LastEpochsAverage, loss_func, mix_callbacks
 
@@ -344,7 +363,7 @@ def _fit(member, data, progress, checkpoint_dir, cbs, device, precision, plan) -
                LastEpochsAverage(member.average.epochs) if member.average else None)
     recipe = mix_callbacks(member) + ([average] if average else [])
 
-    ProgressiveResize, EpochLog, ZeroGradients = _callbacks()
+    ProgressiveResize, EpochLog, ZeroGradients, FirstStep = _callbacks()
     KillAt = _kill_at_callback()
     size_per_epoch = [s for s, e in member.stage_plan for _ in range(e)]
     resize = ProgressiveResize([stage_dls[str(s)] for s in size_per_epoch])
@@ -371,6 +390,8 @@ def _fit(member, data, progress, checkpoint_dir, cbs, device, precision, plan) -
             failure.append(disk_full_error(checkpoint_dir, f"the checkpoint of {member.name}"))
             raise CancelFitException() from None  # fastai would rewrite an error raised in a callback
 
+    built = start + startup["loaders_s"] + startup["model_s"]  # the first step's time includes accelerate's
+    first_step = FirstStep(lambda: startup.update(first_step_s=round(time.perf_counter() - built, 3)))
     ckpt = load_checkpoint(checkpoint_dir)
     history: list = list(ckpt["history"]) if ckpt else []
     resume_phase, start_epoch = _resume_point(ckpt, phases)
@@ -395,7 +416,7 @@ def _fit(member, data, progress, checkpoint_dir, cbs, device, precision, plan) -
             if isinstance(average, LastEpochsAverage):  # the last epochs of the last fit
                 average.active = index == len(phases) - 1
             accumulate = plan.callbacks() if plan is not None else []
-            fit_cbs = [ZeroGradients(), *phase.cbs, *accumulate, *recipe, *cbs, log, *kill]
+            fit_cbs = [ZeroGradients(), *phase.cbs, *accumulate, *recipe, *cbs, log, *kill, first_step]
             learn.fit_one_cycle(phase.epochs, **phase.fit_args, cbs=fit_cbs, start_epoch=begin)
             if failure:
                 raise failure[0]
@@ -409,4 +430,5 @@ def _fit(member, data, progress, checkpoint_dir, cbs, device, precision, plan) -
     learn.dls = stage_dls[str(member.final_size)]
     memory = plan.as_meta() if plan is not None else None
     normalize = tuple([float(x) for x in v] for v in stats)
-    return Trained(learn, history, precision, device, time.perf_counter() - start, resumed_at, memory, normalize)
+    return Trained(learn, history, precision, device, time.perf_counter() - start, resumed_at, memory, normalize,
+                   startup=startup)
