@@ -154,21 +154,30 @@ def known_architectures() -> dict[str, list[str]]:
 def check_arch(arch: str, where: str, pretrained=None) -> None:
     """Raise a one-line ConfigError naming close matches when `arch` is not a known name; with the member's
     `pretrained`, also when it asks weights of one of ens's from-scratch nets."""
+    found = arch_problem(arch, pretrained)
+    if found:
+        raise ConfigError(f"{where.removesuffix('.arch')}.{found[0]}: {found[1]}" if where.endswith(".arch")
+                          else f"{where}: {found[1]}")
+
+
+def arch_problem(arch: str, pretrained=None) -> tuple[str, str] | None:
+    """(field, problem) when `arch` is not a known name (naming close matches), or when `pretrained` asks weights
+    of one of ens's from-scratch nets; None when it is fine."""
     if is_classical(arch):  # features + a scikit-learn classifier (`classical.py`)
         from .classical import parse_arch
 
         try:
             parse_arch(arch)
         except ValueError as e:
-            raise ConfigError(f"{where}: {e}") from None
-        return
+            return "arch", str(e)
+        return None
     kind, name = split_arch(arch)
     all_known = known_architectures()
     known = all_known[kind]
     if name in known or (kind == "timm" and name.split(".")[0] in known):  # timm tags: 'convnext_small.fb_in22k'
         if kind == "ens" and pretrained not in (None, False):
-            raise ConfigError(from_scratch_error(arch, where.removesuffix(".arch") + ".pretrained", pretrained))
-        return
+            return "pretrained", from_scratch_problem(arch, pretrained)
+        return None
     # candidates, as they would be written: a plain name may also be one of ens's nets
     pool = {(c if kind == "timm" else f"{kind}:{c}"): c for c in known}
     if kind == "timm":
@@ -176,12 +185,16 @@ def check_arch(arch: str, where: str, pretrained=None) -> None:
     close = difflib.get_close_matches(name, list(pool.values()), n=3, cutoff=0.6)
     written = [w for c in close for w, bare in pool.items() if bare == c]
     hint = f"did you mean {', '.join(dict.fromkeys(written))}?" if close else "`ens models PATTERN` lists the names"
-    raise ConfigError(f"{where}: unknown {kind} architecture '{name}'; {hint}")
+    return "arch", f"unknown {kind} architecture '{name}'; {hint}"
+
+
+def from_scratch_problem(arch: str, pretrained) -> str:
+    return (f"{arch} is one of ens's own nets, trained from scratch, with no pretrained weights to load "
+            f"(pretrained: {pretrained!r}); set pretrained: false (in the member or in defaults)")
 
 
 def from_scratch_error(arch: str, where: str, pretrained) -> str:
-    return (f"{where}: {arch} is one of ens's own nets, trained from scratch, with no pretrained weights to load "
-            f"(pretrained: {pretrained!r}); set pretrained: false (in the member or in defaults)")
+    return f"{where}: {from_scratch_problem(arch, pretrained)}"
 
 
 def with_size_kwargs(create, final_size):

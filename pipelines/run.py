@@ -17,10 +17,11 @@ import numpy as np
 from . import ensemble, submission, unit
 from .cache import Entry, MemberCache, prediction_key, train_key, version_drift
 from .config import Combine, Competition, Ensemble, Member, Project, load_ensemble
+from .config.loading import ignored_warnings
 from .crossval import costliest, join_folds, unit_name
 from .data import CompetitionData, load_data
 from .errors import EnsError
-from .models import check_arch
+from .models import arch_problem
 from .notebook.bundle import Chosen
 from .unit import compute_member, fold_variants, member_entry, member_scores
 
@@ -82,10 +83,7 @@ class RunResult:
 
 def check_ensemble(project: Project, spec: str, overrides: list[str]) -> tuple[Path, Ensemble, Competition]:
     """Load and validate everything a run needs before any time is spent: YAML, architectures."""
-    path, ens, comp = load_ensemble(project, spec, overrides)
-    for i, member in enumerate(ens.members):
-        check_arch(member.arch, f"{project.relative(path)}: members[{i}].arch", member.pretrained)
-    return path, ens, comp
+    return load_ensemble(project, spec, overrides, arch_problem=arch_problem)
 
 
 
@@ -174,7 +172,7 @@ def gather_members(project: Project, spec: str, overrides: list[str] = (), progr
     data = load_data(project, comp)
     cache = MemberCache(project.cache, comp.name)
     cache.sweep()
-    warnings = _warnings(ens)
+    warnings = config_warnings(ens, list(overrides))
     variants, fold_ids = fold_variants(ens, data, folds, project.relative(path))
     planned: list[_Planned] = []
     for member in ens.members:
@@ -275,8 +273,10 @@ def _by_member(ens: Ensemble, units: list[MemberOutcome], variants, data: Compet
     return outcomes, [m for m in ens.members if m.name in incomplete], incomplete
 
 
-def _warnings(ens: Ensemble) -> list[str]:
-    out = []
+def config_warnings(ens: Ensemble, overrides: list[str] = ()) -> list[str]:
+    """What the YAML (and overrides) ask that will not happen as written, one line each (`ens validate`, `plan`
+    and `run` show them)."""
+    out = ignored_warnings(ens, overrides)
     for m in ens.members:
         if m.tta.n and not m.tta_passes:
             out.append(f"{m.name}: tta.n {m.tta.n} with aug_transforms: null would repeat the plain pass "
