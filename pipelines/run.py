@@ -332,7 +332,7 @@ def _deliver(project: Project, g: Gathered, chosen, csv_path: Path, shown: str, 
 def blend_and_submit(project: Project, g: Gathered, outcomes: list[MemberOutcome], weights: list[float],
                      name: str, probs: str, submit: bool = True, wait: bool = True, force: bool = False,
                      combine: Combine | None = None, push: bool = False, notebook: dict | None = None,
-                     picked: tuple[float, list[float]] | None = None) -> Blend:
+                     picked: tuple[float, list[float]] | None = None, held: str | None = None) -> Blend:
     """`outcomes`' probabilities blended as `combine` says (default: their weighted mean) → a CSV checked against
     the sample submission, scored on local answers where the competition has them, uploaded to Kaggle where it
     has a slug (unless `submit` is off; a code competition's notebook is pushed and submitted instead: `push`
@@ -393,8 +393,12 @@ def blend_and_submit(project: Project, g: Gathered, outcomes: list[MemberOutcome
         return Blend(csv_path, rows, valid_score, test_score, delivery, blended)
     if comp.kaggle:
         later = (f"ens kaggle push {project.relative(g.path)} --submit" if comp.submission == "notebook"
-                 else submission.retry_command(shown, comp.name, message))
-        delivery = submission.Delivery("not submitted: --no-submit", note=f"not uploaded (--no-submit); later: {later}")
+                 else submission.retry_command(project.shown(csv_path), comp.name, message))
+        if held:  # why a run that did not say --no-submit was not uploaded
+            delivery = submission.Delivery("not submitted: overrides", note=f"not submitted: {held}; later: {later}")
+        else:
+            delivery = submission.Delivery("not submitted: --no-submit",
+                                           note=f"not uploaded (--no-submit); later: {later}")
     elif test_score is not None:
         delivery = submission.Delivery("local answers", status="scored", score=f"{test_score:.6f}")
     else:
@@ -408,10 +412,11 @@ def blend_and_submit(project: Project, g: Gathered, outcomes: list[MemberOutcome
 def run_ensemble(project: Project, spec: str, overrides: list[str] = (), progress=None,
                  on_member=lambda outcome: None, submit: bool = True, wait: bool = True, force: bool = False,
                  folds: list[int] | None = None, parallel: "Parallel | None" = None, push: bool = False,
-                 notebook: dict | None = None) -> RunResult:
+                 notebook: dict | None = None, held: str | None = None) -> RunResult:
     """Gather the members (training what is missing; in cv only `folds` when given), blend them as the
     ensemble's `combine:` says, write, check, score and submit the CSV. When some member's fold models are
-    missing (a quick look at a few folds) there is no out-of-fold blend: the result has no CSV and says so."""
+    missing (a quick look at a few folds) there is no out-of-fold blend: the result has no CSV and says so. `held`:
+    why a run not told --no-submit is not uploaded (its overrides), said where the upload would be."""
     start = time.perf_counter()
     g = gather_members(project, spec, overrides, progress, on_member, folds=folds, parallel=parallel)
     done = dict(damaged=g.damaged, warnings=g.warnings, gathered=g)
@@ -419,7 +424,8 @@ def run_ensemble(project: Project, spec: str, overrides: list[str] = (), progres
         return RunResult(g.path, g.ensemble, g.competition, g.outcomes, g.competition.metric, None, None, 0, None,
                          None, seconds=time.perf_counter() - start, **done)
     blend = blend_and_submit(project, g, g.outcomes, [o.member.weight for o in g.outcomes], g.path.stem,
-                             g.ensemble.probs, submit, wait, force, g.ensemble.combine, push, notebook)
+                             g.ensemble.probs, submit, wait, force, g.ensemble.combine, push, notebook,
+                             held=held)
     return RunResult(g.path, g.ensemble, g.competition, g.outcomes, g.competition.metric, blend.valid_score,
                      blend.csv, blend.rows, blend.test_score, blend.delivery, seconds=time.perf_counter() - start,
                      blended=blend.blended, **done)

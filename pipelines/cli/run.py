@@ -36,7 +36,9 @@ from .app import (
 @app.command(short_help="Train what is not cached, write and check the submission CSV, upload it to Kaggle.")
 def run(ensemble: str = typer.Argument(..., help="ensembles/<competition>/<name>.yaml, or e.g. digits/final.yaml"),
         overrides: Optional[List[str]] = OverridesArg,
-        no_submit: bool = typer.Option(False, "--no-submit", help="do not upload to Kaggle"),
+        submit: Optional[bool] = typer.Option(None, "--submit/--no-submit", help="upload to Kaggle, or not "
+                                              "(default: upload what the YAML describes; a run with overrides "
+                                              "uploads only with --submit)", show_default=False),
         no_wait: bool = typer.Option(False, "--no-wait", help="upload, but do not wait for the public score"),
         force: bool = typer.Option(False, "--force", help="upload even a CSV identical to one already submitted "
                                    "(or whose upload's outcome is unknown)"),
@@ -52,7 +54,11 @@ def run(ensemble: str = typer.Argument(..., help="ensembles/<competition>/<name>
     Example: ens run digits/final.yaml defaults.epochs=1 members.vit.lr=0.005
     """
     proj = _project(project)
-    _run_and_show(proj, ensemble, overrides or [], submit=not no_submit, wait=not no_wait, force=force,
+    held = None
+    if submit is None and overrides:  # a smoke test or an experiment: no daily submission spent unasked
+        held = f"a run with overrides ({' '.join(overrides)}) submits only with --submit"
+    _run_and_show(proj, ensemble, overrides or [], submit=submit is not False and not held, held=held,
+                  wait=not no_wait, force=force,
                   folds=_fold_list(folds), parallel=_parallel(parallel, address, gpus_per_member, cpus_per_member))
 
 
@@ -173,7 +179,7 @@ def _print_run(result, proj: Project) -> None:
     if cv:
         test_from = "a refit on every training image" if result.ensemble.refit == "full" else "the mean of the fold models"
         console.print(f"test predictions: {test_from}")
-    console.print(f"submission: {proj.relative(result.csv)} ({result.rows} rows, checked against the sample)")
+    console.print(f"submission: {proj.shown(result.csv)} ({result.rows} rows, checked against the sample)")
     if result.test_score is not None:
         console.print(f"test {result.metric} on the local answers: [bold]{result.test_score:.4f}[/]")
 
@@ -225,7 +231,7 @@ def tune(ensemble: str = typer.Argument(..., help="the ensemble YAML"),
                              parallel=_parallel(parallel, address, gpus_per_member, cpus_per_member))
     render(result, console)
     if write:
-        console.print(f"wrote {proj.relative(write_best(result, write))}")
+        console.print(f"wrote {proj.shown(write_best(result, write))}")
 
 
 @app.command(short_help="Check an ensemble YAML and its competition without training anything.")
