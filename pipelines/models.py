@@ -18,12 +18,13 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import json
+from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from . import nets
 from .config import is_classical
-from .errors import ConfigError
+from .errors import ConfigError, EnsError
 from .util import user_cache, write_json
 
 PREFIXES = ("timm", "torchvision", "fastai", "ens")
@@ -79,6 +80,7 @@ def _list_architectures() -> dict:
         "timm_hub": hubs,
         "torchvision": sorted(torchvision.models.list_models(module=torchvision.models)),
         "torchvision_weights": _torchvision_weights(torchvision.models),
+        "torchvision_urls": _torchvision_urls(torchvision.models),
         "fastai": sorted(n for n in xresnet.__all__ if n.startswith(("xresnet", "xse_", "xsenet"))),
     }
 
@@ -101,6 +103,20 @@ def _torchvision_weights(tvm) -> dict:
     return out
 
 
+def _torchvision_urls(tvm) -> dict:
+    """name → the URL of the DEFAULT weights fastai loads for a torchvision architecture (where it names them),
+    for telling whether they are in torch hub's cache."""
+    out = {}
+    for name, weights in _torchvision_weights(tvm).items():
+        if weights.startswith(("legacy", "none")):
+            continue
+        try:
+            out[name] = tvm.get_model_weights(name).DEFAULT.url
+        except (ValueError, KeyError, AttributeError):
+            pass
+    return out
+
+
 def _memo() -> dict:
     """The libraries' names, memoised per library versions in ~/.cache/ens/ (they depend on the installed
     libraries, not on the project)."""
@@ -117,7 +133,8 @@ def _memo() -> dict:
     return names
 
 
-MEMO_KEYS = ("timm", "timm_deprecated", "timm_default_tag", "timm_hub", "torchvision", "torchvision_weights", "fastai")
+MEMO_KEYS = ("timm", "timm_deprecated", "timm_default_tag", "timm_hub", "torchvision", "torchvision_weights",
+             "torchvision_urls", "fastai")
 
 
 def resolved_arch(arch: str, pretrained) -> str:
@@ -142,6 +159,59 @@ def resolved_arch(arch: str, pretrained) -> str:
         name = f"{name}.{memo['timm_default_tag'][name]}"
     hub = memo["timm_hub"].get(name)
     return f"{name}@{hub}" if hub else name
+
+
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+def weights_source(arch: str, pretrained) -> str | None:
+    """Where `pretrained: true` fetches `arch`'s weights from: a Hugging Face hub id (timm's `timm/NAME.TAG`) or
+    a URL (older timm weights, torchvision's); None when nothing is fetched (from scratch, a weights file, ens's
+    own nets, classical members) or ens cannot tell where from (fastai's, torchvision's legacy weights)."""
+    if pretrained is not True or is_classical(arch):
+        return None
+    kind, name = split_arch(arch)
+    if kind == "timm":
+        resolved = resolved_arch(arch, True)
+        return resolved.partition("@")[2] or None
+    if kind == "torchvision":
+        return _memo().get("torchvision_urls", {}).get(name)
+    return None
+
+
+def weights_cached(source: str) -> bool:
+    """Whether the weights at `source` (`weights_source`) are in the local cache, looked up without fetching
+    anything: the Hugging Face hub's cache (HF_HOME, HF_HUB_CACHE), or torch hub's checkpoints (TORCH_HOME)."""
+    import os
+
+    if source.startswith(("http://", "https://")):
+        home = os.environ.get("TORCH_HOME") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "torch"
+        return (Path(home).expanduser() / "hub" / "checkpoints" / source.rsplit("/", 1)[-1]).is_file()
+    from huggingface_hub import try_to_load_from_cache
+
+    return any(isinstance(try_to_load_from_cache(source, f), str) for f in HF_WEIGHT_FILES)
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE set: the hub is not asked, what is not cached cannot be fetched."""
+    import os
+
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def missing_weights(members) -> list[tuple[str, str, str]]:
+    """(member name, arch, source) of the members whose pretrained weights are not in the local cache."""
+    out = []
+    for m in members:
+        source = weights_source(m.arch, m.pretrained)
+        if source and not weights_cached(source):
+            out.append((m.name, m.arch, source))
+    return out
+
+
+def weights_fixes() -> str:
+    return ("set pretrained: false (train from scratch), give a weights file (pretrained: path/to/weights.pth), "
+            "or connect to the network" + (" and unset HF_HUB_OFFLINE" if hub_offline() else ""))
 
 
 def known_architectures() -> dict[str, list[str]]:
@@ -270,7 +340,9 @@ def build_learner(dls, member, metrics, cbs=()):
     common = dict(normalize=False, metrics=metrics, cbs=list(cbs))
     if kind == "timm":
         weights = timm_weights_kwargs(member.pretrained)
-        learn = with_size_kwargs(lambda **kw: vision_learner(dls, name, **common, **weights, **kw), member.final_size)
+        with fetching_weights(member):
+            learn = with_size_kwargs(lambda **kw: vision_learner(dls, name, **common, **weights, **kw),
+                                     member.final_size)
         cfg = learn.model[0].model.pretrained_cfg
         stats = (cfg["mean"], cfg["std"]) if weights["pretrained"] and "mean" in cfg else imagenet_stats
         return learn, stats
@@ -278,8 +350,29 @@ def build_learner(dls, member, metrics, cbs=()):
         raise ConfigError(f"member {member.name}: weights files are supported for timm architectures; "
                           f"use timm's name for {name} or pretrained: true/false")
     arch = _vision_builder(kind, name)
-    learn = vision_learner(dls, arch, pretrained=bool(member.pretrained), **common)
+    with fetching_weights(member):
+        learn = vision_learner(dls, arch, pretrained=bool(member.pretrained), **common)
     return learn, imagenet_stats
+
+
+@contextmanager
+def fetching_weights(member):
+    """Around building a learner: says which weights are downloaded (when they are not cached), and turns a
+    failed download (offline: LocalEntryNotFoundError; no network: an OSError after the hub's retries) into one
+    line naming the arch, where the weights come from and the fixes."""
+    import sys
+
+    source = weights_source(member.arch, member.pretrained)
+    if source and not weights_cached(source):
+        print(f"downloading weights for {member.arch} ({source}) ...", file=sys.stderr, flush=True)
+    try:
+        yield
+    except OSError as e:  # the hub's errors (LocalEntryNotFoundError, HTTP errors) and URL errors are OSErrors
+        if member.pretrained is not True or isinstance(e, ConfigError):
+            raise
+        reason = " ".join((str(e).strip().splitlines() or [type(e).__name__])[0].split())[:200]
+        raise EnsError(f"member {member.name}: cannot fetch the pretrained weights of {member.arch} "
+                       f"({source or 'its library'}): {type(e).__name__}: {reason}; {weights_fixes()}") from None
 
 
 def list_models(pattern: str | None = None, pretrained_only: bool = False) -> list[tuple[str, str, str]]:

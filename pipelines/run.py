@@ -286,11 +286,33 @@ def config_warnings(ens: Ensemble, overrides: list[str] = ()) -> list[str]:
 
 def _check_before_training(members: list[Member], data: CompetitionData) -> None:
     """What would fail only after minutes of training, checked first: every member's sizes fit its network."""
-    from .models import check_input_size
+    from .models import check_input_size, hub_offline, missing_weights, weights_fixes
 
+    missing = missing_weights(members) if hub_offline() else []
+    if missing:  # the hub would refuse at the first of them, after the members before it trained
+        raise EnsError(f"pretrained weights not in the local cache, and HF_HUB_OFFLINE forbids fetching them: "
+                       f"{_weights_list(missing)}; {weights_fixes()}")
     for member in members:
         if not member.classical:  # no network to check
             check_input_size(member, len(data.vocab))
+
+
+def _weights_list(missing) -> str:
+    return ", ".join(f"{name} ({arch}: {source})" for name, arch, source in missing)
+
+
+def weights_notes(ens: Ensemble) -> list[str]:
+    """Which members' pretrained weights are not available locally (`ens validate`, `ens plan`): fetched at
+    their first training, or, offline, its failure."""
+    from .models import hub_offline, missing_weights, weights_fixes
+
+    missing = missing_weights(ens.members)
+    if not missing:
+        return []
+    if hub_offline():
+        return [f"pretrained weights not in the local cache, and HF_HUB_OFFLINE forbids fetching them (ens run "
+                f"will stop before training): {_weights_list(missing)}; {weights_fixes()}"]
+    return [f"pretrained weights not in the local cache, downloaded when first trained: {_weights_list(missing)}"]
 
 
 @dataclass

@@ -238,12 +238,14 @@ def tune(ensemble: str = typer.Argument(..., help="the ensemble YAML"),
 def validate(ensemble: str = typer.Argument(..., help="the ensemble YAML"),
              overrides: Optional[List[str]] = OverridesArg, project: Optional[Path] = ProjectOpt):
     """Check an ensemble (and its competition) without training: keys, types, architectures, member names."""
-    from ..run import check_ensemble, config_warnings
+    from ..run import check_ensemble, config_warnings, weights_notes
 
     proj = _project(project)
     path, ens, comp = check_ensemble(proj, ensemble, overrides or [])
     for line in config_warnings(ens, overrides or []):
         err.print(f"[yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
+    for line in weights_notes(ens):
+        err.print(f"[yellow]note:[/] {escape(line)}", highlight=False, soft_wrap=True)
     how = (f", {comp.cv.folds}-fold cross-validation" + (" + refit" if ens.refit == "full" else "")
            if ens.validation == "cv" else "")
     console.print(f"{proj.relative(path)}: ok — {len(ens.members)} members on {comp.name}{how} "
