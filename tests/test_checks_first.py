@@ -24,6 +24,7 @@ def _one_line(result, code: int, text: str) -> None:
     (("bench", "digits/tiny.yaml", "--batch", "0"), "--batch 0: give a whole number of at least 1"),
     (("ablate", "digits/tiny.yaml", "--top", "0"), "--top 0: give a whole number of at least 1"),
     (("ablate", "digits/tiny.yaml", "--rounds", "0"), "--rounds 0: give a whole number of at least 1"),
+    (("report", "digits/tiny.yaml", "--out", "ensembles"), "--out ensembles: is a folder; give the HTML file's path"),
 ])
 def test_a_bad_argument_is_said_before_any_training(project, args, text):
     # ens eval ... --on /nonexistent trained four members (≈ 40 s) before saying "no such folder"

@@ -304,6 +304,8 @@ def report(ensemble: str = typer.Argument(..., help="the ensemble YAML"),
 
     from ..report import build_report
 
+    if out is not None and out.is_dir():  # found only when the page is written, after the training
+        raise EnsError(f"--out {out}: is a folder; give the HTML file's path, e.g. --out {out / 'report.html'}")
     proj = _project(project)
     start = time.perf_counter()
     path = _with_progress(lambda progress, report_member: build_report(
