@@ -147,14 +147,21 @@ def labelled_folder(folder: Path, vocab: list[str], extensions) -> tuple[list[Pa
 
 def evaluate_on(project: Project, spec: str, folder: Path, overrides=()):
     """Each kept member (plain and with its TTA) and the ensemble on another labelled folder with the same
-    classes: {name: {metric: (on folder, on validation)}} and the number of images."""
-    g = gather_kept(project, spec, overrides, "ens eval")
-    classical = [o.member.name for o in g.outcomes if o.member.classical]
+    classes: {name: {metric: (on folder, on validation)}} and the number of images. The folder is checked
+    first: a bad one is said before any member is trained."""
+    from .data import load_data
+    from .run import check_ensemble
+
+    if not Path(folder).is_dir():
+        raise EnsError(f"{folder}: no such folder; give a folder of class subfolders (<class>/*.jpg)")
+    _, ens, comp = check_ensemble(project, spec, list(overrides))
+    classical = [m.name for m in ens.members if m.classical]
     if classical:  # its fitted classifier is not kept: only the cached probabilities are
         raise EnsError(f"ens eval predicts new images with kept models; the classical member(s) {', '.join(classical)} "
                        "keep none: evaluate an ensemble without them")
+    paths, targets = labelled_folder(Path(folder), load_data(project, comp).vocab, comp.image_extensions)
+    g = gather_kept(project, spec, overrides, "ens eval")
     metric = g.competition.metric
-    paths, targets = labelled_folder(Path(folder), g.data.vocab, g.competition.image_extensions)
     results, probs, weights = {}, [], []
     for o in g.outcomes:
         p = kept_probs(o, g.data, paths)

@@ -18,12 +18,13 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import json
+from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from . import nets
 from .config import is_classical
-from .errors import ConfigError
+from .errors import ConfigError, EnsError
 from .util import user_cache, write_json
 
 PREFIXES = ("timm", "torchvision", "fastai", "ens")
@@ -79,6 +80,7 @@ def _list_architectures() -> dict:
         "timm_hub": hubs,
         "torchvision": sorted(torchvision.models.list_models(module=torchvision.models)),
         "torchvision_weights": _torchvision_weights(torchvision.models),
+        "torchvision_urls": _torchvision_urls(torchvision.models),
         "fastai": sorted(n for n in xresnet.__all__ if n.startswith(("xresnet", "xse_", "xsenet"))),
     }
 
@@ -101,6 +103,20 @@ def _torchvision_weights(tvm) -> dict:
     return out
 
 
+def _torchvision_urls(tvm) -> dict:
+    """name → the URL of the DEFAULT weights fastai loads for a torchvision architecture (where it names them),
+    for telling whether they are in torch hub's cache."""
+    out = {}
+    for name, weights in _torchvision_weights(tvm).items():
+        if weights.startswith(("legacy", "none")):
+            continue
+        try:
+            out[name] = tvm.get_model_weights(name).DEFAULT.url
+        except (ValueError, KeyError, AttributeError):
+            pass
+    return out
+
+
 def _memo() -> dict:
     """The libraries' names, memoised per library versions in ~/.cache/ens/ (they depend on the installed
     libraries, not on the project)."""
@@ -117,7 +133,8 @@ def _memo() -> dict:
     return names
 
 
-MEMO_KEYS = ("timm", "timm_deprecated", "timm_default_tag", "timm_hub", "torchvision", "torchvision_weights", "fastai")
+MEMO_KEYS = ("timm", "timm_deprecated", "timm_default_tag", "timm_hub", "torchvision", "torchvision_weights",
+             "torchvision_urls", "fastai")
 
 
 def resolved_arch(arch: str, pretrained) -> str:
@@ -144,6 +161,59 @@ def resolved_arch(arch: str, pretrained) -> str:
     return f"{name}@{hub}" if hub else name
 
 
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+def weights_source(arch: str, pretrained) -> str | None:
+    """Where `pretrained: true` fetches `arch`'s weights from: a Hugging Face hub id (timm's `timm/NAME.TAG`) or
+    a URL (older timm weights, torchvision's); None when nothing is fetched (from scratch, a weights file, ens's
+    own nets, classical members) or ens cannot tell where from (fastai's, torchvision's legacy weights)."""
+    if pretrained is not True or is_classical(arch):
+        return None
+    kind, name = split_arch(arch)
+    if kind == "timm":
+        resolved = resolved_arch(arch, True)
+        return resolved.partition("@")[2] or None
+    if kind == "torchvision":
+        return _memo().get("torchvision_urls", {}).get(name)
+    return None
+
+
+def weights_cached(source: str) -> bool:
+    """Whether the weights at `source` (`weights_source`) are in the local cache, looked up without fetching
+    anything: the Hugging Face hub's cache (HF_HOME, HF_HUB_CACHE), or torch hub's checkpoints (TORCH_HOME)."""
+    import os
+
+    if source.startswith(("http://", "https://")):
+        home = os.environ.get("TORCH_HOME") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "torch"
+        return (Path(home).expanduser() / "hub" / "checkpoints" / source.rsplit("/", 1)[-1]).is_file()
+    from huggingface_hub import try_to_load_from_cache
+
+    return any(isinstance(try_to_load_from_cache(source, f), str) for f in HF_WEIGHT_FILES)
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE set: the hub is not asked, what is not cached cannot be fetched."""
+    import os
+
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def missing_weights(members) -> list[tuple[str, str, str]]:
+    """(member name, arch, source) of the members whose pretrained weights are not in the local cache."""
+    out = []
+    for m in members:
+        source = weights_source(m.arch, m.pretrained)
+        if source and not weights_cached(source):
+            out.append((m.name, m.arch, source))
+    return out
+
+
+def weights_fixes() -> str:
+    return ("set pretrained: false (train from scratch), give a weights file (pretrained: path/to/weights.pth), "
+            "or connect to the network" + (" and unset HF_HUB_OFFLINE" if hub_offline() else ""))
+
+
 def known_architectures() -> dict[str, list[str]]:
     """Every nameable architecture, by library ('timm', 'torchvision', 'fastai', 'ens'); the libraries' lists
     memoised (`_memo`), ens's own from `nets.py`."""
@@ -154,21 +224,30 @@ def known_architectures() -> dict[str, list[str]]:
 def check_arch(arch: str, where: str, pretrained=None) -> None:
     """Raise a one-line ConfigError naming close matches when `arch` is not a known name; with the member's
     `pretrained`, also when it asks weights of one of ens's from-scratch nets."""
+    found = arch_problem(arch, pretrained)
+    if found:
+        raise ConfigError(f"{where.removesuffix('.arch')}.{found[0]}: {found[1]}" if where.endswith(".arch")
+                          else f"{where}: {found[1]}")
+
+
+def arch_problem(arch: str, pretrained=None) -> tuple[str, str] | None:
+    """(field, problem) when `arch` is not a known name (naming close matches), or when `pretrained` asks weights
+    of one of ens's from-scratch nets; None when it is fine."""
     if is_classical(arch):  # features + a scikit-learn classifier (`classical.py`)
         from .classical import parse_arch
 
         try:
             parse_arch(arch)
         except ValueError as e:
-            raise ConfigError(f"{where}: {e}") from None
-        return
+            return "arch", str(e)
+        return None
     kind, name = split_arch(arch)
     all_known = known_architectures()
     known = all_known[kind]
     if name in known or (kind == "timm" and name.split(".")[0] in known):  # timm tags: 'convnext_small.fb_in22k'
         if kind == "ens" and pretrained not in (None, False):
-            raise ConfigError(from_scratch_error(arch, where.removesuffix(".arch") + ".pretrained", pretrained))
-        return
+            return "pretrained", from_scratch_problem(arch, pretrained)
+        return None
     # candidates, as they would be written: a plain name may also be one of ens's nets
     pool = {(c if kind == "timm" else f"{kind}:{c}"): c for c in known}
     if kind == "timm":
@@ -176,12 +255,16 @@ def check_arch(arch: str, where: str, pretrained=None) -> None:
     close = difflib.get_close_matches(name, list(pool.values()), n=3, cutoff=0.6)
     written = [w for c in close for w, bare in pool.items() if bare == c]
     hint = f"did you mean {', '.join(dict.fromkeys(written))}?" if close else "`ens models PATTERN` lists the names"
-    raise ConfigError(f"{where}: unknown {kind} architecture '{name}'; {hint}")
+    return "arch", f"unknown {kind} architecture '{name}'; {hint}"
+
+
+def from_scratch_problem(arch: str, pretrained) -> str:
+    return (f"{arch} is one of ens's own nets, trained from scratch, with no pretrained weights to load "
+            f"(pretrained: {pretrained!r}); set pretrained: false (in the member or in defaults)")
 
 
 def from_scratch_error(arch: str, where: str, pretrained) -> str:
-    return (f"{where}: {arch} is one of ens's own nets, trained from scratch, with no pretrained weights to load "
-            f"(pretrained: {pretrained!r}); set pretrained: false (in the member or in defaults)")
+    return f"{where}: {from_scratch_problem(arch, pretrained)}"
 
 
 def with_size_kwargs(create, final_size):
@@ -257,7 +340,9 @@ def build_learner(dls, member, metrics, cbs=()):
     common = dict(normalize=False, metrics=metrics, cbs=list(cbs))
     if kind == "timm":
         weights = timm_weights_kwargs(member.pretrained)
-        learn = with_size_kwargs(lambda **kw: vision_learner(dls, name, **common, **weights, **kw), member.final_size)
+        with fetching_weights(member):
+            learn = with_size_kwargs(lambda **kw: vision_learner(dls, name, **common, **weights, **kw),
+                                     member.final_size)
         cfg = learn.model[0].model.pretrained_cfg
         stats = (cfg["mean"], cfg["std"]) if weights["pretrained"] and "mean" in cfg else imagenet_stats
         return learn, stats
@@ -265,8 +350,29 @@ def build_learner(dls, member, metrics, cbs=()):
         raise ConfigError(f"member {member.name}: weights files are supported for timm architectures; "
                           f"use timm's name for {name} or pretrained: true/false")
     arch = _vision_builder(kind, name)
-    learn = vision_learner(dls, arch, pretrained=bool(member.pretrained), **common)
+    with fetching_weights(member):
+        learn = vision_learner(dls, arch, pretrained=bool(member.pretrained), **common)
     return learn, imagenet_stats
+
+
+@contextmanager
+def fetching_weights(member):
+    """Around building a learner: says which weights are downloaded (when they are not cached), and turns a
+    failed download (offline: LocalEntryNotFoundError; no network: an OSError after the hub's retries) into one
+    line naming the arch, where the weights come from and the fixes."""
+    import sys
+
+    source = weights_source(member.arch, member.pretrained)
+    if source and not weights_cached(source):
+        print(f"downloading weights for {member.arch} ({source}) ...", file=sys.stderr, flush=True)
+    try:
+        yield
+    except OSError as e:  # the hub's errors (LocalEntryNotFoundError, HTTP errors) and URL errors are OSErrors
+        if member.pretrained is not True or isinstance(e, ConfigError):
+            raise
+        reason = " ".join((str(e).strip().splitlines() or [type(e).__name__])[0].split())[:200]
+        raise EnsError(f"member {member.name}: cannot fetch the pretrained weights of {member.arch} "
+                       f"({source or 'its library'}): {type(e).__name__}: {reason}; {weights_fixes()}") from None
 
 
 def list_models(pattern: str | None = None, pretrained_only: bool = False) -> list[tuple[str, str, str]]:

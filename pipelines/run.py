@@ -17,10 +17,11 @@ import numpy as np
 from . import ensemble, submission, unit
 from .cache import Entry, MemberCache, prediction_key, train_key, version_drift
 from .config import Combine, Competition, Ensemble, Member, Project, load_ensemble
+from .config.loading import ignored_warnings
 from .crossval import costliest, join_folds, unit_name
 from .data import CompetitionData, load_data
 from .errors import EnsError
-from .models import check_arch
+from .models import arch_problem
 from .notebook.bundle import Chosen
 from .unit import compute_member, fold_variants, member_entry, member_scores
 from .util import process_seconds
@@ -83,10 +84,7 @@ class RunResult:
 
 def check_ensemble(project: Project, spec: str, overrides: list[str]) -> tuple[Path, Ensemble, Competition]:
     """Load and validate everything a run needs before any time is spent: YAML, architectures."""
-    path, ens, comp = load_ensemble(project, spec, overrides)
-    for i, member in enumerate(ens.members):
-        check_arch(member.arch, f"{project.relative(path)}: members[{i}].arch", member.pretrained)
-    return path, ens, comp
+    return load_ensemble(project, spec, overrides, arch_problem=arch_problem)
 
 
 
@@ -180,7 +178,7 @@ def gather_members(project: Project, spec: str, overrides: list[str] = (), progr
     startup["data_s"] = round(time.perf_counter() - listing, 3)
     cache = MemberCache(project.cache, comp.name)
     cache.sweep()
-    warnings = _warnings(ens)
+    warnings = config_warnings(ens, list(overrides))
     variants, fold_ids = fold_variants(ens, data, folds, project.relative(path))
     planned: list[_Planned] = []
     for member in ens.members:
@@ -281,8 +279,10 @@ def _by_member(ens: Ensemble, units: list[MemberOutcome], variants, data: Compet
     return outcomes, [m for m in ens.members if m.name in incomplete], incomplete
 
 
-def _warnings(ens: Ensemble) -> list[str]:
-    out = []
+def config_warnings(ens: Ensemble, overrides: list[str] = ()) -> list[str]:
+    """What the YAML (and overrides) ask that will not happen as written, one line each (`ens validate`, `plan`
+    and `run` show them)."""
+    out = ignored_warnings(ens, overrides)
     for m in ens.members:
         if m.tta.n and not m.tta_passes:
             out.append(f"{m.name}: tta.n {m.tta.n} with aug_transforms: null would repeat the plain pass "
@@ -292,11 +292,33 @@ def _warnings(ens: Ensemble) -> list[str]:
 
 def _check_before_training(members: list[Member], data: CompetitionData) -> None:
     """What would fail only after minutes of training, checked first: every member's sizes fit its network."""
-    from .models import check_input_size
+    from .models import check_input_size, hub_offline, missing_weights, weights_fixes
 
+    missing = missing_weights(members) if hub_offline() else []
+    if missing:  # the hub would refuse at the first of them, after the members before it trained
+        raise EnsError(f"pretrained weights not in the local cache, and HF_HUB_OFFLINE forbids fetching them: "
+                       f"{_weights_list(missing)}; {weights_fixes()}")
     for member in members:
         if not member.classical:  # no network to check
             check_input_size(member, len(data.vocab))
+
+
+def _weights_list(missing) -> str:
+    return ", ".join(f"{name} ({arch}: {source})" for name, arch, source in missing)
+
+
+def weights_notes(ens: Ensemble) -> list[str]:
+    """Which members' pretrained weights are not available locally (`ens validate`, `ens plan`): fetched at
+    their first training, or, offline, its failure."""
+    from .models import hub_offline, missing_weights, weights_fixes
+
+    missing = missing_weights(ens.members)
+    if not missing:
+        return []
+    if hub_offline():
+        return [f"pretrained weights not in the local cache, and HF_HUB_OFFLINE forbids fetching them (ens run "
+                f"will stop before training): {_weights_list(missing)}; {weights_fixes()}"]
+    return [f"pretrained weights not in the local cache, downloaded when first trained: {_weights_list(missing)}"]
 
 
 @dataclass
@@ -338,7 +360,7 @@ def _deliver(project: Project, g: Gathered, chosen, csv_path: Path, shown: str, 
 def blend_and_submit(project: Project, g: Gathered, outcomes: list[MemberOutcome], weights: list[float],
                      name: str, probs: str, submit: bool = True, wait: bool = True, force: bool = False,
                      combine: Combine | None = None, push: bool = False, notebook: dict | None = None,
-                     picked: tuple[float, list[float]] | None = None) -> Blend:
+                     picked: tuple[float, list[float]] | None = None, held: str | None = None) -> Blend:
     """`outcomes`' probabilities blended as `combine` says (default: their weighted mean) → a CSV checked against
     the sample submission, scored on local answers where the competition has them, uploaded to Kaggle where it
     has a slug (unless `submit` is off; a code competition's notebook is pushed and submitted instead: `push`
@@ -399,8 +421,12 @@ def blend_and_submit(project: Project, g: Gathered, outcomes: list[MemberOutcome
         return Blend(csv_path, rows, valid_score, test_score, delivery, blended)
     if comp.kaggle:
         later = (f"ens kaggle push {project.relative(g.path)} --submit" if comp.submission == "notebook"
-                 else submission.retry_command(shown, comp.name, message))
-        delivery = submission.Delivery("not submitted: --no-submit", note=f"not uploaded (--no-submit); later: {later}")
+                 else submission.retry_command(project.shown(csv_path), comp.name, message))
+        if held:  # why a run that did not say --no-submit was not uploaded
+            delivery = submission.Delivery("not submitted: overrides", note=f"not submitted: {held}; later: {later}")
+        else:
+            delivery = submission.Delivery("not submitted: --no-submit",
+                                           note=f"not uploaded (--no-submit); later: {later}")
     elif test_score is not None:
         delivery = submission.Delivery("local answers", status="scored", score=f"{test_score:.6f}")
     else:
@@ -414,10 +440,11 @@ def blend_and_submit(project: Project, g: Gathered, outcomes: list[MemberOutcome
 def run_ensemble(project: Project, spec: str, overrides: list[str] = (), progress=None,
                  on_member=lambda outcome: None, submit: bool = True, wait: bool = True, force: bool = False,
                  folds: list[int] | None = None, parallel: "Parallel | None" = None, push: bool = False,
-                 notebook: dict | None = None) -> RunResult:
+                 notebook: dict | None = None, held: str | None = None) -> RunResult:
     """Gather the members (training what is missing; in cv only `folds` when given), blend them as the
     ensemble's `combine:` says, write, check, score and submit the CSV. When some member's fold models are
-    missing (a quick look at a few folds) there is no out-of-fold blend: the result has no CSV and says so."""
+    missing (a quick look at a few folds) there is no out-of-fold blend: the result has no CSV and says so. `held`:
+    why a run not told --no-submit is not uploaded (its overrides), said where the upload would be."""
     start = time.perf_counter()
     g = gather_members(project, spec, overrides, progress, on_member, folds=folds, parallel=parallel)
     done = dict(damaged=g.damaged, warnings=g.warnings, gathered=g)
@@ -425,7 +452,8 @@ def run_ensemble(project: Project, spec: str, overrides: list[str] = (), progres
         return RunResult(g.path, g.ensemble, g.competition, g.outcomes, g.competition.metric, None, None, 0, None,
                          None, seconds=time.perf_counter() - start, **done)
     blend = blend_and_submit(project, g, g.outcomes, [o.member.weight for o in g.outcomes], g.path.stem,
-                             g.ensemble.probs, submit, wait, force, g.ensemble.combine, push, notebook)
+                             g.ensemble.probs, submit, wait, force, g.ensemble.combine, push, notebook,
+                             held=held)
     return RunResult(g.path, g.ensemble, g.competition, g.outcomes, g.competition.metric, blend.valid_score,
                      blend.csv, blend.rows, blend.test_score, blend.delivery, seconds=time.perf_counter() - start,
                      blended=blend.blended, **done)

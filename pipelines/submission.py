@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import Competition
+from .config import Competition, Project
 from .errors import EnsError
 from .util import file_lock, sweep_dead, unique_suffix
 
@@ -307,7 +307,7 @@ def deliver_to_kaggle(comp: Competition, csv_path: Path, shown: str, message: st
     sha = file_sha256(csv_path)
     row = dict(record or {}, file=shown, sha256=sha, message=message)
     row.setdefault("metric", comp.metric)
-    retry = retry_command(shown, comp.name, message)
+    retry = retry_command(Project.shown(csv_path), comp.name, message)  # typed as is from the current folder
 
     def refuse(twin: dict) -> Delivery:
         destination, note = _refusal(twin, comp.name)

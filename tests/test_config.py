@@ -161,8 +161,12 @@ def test_out_of_range_values_are_config_errors(project, override):
     with pytest.raises(ConfigError) as e:
         load_ensemble(Project(project), "digits/base.yaml", [override])
     message = str(e.value)
-    assert OUT_OF_RANGE[override] in message and "\n" not in message, message
-    assert message.startswith("ensembles/digits/base.yaml: "), message
+    key = override.partition("=")[0]
+    # blamed on the command line, naming the override as typed (its key not said twice)
+    expected = OUT_OF_RANGE[override]
+    expected = expected.removeprefix(f"{key}: ").removeprefix(key.replace("members.a", "members[0]") + ": ")
+    assert expected in message and "\n" not in message, message
+    assert message.startswith(f"command line: {override}: "), message
 
 
 def test_values_in_range_still_load(project):
@@ -170,17 +174,109 @@ def test_values_in_range_still_load(project):
     _, e, _ = load_ensemble(Project(project), "digits/base.yaml", [
         "defaults.size=[24, 32]", "members.a.stages=[[16, 1], [[24, 32], 2]]", "members.b.resize.size=40",
         "defaults.aug_transforms={min_zoom: 0.8, max_zoom: 1.2, max_warp: 0, max_lighting: 0.4, mult: 2, "
-        "min_scale: 0.35, p_affine: 1, p_lighting: 0, max_rotate: 180}", "defaults.tta={n: 0, beta: 1}"])
+        "min_scale: 0.35, p_affine: 1, p_lighting: 0, max_rotate: 180}", "defaults.tta={n: 0}"])
     a, b = e.members
     assert a.stage_plan == [(16, 1), ((24, 32), 2)] and b.resize.size == 40 and b.size == (24, 32)
     assert a.aug_transforms.min_zoom == 0.8 and a.tta.n == 0
+
+
+STAGED = """\
+competition: digits
+defaults: {pretrained: false, size: 16, epochs: 1}
+members:
+  - {name: a, arch: test_convnext, stages: [[16, 2], [24, 1]]}
+  - {name: b, arch: test_vit}
+"""
+
+
+def _error(project, overrides=(), text=STAGED) -> str:
+    (project / "ensembles/digits/staged.yaml").write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_ensemble(Project(project), "digits/staged.yaml", list(overrides))
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_an_override_the_member_ignores_is_an_error_naming_what_governs(project):
+    # a smoke test's epochs=1 on a member with stages would train the full run
+    assert _error(project, ["members.a.epochs=3"]) == (
+        "command line: members.a.epochs=3: ignored: stages [[16, 2], [24, 1]] govern a's epochs; change stages "
+        "instead, e.g. members.a.stages=[[16,1]]")
+    assert "members.*.size=8: ignored: stages [[16, 2], [24, 1]] govern a's sizes" in _error(project, ["members.*.size=8"])
+    all_staged = STAGED.replace("{name: b, arch: test_vit}", "{name: b, arch: test_vit, stages: [[16, 1]]}")
+    message = _error(project, ["defaults.epochs=1"], all_staged)
+    assert message.startswith("command line: defaults.epochs=1: ignored by every member: stages"), message
+    assert "members.a.stages=[[16,1]]" in message
+    message = _error(project, ["members.*.epochs=1"], all_staged)
+    assert "(and alike for 1 more members)" in message and message.count("ignored") == 1, message
+    # a defaults value some members take: loads, with a warning naming those that do not
+    from pipelines.run import config_warnings
+
+    (project / "ensembles/digits/staged.yaml").write_text(STAGED)
+    _, e, _ = load_ensemble(Project(project), "digits/staged.yaml", ["defaults.epochs=3"])
+    assert e.members[1].epochs == 3
+    assert config_warnings(e, ["defaults.epochs=3"]) == [
+        "defaults.epochs is ignored by a: stages [[16, 2], [24, 1]] govern a's epochs; change stages instead, "
+        "e.g. members.a.stages=[[16,1]]"]
+    assert config_warnings(e, []) == []  # the YAML's defaults, used by b: nothing to say
+    result = ens("validate", "digits/staged.yaml", "members.a.epochs=3", cwd=project)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    result = ens("validate", "digits/staged.yaml", "defaults.epochs=3", cwd=project)
+    assert result.returncode == 0 and "warning: defaults.epochs is ignored by a: stages" in result.stderr
+
+
+IGNORED = {  # a member field the member does not use: what the error says
+    "members.a.epochs=4": "members[0].epochs: ignored: stages [[16, 2], [24, 1]] govern a's epochs",
+    "members.b.resize={size: 20}": "members[1].resize.size: ignored: without aug_transforms each image is resized "
+                                   "straight to the stage size",
+    "members.b.freeze_epochs=2": "members[1].freeze_epochs: ignored: a body trained from scratch (pretrained: false)",
+    "members.b.tta={n: 0, beta: 0.5}": "members[1].tta.beta: ignored: no augmented TTA passes",
+}
+
+
+@pytest.mark.parametrize("field", list(IGNORED))
+def test_a_yaml_field_the_member_ignores_is_an_error_in_the_file(project, field):
+    key, _, value = field.partition("=")
+    name, attr = key.split(".")[1:3]
+    text = STAGED.replace(f"{{name: {name}, arch: test_", f"{{name: {name}, {attr}: {value}, arch: test_")
+    if attr == "resize":
+        text = text.replace("{name: b, ", "{name: b, aug_transforms: null, ")
+    message = _error(project, (), text)
+    assert message.startswith(f"ensembles/digits/staged.yaml: {IGNORED[field]}"), message
+
+
+def test_every_problem_of_a_file_at_once_the_bad_arch_included(project):
+    from pipelines.run import check_ensemble
+
+    bad = BASE.replace("lr: 0.002", "lrr: 0.002").replace("epochs: 1", "epochs: many").replace("test_convnext",
+                                                                                               "test_convnex")
+    (project / "ensembles/digits/bad.yaml").write_text(bad)
+    with pytest.raises(ConfigError) as e:
+        check_ensemble(Project(project), "digits/bad.yaml", [])
+    assert str(e.value) == (
+        "ensembles/digits/bad.yaml: 3 problems: (1) defaults.epochs: Input should be a valid integer, unable to "
+        "parse string as an integer (got 'many'); (2) members[1].lrr: unknown key; did you mean 'lr'?; "
+        "(3) members[0].arch: unknown timm architecture 'test_convnex'; did you mean test_convnext, "
+        "test_convnext3, test_convnext2?"), str(e.value)
+
+
+def test_an_override_error_is_blamed_on_the_command_line(project):
+    result = ens("validate", "digits/tiny.yaml", "default.epochs=1", cwd=project)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == ("error: command line: default.epochs=1: unknown key 'default'; did you mean "
+                                     "'defaults'?"), result.stderr
+    message = _error(project, ["members.a.size=0", "defaults.epoch=2"], BASE.replace("lr: 0.002", "lrr: 0.002"))
+    assert message == ("command line: 2 problems: (1) members.a.size=0: a size is a positive number of pixels, an "
+                       "int or [height, width] of ints (e.g. 224 or [224, 288]); fix the value (got 0); "
+                       "(2) defaults.epoch=2: unknown key 'epoch'; did you mean 'epochs'?; "
+                       "ensembles/digits/staged.yaml: members[1].lrr: unknown key; did you mean 'lr'?"), message
 
 
 def test_size_out_of_range_from_the_command_line(project):
     result = ens("validate", "digits/tiny.yaml", "defaults.size=-1", cwd=project)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "ensembles/digits/tiny.yaml: defaults.size: a size is a positive" in lines[0], lines
+    assert len(lines) == 1 and "error: command line: defaults.size=-1: a size is a positive" in lines[0], lines
 
 
 def test_missing_weights_file_is_a_config_error(project, tmp_path, monkeypatch):
@@ -193,7 +289,7 @@ def test_missing_weights_file_is_a_config_error(project, tmp_path, monkeypatch):
         with pytest.raises(ConfigError) as e:
             load_ensemble(Project(project), "digits/base.yaml", [override])
         message = str(e.value)
-        assert f"ensembles/digits/base.yaml: {where}: weights file" in message and "\n" not in message, message
+        assert f"command line: {override}: weights file" in message and "\n" not in message, message
         assert "true or false" in message, message
     # existing files load: relative to the current folder, or under ~
     (project / "weights" / "w.pth").write_bytes(b"weights")
@@ -206,7 +302,7 @@ def test_missing_weights_file_is_a_config_error(project, tmp_path, monkeypatch):
     assert Member.model_validate(dict(name="a", arch="test_vit", pretrained="gone.pth")).pretrained == "gone.pth"
     result = ens("validate", "digits/base.yaml", "defaults.pretrained=weights/nope.pth", cwd=project)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and "defaults.pretrained: weights file" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "defaults.pretrained=weights/nope.pth: weights file" in result.stderr
 
 
 def test_yaml_that_is_not_utf8_is_one_line(project):

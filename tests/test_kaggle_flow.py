@@ -104,6 +104,19 @@ def test_no_submit_keeps_it_local(kaggle_project):
     assert _history(root)[-1]["destination"] == "not submitted: --no-submit" and "ens submit submissions/" in out.stdout
 
 
+def test_a_run_with_overrides_submits_only_with_submit(kaggle_project):
+    # a smoke test or an experiment spends no daily submission unasked; what the YAML describes is uploaded
+    root, fake = kaggle_project
+    out = ens_k(fake, "run", "digits/tiny.yaml", "members.convnext.weight=2", cwd=root)
+    assert out.returncode == 0 and not fake.uploads, out.stderr
+    assert ("kaggle: not submitted: a run with overrides (members.convnext.weight=2) submits only with --submit; "
+            "later: ens submit submissions/") in out.stdout, out.stdout
+    assert _history(root)[-1]["destination"] == "not submitted: overrides"
+    out = ens_k(fake, "run", "digits/tiny.yaml", "members.convnext.weight=2", "--submit", "--no-wait", cwd=root)
+    assert out.returncode == 0 and len(fake.uploads) == 1, out.stderr
+    assert _history(root)[-1]["destination"] == "kaggle"
+
+
 FAILURES = {
     "no credentials": (dict(credentials=False), "credentials"),
     "401": (dict(fail={"*": 401}), "401"),

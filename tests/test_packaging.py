@@ -25,3 +25,16 @@ def test_the_wheel_holds_every_package():
                 if "__pycache__" not in p.parts}  # every folder of modules
     assert {"pipelines", "pipelines.data", "pipelines.train"} <= packages
     assert _packaged() >= packages
+
+
+def test_version_is_the_package_metadatas_and_fast(tmp_path):
+    import subprocess
+    import sys
+    import time
+    from importlib.metadata import version
+
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "pipelines.cli", "--version"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == f"ens {version('ens')}", out.stdout + out.stderr
+    assert time.perf_counter() - start < 20  # no torch, no project needed

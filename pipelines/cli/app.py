@@ -20,6 +20,22 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                        "member trained once and cached, their test-time-augmented predictions averaged into a "
                        "submission CSV checked against the competition's sample submission, and uploaded to Kaggle "
                        "when the competition names one.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        console.print(f"ens {version('ens')}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(show_version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                               help="Print ens's version and exit.")) -> None:
+    """Ensembles of image classifiers for image-classification competitions, described in YAML."""
+
+
 cache_app = typer.Typer(no_args_is_help=True, help="Inspect the member cache.")
 app.add_typer(cache_app, name="cache")
 kaggle_app = typer.Typer(no_args_is_help=True, help="Code competitions: the ensemble as a Kaggle notebook that "

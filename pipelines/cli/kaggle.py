@@ -35,12 +35,24 @@ def check(csv: Path = typer.Argument(..., help="a submission CSV"),
 
     proj = _project(project)
     comp = load_competition(proj, competition)
+    csv = _csv_file(proj, csv)
     root = ensure_data(proj, comp)
     labels = sorted(set(list_train(comp, root)[1]))
     rows = check_submission(csv, root / comp.sample_submission, comp, labels)
     console.print(f"{csv}: ok ({rows} rows)")
     if comp.solution:
         console.print(f"{comp.metric} on the local answers: {score_submission(csv, root / comp.solution, comp):.4f}")
+
+
+def _csv_file(proj, csv: Path) -> Path:
+    """The CSV `csv` names: from the current folder, else from the project's (the paths in history.csv)."""
+    if csv.is_file():
+        return csv
+    if not csv.is_absolute() and (proj.root / csv).is_file():
+        return proj.root / csv
+    state = "is a folder" if csv.is_dir() else "no such file"
+    raise EnsError(f"{csv}: {state} (looked in the current folder and in the project {proj.root}); "
+                   f"`ens submissions COMPETITION` lists the CSVs written")
 
 
 @app.command(short_help="Upload a CSV to Kaggle by hand: checked first, not sent twice, recorded in the history.")
@@ -70,8 +82,7 @@ def submit(csv: Path = typer.Argument(..., help="the submission CSV"),
     if takes_notebooks(comp):
         raise EnsError(f"'{comp.kaggle}' is a code competition: it takes notebooks, not CSV uploads; `ens kaggle "
                        f"push ENSEMBLE --submit` delivers one")
-    if not csv.is_file():
-        raise EnsError(f"{csv}: no such file")
+    csv = _csv_file(proj, csv)
     root = ensure_data(proj, comp)
     rows = check_submission(csv, root / comp.sample_submission, comp, sorted(set(list_train(comp, root)[1])))
     history = proj.submissions / comp.name / "history.csv"

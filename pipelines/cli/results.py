@@ -45,6 +45,7 @@ def ablate(ensemble: str = typer.Argument(..., help="the ensemble YAML"),
     from ..ablate import write_selection
     from ..run import blend_and_submit
 
+    _at_least_one(top=top, rounds=rounds)
     if probs not in (None, "tta", "plain"):
         raise EnsError(f"--probs {probs}: choose tta or plain")
     from ..config import COMBINE_METHODS
@@ -57,15 +58,22 @@ def ablate(ensemble: str = typer.Argument(..., help="the ensemble YAML"),
     _print_ablation(result, top)
     if write:
         dest = write_selection(result, overrides or [], write, pick)
-        console.print(f"wrote {proj.relative(dest)}")
+        console.print(f"wrote {proj.shown(dest)}")
     if submit:
         chosen, weights = result.pick(pick)
         blend = blend_and_submit(proj, result.gathered, chosen, weights, f"{result.gathered.path.stem}-{pick}",
                                  result.probs, force=force, combine=result.combine(pick), picked=result.picked(pick))
-        console.print(f"submission: {proj.relative(blend.csv)} ({blend.rows} rows, checked against the sample); "
+        console.print(f"submission: {proj.shown(blend.csv)} ({blend.rows} rows, checked against the sample); "
                       f"valid {result.metric} {blend.valid_score:.4f}"
                       + (f", test {blend.test_score:.4f}" if blend.test_score is not None else ""))
         _print_delivery(blend.delivery)
+
+
+def _at_least_one(**options: int) -> None:
+    """Counts checked before any training: `--batch 0` would fail only once the members are ready."""
+    for name, value in options.items():
+        if value < 1:
+            raise EnsError(f"--{name} {value}: give a whole number of at least 1")
 
 
 def _delta(value: float, reference: float) -> str:
@@ -211,6 +219,7 @@ def bench_command(ensemble: str = typer.Argument(..., help="the ensemble YAML (m
     """
     from ..evaluate import bench, write_bench_csv
 
+    _at_least_one(batch=batch)
     proj = _project(project)
     rows, device = bench(proj, ensemble, overrides or [], batch)
     table = Table(title=f"{ensemble} on {device}")
@@ -225,7 +234,7 @@ def bench_command(ensemble: str = typer.Argument(..., help="the ensemble YAML (m
     _print_teachers(proj, ensemble, overrides or [], rows, batch)
     competition = _competition_of(proj, ensemble, overrides)
     dest = write_bench_csv(rows, proj.submissions / competition / f"bench-{Path(ensemble).stem}.csv")
-    console.print(f"wrote {proj.relative(dest)}")
+    console.print(f"wrote {proj.shown(dest)}")
 
 
 def _competition_of(proj: Project, ensemble: str, overrides) -> str:
@@ -295,11 +304,13 @@ def report(ensemble: str = typer.Argument(..., help="the ensemble YAML"),
 
     from ..report import build_report
 
+    if out is not None and out.is_dir():  # found only when the page is written, after the training
+        raise EnsError(f"--out {out}: is a folder; give the HTML file's path, e.g. --out {out / 'report.html'}")
     proj = _project(project)
     start = time.perf_counter()
     path = _with_progress(lambda progress, report_member: build_report(
         proj, ensemble, overrides or [], cached_only, out, progress=progress, on_member=report_member))
-    console.print(f"wrote {proj.relative(path)} in {time.perf_counter() - start:.1f}s (open it in a browser)")
+    console.print(f"wrote {proj.shown(path)} in {time.perf_counter() - start:.1f}s (open it in a browser)")
 
 
 @app.command(short_help="What a member's arch can be: ens's own small nets, timm's, torchvision's, fastai's.")

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ..config import Project
@@ -28,13 +29,16 @@ from .app import (
     _with_progress,
     app,
     console,
+    err,
 )
 
 
 @app.command(short_help="Train what is not cached, write and check the submission CSV, upload it to Kaggle.")
 def run(ensemble: str = typer.Argument(..., help="ensembles/<competition>/<name>.yaml, or e.g. digits/final.yaml"),
         overrides: Optional[List[str]] = OverridesArg,
-        no_submit: bool = typer.Option(False, "--no-submit", help="do not upload to Kaggle"),
+        submit: Optional[bool] = typer.Option(None, "--submit/--no-submit", help="upload to Kaggle, or not "
+                                              "(default: upload what the YAML describes; a run with overrides "
+                                              "uploads only with --submit)", show_default=False),
         no_wait: bool = typer.Option(False, "--no-wait", help="upload, but do not wait for the public score"),
         force: bool = typer.Option(False, "--force", help="upload even a CSV identical to one already submitted "
                                    "(or whose upload's outcome is unknown)"),
@@ -50,7 +54,11 @@ def run(ensemble: str = typer.Argument(..., help="ensembles/<competition>/<name>
     Example: ens run digits/final.yaml defaults.epochs=1 members.vit.lr=0.005
     """
     proj = _project(project)
-    _run_and_show(proj, ensemble, overrides or [], submit=not no_submit, wait=not no_wait, force=force,
+    held = None
+    if submit is None and overrides:  # a smoke test or an experiment: no daily submission spent unasked
+        held = f"a run with overrides ({' '.join(overrides)}) submits only with --submit"
+    _run_and_show(proj, ensemble, overrides or [], submit=submit is not False and not held, held=held,
+                  wait=not no_wait, force=force,
                   folds=_fold_list(folds), parallel=_parallel(parallel, address, gpus_per_member, cpus_per_member))
 
 
@@ -171,7 +179,7 @@ def _print_run(result, proj: Project) -> None:
     if cv:
         test_from = "a refit on every training image" if result.ensemble.refit == "full" else "the mean of the fold models"
         console.print(f"test predictions: {test_from}")
-    console.print(f"submission: {proj.relative(result.csv)} ({result.rows} rows, checked against the sample)")
+    console.print(f"submission: {proj.shown(result.csv)} ({result.rows} rows, checked against the sample)")
     if result.test_score is not None:
         console.print(f"test {result.metric} on the local answers: [bold]{result.test_score:.4f}[/]")
 
@@ -223,17 +231,21 @@ def tune(ensemble: str = typer.Argument(..., help="the ensemble YAML"),
                              parallel=_parallel(parallel, address, gpus_per_member, cpus_per_member))
     render(result, console)
     if write:
-        console.print(f"wrote {proj.relative(write_best(result, write))}")
+        console.print(f"wrote {proj.shown(write_best(result, write))}")
 
 
 @app.command(short_help="Check an ensemble YAML and its competition without training anything.")
 def validate(ensemble: str = typer.Argument(..., help="the ensemble YAML"),
              overrides: Optional[List[str]] = OverridesArg, project: Optional[Path] = ProjectOpt):
     """Check an ensemble (and its competition) without training: keys, types, architectures, member names."""
-    from ..run import check_ensemble
+    from ..run import check_ensemble, config_warnings, weights_notes
 
     proj = _project(project)
     path, ens, comp = check_ensemble(proj, ensemble, overrides or [])
+    for line in config_warnings(ens, overrides or []):
+        err.print(f"[yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
+    for line in weights_notes(ens):
+        err.print(f"[yellow]note:[/] {escape(line)}", highlight=False, soft_wrap=True)
     how = (f", {comp.cv.folds}-fold cross-validation" + (" + refit" if ens.refit == "full" else "")
            if ens.validation == "cv" else "")
     console.print(f"{proj.relative(path)}: ok — {len(ens.members)} members on {comp.name}{how} "

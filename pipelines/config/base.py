@@ -46,6 +46,16 @@ class Project:
         raise ConfigError(f"{here}: not inside an ens project (no competitions/ folder found upwards); "
                           f"cd into one or pass --project DIR (or set ${PROJECT_ENV})")
 
+    @staticmethod
+    def shown(path: Path) -> str:
+        """`path` as it can be typed from the current folder: relative to it when inside it, else absolute (what
+        a verb prints for the user to pass on; `relative` names a project file in messages and records)."""
+        path = Path(path).resolve()
+        try:
+            return str(path.relative_to(Path.cwd().resolve()))
+        except (ValueError, OSError):
+            return str(path)
+
     def relative(self, path: Path) -> str:
         try:
             return str(Path(path).resolve().relative_to(self.root))

@@ -226,6 +226,28 @@ class Member(Strict):
     def total_epochs(self) -> int:
         return sum(e for _, e in self.stage_plan)
 
+    def ignored(self) -> list[tuple[str, str]]:
+        """(field, why) for each field set on this member that changes nothing, because another governs: a smoke
+        test's `epochs=1` on a member with `stages` would otherwise train the full run (`config.loading` makes
+        these errors or warnings, naming the field that governs and how to change it)."""
+        out, given = [], self.model_fields_set
+        if self.stages:
+            shown = "[" + ", ".join(f"[{_size_text(s)}, {e}]" for s, e in self.stages) + "]"
+            fix = f"change stages instead, e.g. members.{self.name}.stages=[[{_size_text(self.stages[0][0])},1]]"
+            for name, what in (("epochs", "epochs"), ("size", "sizes")):
+                if name in given:
+                    out.append((name, f"ignored: stages {shown} govern {self.name}'s {what}; {fix}"))
+        if self.aug_transforms is None and self.resize.size is not None:
+            out.append(("resize.size", "ignored: without aug_transforms each image is resized straight to the stage "
+                                       "size; set aug_transforms, or drop resize.size"))
+        if self.pretrained is False and "freeze_epochs" in given and self.freeze_epochs:
+            out.append(("freeze_epochs", "ignored: a body trained from scratch (pretrained: false) is never frozen; "
+                                         "drop freeze_epochs, or set pretrained: true"))
+        if "beta" in self.tta.model_fields_set and not self.tta_passes:
+            out.append(("tta.beta", "ignored: no augmented TTA passes to blend with the plain one (tta.n 0, or no "
+                                    "aug_transforms and resize.method not crop); set tta.n, or drop tta.beta"))
+        return out
+
     # fields that do not change a member's predictions
     RUN_ONLY: ClassVar[tuple] = ("name", "weight", "num_workers", "keep_model", "gpu_memory", "tune",
                                  "deterministic", "decode", "compile", "min_micro_batch")
@@ -292,6 +314,10 @@ class Member(Strict):
     def key_fields(self) -> dict[str, Any]:
         """Everything that changes the predictions, canonical (meta.json keeps it; `cache.member_key` hashes it)."""
         return self.train_fields() | {"tta": self.tta_fields()}
+
+
+def _size_text(size) -> str:
+    return f"[{size[0]},{size[1]}]" if isinstance(size, (tuple, list)) else str(size)
 
 
 # the random TTA passes of each split start from a seed of their own (the member's seed + 1 for validation, + 2 for

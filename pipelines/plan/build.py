@@ -261,12 +261,12 @@ def plan_ensemble(project: Project, spec: str, overrides: list[str] = (), *, dev
     from ..device import resolve_precision
     from ..memory import cuda_probe, plan_member
     from ..models import build_model
-    from ..run import check_ensemble
+    from ..run import check_ensemble, config_warnings, weights_notes
     from ..unit import fold_variants
 
     path, ens, comp = check_ensemble(project, spec, list(overrides))
     data_known = bool(comp.builtin) or comp.data_path(project).is_dir()  # an embedded one is built, not downloaded
-    notes = []
+    notes = config_warnings(ens, list(overrides)) + weights_notes(ens)
     if data_known:
         from ..data import load_data
 
