@@ -2,6 +2,7 @@
 interruption, damaged entries, progressive resizing, sizes and weights files."""
 
 import json
+import re
 import os
 import shutil
 import signal
@@ -11,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, TINY, copy_project, ens, make_project
+from conftest import ONE_RESNET, REPO, TINY, copy_project, ens, make_project
 from pipelines.cache import MemberCache
 from pipelines.config import Member, Project, load_competition
 from pipelines.data import load_data
@@ -216,3 +217,12 @@ def test_start_up_is_timed_by_phase(tiny_run):
         phases = outcome.entry.meta["startup_timings"]
         assert set(phases) == {"memory_probe_s", "loaders_s", "model_s", "first_step_s"}, phases
         assert all(v >= 0 for v in phases.values()) and phases["model_s"] > 0 and phases["first_step_s"] > 0
+
+
+def test_verbose_run_says_where_start_up_went(tmp_path, digits_data):
+    root = make_project(tmp_path / "p", digits_data, {"one": ONE_RESNET})
+    out = ens("run", "digits/one.yaml", "--verbose", cwd=root)
+    assert out.returncode == 0, out.stderr
+    assert re.search(r"start-up: imports [0-9.]+s, data listing and fingerprint [0-9.]+s", out.stdout), out.stdout
+    assert re.search(r"resnet: memory probe [0-9.]+s, loaders \(decoded copy included\) [0-9.]+s, model [0-9.]+s, "
+                     r"first step [0-9.]+s; its first step [0-9.]+s after ens started", out.stdout), out.stdout

@@ -46,6 +46,8 @@ def run(ensemble: str = typer.Argument(..., help="ensembles/<competition>/<name>
                                             "(e.g. 0,1) for a quick look; no submission until every fold is done"),
         parallel: Optional[int] = ParallelOpt, address: Optional[str] = AddressOpt,
         gpus_per_member: float = GpusOpt, cpus_per_member: Optional[int] = CpusOpt,
+        verbose: bool = typer.Option(False, "--verbose", "-v", help="also say where each trained member's start-up "
+                                     "went: imports, data listing, loaders, model, memory probe, first step"),
         project: Optional[Path] = ProjectOpt):
     """Train an ensemble and write its submission: members not in the cache are trained, their predictions
     averaged, the CSV written and checked against the sample submission (and scored at once where the answers are
@@ -58,7 +60,7 @@ def run(ensemble: str = typer.Argument(..., help="ensembles/<competition>/<name>
     if submit is None and overrides:  # a smoke test or an experiment: no daily submission spent unasked
         held = f"a run with overrides ({' '.join(overrides)}) submits only with --submit"
     _run_and_show(proj, ensemble, overrides or [], submit=submit is not False and not held, held=held,
-                  wait=not no_wait, force=force,
+                  wait=not no_wait, force=force, verbose=verbose,
                   folds=_fold_list(folds), parallel=_parallel(parallel, address, gpus_per_member, cpus_per_member))
 
 
@@ -67,6 +69,7 @@ def _run_and_show(proj: Project, ensemble: str, overrides: list[str], **options)
     competition's notebook steps are said on stderr."""
     from ..run import run_ensemble
 
+    verbose = options.pop("verbose", False)
     options["notebook"] = {"say": _say, **options.get("notebook", {})}
     result = _with_progress(lambda progress, report: run_ensemble(proj, ensemble, overrides, progress, report,
                                                                   **options))
@@ -74,7 +77,31 @@ def _run_and_show(proj: Project, ensemble: str, overrides: list[str], **options)
         _print_incomplete(result, proj, ensemble, overrides)
         return
     _print_run(result, proj)
+    if verbose:
+        _print_startup(result)
     _print_delivery(result.delivery)
+
+
+_PHASES = (("memory_probe_s", "memory probe"), ("loaders_s", "loaders (decoded copy included)"), ("model_s", "model"),
+           ("first_step_s", "first step"))
+
+
+def _print_startup(result) -> None:
+    """Where the time before each trained member's first training step went (a member trained in a Ray task
+    started in its own process: its imports and data listing are the task's, not shown)."""
+    run = (result.gathered.startup if result.gathered else {}) or {}
+    before = run.get("imports_s", 0.0) + run.get("data_s", 0.0)
+    if run:
+        console.print(f"start-up: imports {run['imports_s']:.1f}s, data listing and fingerprint {run['data_s']:.1f}s")
+    first = True
+    for o in result.members:
+        phases = o.entry.meta.get("startup_timings") if o.trained else None
+        if not phases:
+            continue
+        parts = ", ".join(f"{label} {phases[k]:.1f}s" for k, label in _PHASES if k in phases)
+        total = f"; its first step {before + sum(phases.values()):.1f}s after ens started" if first and run else ""
+        console.print(f"  {o.member.name}: {parts}{total}")
+        first = False
 
 
 def _fold_list(text: Optional[str]) -> Optional[list[int]]:
