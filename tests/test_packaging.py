@@ -38,3 +38,13 @@ def test_version_is_the_package_metadatas_and_fast(tmp_path):
                          text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == f"ens {version('ens')}", out.stdout + out.stderr
     assert time.perf_counter() - start < 20  # no torch, no project needed
+
+
+def test_the_declared_python_is_one_the_code_runs_on():
+    """The code needs Python 3.11 (hashlib.file_digest, tomllib, `python -P` for the notebook's check run): the
+    package may not claim an older one, and the README says the same."""
+    from packaging.specifiers import SpecifierSet
+
+    declared = SpecifierSet(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["requires-python"])
+    assert "3.10" not in declared and "3.11" in declared
+    assert "Python ≥ 3.11" in (REPO / "README.md").read_text()
