@@ -10,7 +10,6 @@ Pure Python, csv and PIL (opened for the size only, never decoded): `ens init --
 
 from __future__ import annotations
 
-import csv
 import os
 import re
 import sys
@@ -24,6 +23,7 @@ import yaml
 from . import config, data
 from .config import Competition, Expected, Project, TrainLayout
 from .errors import ConfigError, EnsError
+from .util import read_csv  # the one way every stage reads a CSV
 
 DEFAULT_EXTENSIONS = tuple(Competition.model_fields["image_extensions"].default)
 IMAGE_EXTENSIONS = DEFAULT_EXTENSIONS + (".tif", ".tiff", ".bmp", ".webp")  # what PIL reads and init looks for
@@ -207,12 +207,6 @@ def scan(root: Path) -> Files:
                        "to guess; point --data at the competition's data folder (or write train: and test_images: "
                        "of competitions/NAME.yaml by hand)")
     return Files(root, images, csvs)
-
-
-def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        return list(reader.fieldnames or []), [{k: (v or "") for k, v in row.items()} for row in reader]
 
 
 def _depth(path: str) -> int:
@@ -411,7 +405,7 @@ def common_size(root: Path, paths: list[str]) -> tuple[int, int] | None:
         try:
             with Image.open(root / p) as im:
                 width, height = im.size
-        except OSError:  # a damaged image: training's checks name it
+        except Exception:  # noqa: BLE001 - damaged, or a decompression bomb: training's checks name it
             continue
         sizes[(height, width)] += 1
     return sizes.most_common(1)[0][0] if sizes else None

@@ -16,7 +16,7 @@ import numpy as np
 
 from .config import Competition, Project
 from .errors import EnsError
-from .util import file_lock, sweep_dead, unique_suffix
+from .util import file_lock, read_csv, read_csv_rows, sweep_dead, unique_suffix
 
 HISTORY_COLUMNS = ["time", "ensemble", "members", "keys", "metric", "valid_score", "file", "sha256",
                    "destination", "ref", "status", "score", "message", "id", "note",
@@ -46,19 +46,22 @@ class SubmissionError(EnsError):
     """A CSV that would be rejected (or silently mis-scored) by the competition."""
 
 
+def _raw(path: Path, what: str) -> list[list[str]]:
+    try:
+        return read_csv_rows(path)
+    except FileNotFoundError:
+        raise EnsError(f"{path}: the {what} is missing") from None
+
+
 def _read(path: Path, what: str) -> list[dict]:
     try:
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            rows = list(reader)
-            return rows if reader.fieldnames else []
+        return read_csv(path)[1]
     except FileNotFoundError:
         raise EnsError(f"{path}: the {what} is missing") from None
 
 
 def _columns(path: Path) -> list[str]:
-    with open(path, newline="") as f:
-        return next(csv.reader(f), [])
+    return (_raw(path, "CSV") or [[]])[0]
 
 
 def submission_values(comp: Competition, test_probs: np.ndarray, vocab: list[str]) -> list[str]:
@@ -124,10 +127,18 @@ def check_submission(path: Path, sample_path: Path, comp: Competition, labels: l
     """Raise SubmissionError naming the first bad row unless `path` has the sample's columns, exactly its ids
     (each once) and only known labels (or probabilities, for a probability competition). Returns the number of
     rows. Row numbers count the header as row 1."""
-    columns, sample_columns = _columns(path), _columns(sample_path)
+    columns, *lines = _raw(path, "submission") or [[]]
+    sample_columns = _columns(sample_path)
     if columns != sample_columns:
         raise SubmissionError(f"{path}: columns {columns} differ from the sample submission's {sample_columns}")
-    rows = _read(path, "submission")
+    rows = []
+    for n, line in enumerate(lines, start=2):
+        if not line:  # a blank line: no row (as csv.DictReader reads it)
+            continue
+        if len(line) != len(columns):  # a cell too few or too many: Kaggle refuses it or reads it shifted
+            raise SubmissionError(f"{path}: row {n} has {len(line)} fields, the header {len(columns)}: "
+                                  f"{','.join(line)[:80] or '(an empty line)'}")
+        rows.append(dict(zip(columns, line)))
     expected = {r[comp.id_column] for r in _read(sample_path, "sample submission")}
     known, seen = set(labels), set()
     for n, row in enumerate(rows, start=2):

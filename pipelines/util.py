@@ -222,3 +222,27 @@ def process_seconds() -> float:
         return max(0.0, uptime - ticks / os.sysconf("SC_CLK_TCK"))
     except (OSError, ValueError, IndexError):
         return time.monotonic() - _IMPORTED
+
+
+def read_csv_rows(path: Path) -> list[list[str]]:
+    """A CSV's rows as lists of fields (the header first), read one way by every stage: UTF-8 with or without a
+    byte-order mark (Excel writes one; left in, it sticks invisibly to the first column's name). A file that is
+    not UTF-8 or not CSV is one line naming it, not a traceback; a missing file raises FileNotFoundError."""
+    import csv
+
+    from .errors import EnsError
+
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            return list(csv.reader(f))
+    except UnicodeDecodeError as e:
+        raise EnsError(f"{path}: not UTF-8 text (byte {e.start} is {e.object[e.start:e.start + 1]!r}); save it "
+                       "as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+    except csv.Error as e:
+        raise EnsError(f"{path}: not a readable CSV ({e}); fix the file") from None
+
+
+def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """(columns, rows as column → text) of a CSV read by `read_csv_rows`; a short row's missing cells are ''."""
+    header, *rows = read_csv_rows(path) or [[]]
+    return header, [dict(zip(header, row + [""] * (len(header) - len(row)))) for row in rows if row]

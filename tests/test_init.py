@@ -267,3 +267,54 @@ def test_init_from_kaggle_downloads_and_asks_the_competition(tmp_path, digits_da
     assert offline.kaggle == "digits-comp" and offline.submission == "auto" and offline.title == "offline"
     assert "# guessed:" in _yaml_line(root, "offline", "metric")
 
+
+
+# --------------------------------------------------------------------------------------------- odd files
+def _labels_csv_data(data: Path) -> Path:
+    rows = [("id", "diagnosis")]
+    for i in range(12):
+        _png(data / "train" / f"a{i:03d}.png", size=(40, 30))
+        rows.append((f"a{i:03d}", ("none", "mild", "severe")[i % 3]))
+    _write_csv(data / "train.csv", rows)
+    for i in range(4):
+        _png(data / "test" / f"b{i:03d}.png", size=(40, 30))
+    _write_csv(data / "sample_submission.csv", [("id", "diagnosis"), *((f"b{i:03d}", "none") for i in range(4))])
+    return data
+
+
+def test_csvs_with_a_byte_order_mark_are_read_as_training_reads_them(tmp_path):
+    """Issue 24 item 12: init read CSVs as utf-8-sig, training as plain UTF-8, where the BOM sticks to the first
+    column's name ('\\ufeffid' is not 'id')."""
+    from pipelines.data import check_sample_ids, list_test, list_train
+
+    data = _labels_csv_data(tmp_path / "data")
+    for name in ("train.csv", "sample_submission.csv"):
+        (data / name).write_bytes(b"\xef\xbb\xbf" + (data / name).read_bytes())
+    root = _project(tmp_path)
+    _ok(_init(root, "--data", str(data), "retina"))
+    comp = _comp(root, "retina")
+    assert (comp.train.id_column, comp.id_column) == ("id", "id")
+    paths, labels = list_train(comp, data)
+    assert len(paths) == 12 and set(labels) == {"none", "mild", "severe"}
+    check_sample_ids(comp, data, list_test(comp, data))
+
+
+def test_a_latin1_csv_and_a_decompression_bomb_header_are_one_line(tmp_path):
+    """Issue 24 item 13: a latin-1 train.csv was a UnicodeDecodeError traceback; a PNG whose header claims
+    20000 x 20000 pixels a DecompressionBombError traceback (init reads the headers for the image size)."""
+    import struct
+    import zlib
+
+    data = _labels_csv_data(tmp_path / "latin")
+    (data / "train.csv").write_bytes((data / "train.csv").read_text().replace("mild", "légère").encode("latin-1"))
+    root = _project(tmp_path)
+    out = _refused(root, "latin", "--data", str(data), "latin", says=("train.csv", "not UTF-8"))
+
+    data = _folders_data(tmp_path / "bomb", ("cat", "dog"), sample_value="cat")
+    png = data / "train_images" / "cat" / "cat_0.png"
+    raw = bytearray(png.read_bytes())  # IHDR (bytes 12..29): its width and height, and its CRC
+    raw[16:24] = struct.pack(">II", 20000, 20000)
+    raw[29:33] = struct.pack(">I", zlib.crc32(bytes(raw[12:29])))
+    png.write_bytes(bytes(raw))
+    out = _ok(_init(root, "--data", str(data), "bomb"))  # the size comes from the other images
+    assert _comp(root, "bomb").expected.image_size == (16, 16) and "Traceback" not in out.stderr

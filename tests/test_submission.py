@@ -199,3 +199,46 @@ def test_two_runs_in_the_same_second_get_two_complete_csvs(project, digits_data,
     assert sorted(r["file"] for r in read_history(project / "submissions/digits/history.csv")) == sorted(
         proj.relative(p) for p in paths)
     assert [p.name for p in (project / "submissions/digits").iterdir() if ".tmp" in p.name] == []
+
+
+def test_a_row_with_a_field_too_few_or_too_many_is_named(project, digits_data, sample, tmp_path):
+    """Issue 24 item 13: a short row of a probability CSV was a TypeError; a row with an extra field passed the
+    probability check (and would be uploaded) and was refused in a label CSV as an id '' not in the sample."""
+    from pipelines.config import Competition
+
+    sample_path = digits_data / "sample_submission.csv"
+    odd = Competition(name="oddeven", submission_kind="probability", positive_class="odd", metric="roc_auc")
+    probs = [sample[0]] + [(i, "0.5") for i, _ in sample[1:]]
+    short = probs[:2] + [(probs[2][0],)] + probs[3:]
+    extra = probs[:2] + [(*probs[2], "0.7")] + probs[3:]
+    for rows in (short, extra):
+        with pytest.raises(SubmissionError) as info:
+            check_submission(_write(tmp_path / "p.csv", rows), sample_path, odd, ["even", "odd"])
+        assert f"row 3 has {len(rows[2])} fields, the header 2" in str(info.value)
+    digits = load_competition(Project(project), "digits")
+    labels = sample[:2] + [(*sample[2], "")] + sample[3:]  # a trailing comma: an empty third field
+    _write(tmp_path / "extra.csv", labels)
+    result = ens("check", str(tmp_path / "extra.csv"), "-c", "digits", cwd=project)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "row 3 has 3 fields, the header 2" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    blank = _write(tmp_path / "blank.csv", sample)
+    blank.write_text(blank.read_text() + "\n")  # a blank last line is no row, as before
+    assert check_submission(blank, sample_path, digits, [str(i) for i in range(10)]) == 359
+
+
+def test_a_sample_submission_with_a_byte_order_mark_reads_as_without(digits_data, tmp_path):
+    """Issue 24 item 12: a UTF-8 BOM (as Excel writes) stuck to the first column's name wherever a CSV was read
+    without utf-8-sig: the sample's id column was not found, the submission's columns differed."""
+    from pipelines.config import Competition
+    from pipelines.data import check_sample_ids, list_test
+
+    sample_path = tmp_path / "sample_submission.csv"
+    sample_path.write_bytes(b"\xef\xbb\xbf" + (digits_data / "sample_submission.csv").read_bytes())
+    comp = Competition(name="digits", sample_submission=str(sample_path))
+    test = list_test(comp, digits_data)
+    check_sample_ids(comp, digits_data, test)  # finds image_id
+    ids = [p.rsplit("/", 1)[-1] for p in test]
+    out = write_submission(tmp_path / "s.csv", comp, sample_path, ids, np.eye(10)[np.arange(len(ids)) % 10],
+                           [str(i) for i in range(10)])
+    assert out.read_text().startswith("image_id,label\n")  # no BOM carried into the upload
+    assert check_submission(out, sample_path, comp, [str(i) for i in range(10)]) == len(ids)

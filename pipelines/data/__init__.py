@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..config import Competition, Project
 from ..errors import ConfigError, EnsError
-from ..util import building, file_lock, lock_file_for, owner_tag, process_pool, sweep_dead, write_json
+from ..util import building, file_lock, lock_file_for, owner_tag, process_pool, read_csv, sweep_dead, write_json
 
 
 @dataclass(frozen=True)
@@ -140,15 +140,12 @@ def list_train(comp: Competition, root: Path) -> tuple[list[str], list[str]]:
         items = sorted((p.relative_to(root).as_posix(), p.parent.name)
                        for p in folder.glob("*/*") if p.is_file() and _is_image(p, comp))
     else:
-        import pandas as pd
-
-        table = pd.read_csv(root / layout.csv, dtype=str)
+        columns, rows = read_csv(root / layout.csv)
         for col in (layout.id_column, layout.label_column):
-            if col not in table.columns:
+            if col not in columns:
                 raise EnsError(f"competitions/{comp.name}.yaml: train.csv {layout.csv} has no column '{col}' "
-                               f"(columns: {', '.join(table.columns)})")
-        items = sorted((layout.path_template.format(id=i), str(l))
-                       for i, l in zip(table[layout.id_column], table[layout.label_column]))
+                               f"(columns: {', '.join(columns)})")
+        items = sorted((layout.path_template.format(id=r[layout.id_column]), r[layout.label_column]) for r in rows)
         missing = [p for p, _ in items if not (root / p).is_file()]
         if missing:
             raise EnsError(f"competitions/{comp.name}.yaml: {len(missing)} images named by {layout.csv} are missing, "
@@ -279,26 +276,24 @@ def _group_folds(labels: list[str], groups: list[str], n_folds: int, seed: int, 
 def read_groups(comp: Competition, root: Path, paths: list[str]) -> list[str]:
     """Each training image's group (`cv.group_column`), from the labels CSV (csv layout) or from `cv.groups_csv`
     (ids are image file names there): one line naming the image when one has none."""
-    import pandas as pd
-
     cv, layout = comp.cv, comp.train
     source = cv.groups_csv or layout.csv
     where = f"competitions/{comp.name}.yaml"
     try:
-        table = pd.read_csv(root / source, dtype=str)
+        columns, rows = read_csv(root / source)
     except FileNotFoundError:
         raise EnsError(f"{where}: cv groups file {root / source} is missing; fix cv.groups_csv") from None
     for col in (layout.id_column, cv.group_column):
-        if col not in table.columns:
-            raise EnsError(f"{where}: {source} has no column '{col}' (columns: {', '.join(table.columns)}); "
+        if col not in columns:
+            raise EnsError(f"{where}: {source} has no column '{col}' (columns: {', '.join(columns)}); "
                            "fix cv.group_column (or train.id_column)")
     if cv.groups_csv:  # ids are file names (or paths relative to the data folder)
-        by_id = dict(zip(table[layout.id_column], table[cv.group_column]))
+        by_id = {r[layout.id_column]: r[cv.group_column] for r in rows}
         groups = [by_id.get(p, by_id.get(Path(p).name)) for p in paths]
     else:
-        by_path = {layout.path_template.format(id=i): g for i, g in zip(table[layout.id_column], table[cv.group_column])}
+        by_path = {layout.path_template.format(id=r[layout.id_column]): r[cv.group_column] for r in rows}
         groups = [by_path.get(p) for p in paths]
-    missing = [p for p, g in zip(paths, groups) if g is None or g != g]  # None, or NaN (an empty cell)
+    missing = [p for p, g in zip(paths, groups) if not g]  # None (no row), or an empty cell
     if missing:
         raise EnsError(f"{where}: {len(missing)} training images have no {cv.group_column} in {source}, first "
                        f"{missing[0]}; give every image a group (or drop cv.group_column)")
@@ -457,16 +452,14 @@ def check_sample_ids(comp: Competition, root: Path, test_paths: list[str]) -> No
     sample = root / comp.sample_submission
     where = f"competitions/{comp.name}.yaml"
     try:
-        with open(sample, newline="") as f:
-            reader = csv.DictReader(f)
-            columns = reader.fieldnames or []
-            if comp.id_column not in columns:
-                raise EnsError(f"{where}: the sample submission {sample} has no id column '{comp.id_column}' "
-                               f"(columns: {', '.join(columns) or 'none'}); fix id_column")
-            ids = [row[comp.id_column] for row in reader]
+        columns, rows = read_csv(sample)
     except FileNotFoundError:
         raise EnsError(f"{where}: the sample submission {sample} is missing; put the competition's "
                        "sample_submission.csv there or fix sample_submission") from None
+    if comp.id_column not in columns:
+        raise EnsError(f"{where}: the sample submission {sample} has no id column '{comp.id_column}' "
+                       f"(columns: {', '.join(columns) or 'none'}); fix id_column")
+    ids = [row[comp.id_column] for row in rows]
     known = set(submission_ids(comp, test_paths))
     missing = [i for i in ids if i not in known]
     if missing:

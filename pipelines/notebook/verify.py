@@ -5,7 +5,6 @@ competition's runtime limit."""
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
@@ -17,6 +16,7 @@ from pathlib import Path
 
 from ..config import Competition
 from ..errors import EnsError
+from ..util import read_csv_rows
 from .offline import TIMING
 
 # sitecustomize of the child: every Internet socket refuses to connect, as in a code competition's notebook
@@ -92,16 +92,11 @@ def _save_log(root: Path, log: str) -> Path:
     return path
 
 
-def _rows(path: Path) -> list[list[str]]:
-    with open(path, newline="") as f:
-        return list(csv.reader(f))
-
-
 def same_submission(notebook_csv: Path, expected_csv: Path, comp: Competition, tolerance: float = 1e-5) -> None:
     """The notebook's CSV equals the expected one: the same header and ids in order, the same labels (or the same
     probabilities within `tolerance`: float32 sums in another order); else a one-line error naming the first
     difference."""
-    got, want = _rows(notebook_csv), _rows(expected_csv)
+    got, want = read_csv_rows(notebook_csv), read_csv_rows(expected_csv)
     if got[:1] != want[:1] or len(got) != len(want):
         raise EnsError(f"the notebook's {notebook_csv.name} has {len(got) - 1} rows and columns {got[:1]}, the "
                        f"cached predictions give {len(want) - 1} rows and {want[:1]}; nothing was uploaded")
