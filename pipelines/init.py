@@ -221,18 +221,37 @@ def find_sample(files: Files) -> str:
     return min(named, key=lambda c: (PurePosixPath(c).name.lower() != "sample_submission.csv", _depth(c), c))
 
 
+def _class_folders(files: Files) -> dict[str, set[str]]:
+    """Folder → its subfolders holding images, directly or deeper (a class's images may be split into batch
+    folders, as training reads them). A subfolder named like test is a split, not a class (images/train +
+    images/test is no class layout), and nothing below it counts."""
+    found: dict[str, set[str]] = {}
+    for folder in files.folders:
+        parts = PurePosixPath(folder).parts if folder != "." else ()
+        for depth in range(len(parts)):
+            if "test" in parts[depth].lower():
+                break
+            found.setdefault("/".join(parts[:depth]) or ".", set()).add(parts[depth])
+    return found
+
+
 def guess_folders(files: Files) -> tuple[TrainLayout, str] | None:
     """Class folders: a folder (not the root) with at least 2 subfolders of images, 'train' in its name first,
-    then the shallowest. A subfolder named like test is a split, not a class (images/train + images/test is no
-    class layout)."""
-    classes = Counter(str(PurePosixPath(f).parent) for f in files.folders
-                      if f != "." and "test" not in PurePosixPath(f).name.lower())
-    found = [f for f, n in classes.items() if n >= 2 and f != "."]
+    then the shallowest: in train/{cat,dog}/{batch1,batch2}/ the classes are cat and dog, not the batches."""
+    classes = _class_folders(files)
+    found = [f for f, kids in classes.items() if len(kids) >= 2 and f != "."]
     if not found:
         return None
     best = min(found, key=lambda f: ("train" not in PurePosixPath(f).name.lower(), _depth(f), f))
+    parent = str(PurePosixPath(best).parent)
+    nested = sorted(f for f in found if f != best and str(PurePosixPath(f).parent) == parent)
+    if parent == "." and nested:  # {cat,dog}/{batch1,batch2}/ at the top: classes, or batches of classes?
+        raise EnsError(f"{files.root}: class folders nested two deep at the top ({best}/ and {nested[0]}/ each hold "
+                       "subfolders of images): cannot tell the classes; move them into one folder (train/<class>/) "
+                       "or write train: {layout: folders, folder: <the folder whose subfolders are the classes>} by "
+                       "hand")
     return (TrainLayout(layout="folders", folder=best),
-            f"guessed: {classes[best]} class folders of images under {best}/")
+            f"guessed: {len(classes[best])} class folders of images under {best}/")
 
 
 def guess_csv(files: Files, sample: str) -> tuple[TrainLayout, str]:

@@ -318,3 +318,31 @@ def test_a_latin1_csv_and_a_decompression_bomb_header_are_one_line(tmp_path):
     png.write_bytes(bytes(raw))
     out = _ok(_init(root, "--data", str(data), "bomb"))  # the size comes from the other images
     assert _comp(root, "bomb").expected.image_size == (16, 16) and "Traceback" not in out.stderr
+
+
+def test_nested_class_folders_are_read_by_their_top_folder(tmp_path):
+    """Issue 24 item 11: train/{cat,dog}/{batch1,batch2}/ was read as classes batch1 and batch2 of cat/, dog/
+    dropped, exit 0. The classes are the folders under train/, their images at any depth (training agrees);
+    at the top of the data folder, where it cannot tell, init refuses in one line."""
+    from pipelines.data import list_train
+
+    data = tmp_path / "data"
+    for c, name in enumerate(("cat", "dog")):
+        for batch in ("batch1", "batch2"):
+            for i in range(3):
+                _png(data / "train" / name / batch / f"{name}{batch}{i}.png", colour=(c * 60, 0, 0))
+    for i in range(3):
+        _png(data / "test" / f"t{i}.png")
+    _write_csv(data / "sample_submission.csv", [("id", "label"), *((f"t{i}.png", "cat") for i in range(3))])
+    root = _project(tmp_path)
+    _ok(_init(root, "--data", str(data), "pets"))
+    comp = _comp(root, "pets")
+    assert comp.train.folder == "train" and comp.expected.classes == 2 and comp.expected.train_images == 12
+    paths, labels = list_train(comp, data)
+    assert sorted(set(labels)) == ["cat", "dog"] and labels.count("dog") == 6
+
+    top = tmp_path / "top"
+    shutil.copytree(data / "train", top)
+    shutil.copytree(data / "test", top / "test")
+    shutil.copy(data / "sample_submission.csv", top)
+    _refused(root, "top", "--data", str(top), "top", says=("nested", "cat/", "folder: <"))

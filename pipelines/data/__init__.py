@@ -137,8 +137,10 @@ def list_train(comp: Competition, root: Path) -> tuple[list[str], list[str]]:
         folder = root / layout.folder
         if not folder.is_dir():
             raise EnsError(f"competitions/{comp.name}.yaml: train.folder {folder} does not exist; fix train.folder")
-        items = sorted((p.relative_to(root).as_posix(), p.parent.name)
-                       for p in folder.glob("*/*") if p.is_file() and _is_image(p, comp))
+        # a class folder's images may lie in subfolders of it (train/cat/batch1/...): the class is the first
+        # folder under train.folder, whatever the depth
+        items = sorted((p.relative_to(root).as_posix(), p.relative_to(folder).parts[0])
+                       for p in folder.glob("*/**/*") if p.is_file() and _is_image(p, comp))
     else:
         columns, rows = read_csv(root / layout.csv)
         for col in (layout.id_column, layout.label_column):
