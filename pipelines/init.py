@@ -313,17 +313,19 @@ def _label_column(csv_name: str, columns: list[str], rows: list[dict], id_column
 
 
 def guess_test(draft: Draft, files: Files, columns: list[str], rows: list[dict], train_paths: list[str]) -> list[str]:
-    """test_images, test_id and id_column: the folder of images training does not use ('test' in its name first)
-    whose file names (or stems) are a column of the sample submission. The test paths."""
+    """test_images, test_id and id_column: the folder of images training does not use ('test' in its name first;
+    then one shared with the images a labels CSV names, as images/Train_* beside images/Test_*) whose file names
+    (or stems) are a column of the sample submission. The test paths."""
     used = {str(PurePosixPath(p).parent) for p in train_paths}
-    folders = sorted((f for f in files.folders if f not in used and f != "."),
-                     key=lambda f: ("test" not in PurePosixPath(f).name.lower(), _depth(f), f))
+    shared = draft.comp.train.layout == "csv"  # class folders hold training images only
+    folders = sorted((f for f in files.folders if (shared or f not in used) and f != "."),
+                     key=lambda f: (f in used, "test" not in PurePosixPath(f).name.lower(), _depth(f), f))
     for folder in folders:
         for test_id in ("name", "stem"):
-            comp = draft.comp.model_copy(update={"test_images": folder, "test_id": test_id})
-            test = data.list_test(comp, files.root)
-            ids = set(data.submission_ids(comp, test))
-            for column in columns:
+            for column in columns:  # (in a shared folder the test images are those the id column names)
+                comp = draft.comp.model_copy(update={"test_images": folder, "test_id": test_id, "id_column": column})
+                test = data.list_test(comp, files.root)
+                ids = set(data.submission_ids(comp, test))
                 values = [r[column] for r in rows]
                 if values and sum(v in ids for v in values) >= MATCH * len(values):
                     seen = f"the sample submission's {column} names {len(test)} images of {folder}/"

@@ -346,3 +346,29 @@ def test_nested_class_folders_are_read_by_their_top_folder(tmp_path):
     shutil.copytree(data / "test", top / "test")
     shutil.copy(data / "sample_submission.csv", top)
     _refused(root, "top", "--data", str(top), "top", says=("nested", "cat/", "folder: <"))
+
+
+def test_a_folder_shared_by_training_and_test_images(tmp_path):
+    """Issue 24 item 14: images/Train_* beside images/Test_* (labelled by train.csv) was refused ('name no test
+    images'): the test images are those of the shared folder that the sample submission names, in init and in
+    training alike (which listed the training images as test images too)."""
+    from pipelines.data import check_sample_ids, list_test, list_train
+
+    data = tmp_path / "data"
+    rows = [("image_id", "label")]
+    for i in range(10):
+        _png(data / "images" / f"Train_{i}.png", colour=(i % 2 * 90, 0, 0))
+        rows.append((f"Train_{i}", ("healthy", "rust")[i % 2]))
+    _write_csv(data / "train.csv", rows)
+    for i in range(4):
+        _png(data / "images" / f"Test_{i}.png")
+    _write_csv(data / "sample_submission.csv", [("image_id", "label"), *((f"Test_{i}", "healthy") for i in range(4))])
+    root = _project(tmp_path)
+    _ok(_init(root, "--data", str(data), "plants"))
+    comp = _comp(root, "plants")
+    assert (comp.train.path_template, comp.test_images, comp.test_id) == ("images/{id}.png", "images", "stem")
+    assert (comp.expected.train_images, comp.expected.test_images) == (10, 4)
+    test = list_test(comp, data)
+    assert test == [f"images/Test_{i}.png" for i in range(4)]
+    assert not set(test) & set(list_train(comp, data)[0])
+    check_sample_ids(comp, data, test)

@@ -356,10 +356,21 @@ def with_soft_targets(data: "CompetitionData", probs, weight: float) -> "Competi
 
 
 def list_test(comp: Competition, root: Path) -> list[str]:
+    """The test images, sorted: those of the test_images folder; in a folder shared with the training images
+    (images/Train_* beside images/Test_*, labelled by a CSV), those the sample submission names."""
     folder = root / comp.test_images
     if not folder.is_dir():
         raise EnsError(f"competitions/{comp.name}.yaml: test_images folder {folder} does not exist; fix test_images")
-    return sorted(p.relative_to(root).as_posix() for p in folder.iterdir() if p.is_file() and _is_image(p, comp))
+    paths = sorted(p.relative_to(root).as_posix() for p in folder.iterdir() if p.is_file() and _is_image(p, comp))
+    if _shares_training_folder(comp):
+        wanted = set(sample_ids(comp, root))
+        paths = [p for p, i in zip(paths, submission_ids(comp, paths)) if i in wanted]
+    return paths
+
+
+def _shares_training_folder(comp: Competition) -> bool:
+    layout = comp.train
+    return layout.layout == "csv" and Path(layout.path_template).parent == Path(comp.test_images)
 
 
 # --------------------------------------------------------------------------------------------- fingerprint
@@ -448,9 +459,8 @@ def submission_ids(comp: Competition, test_paths: list[str]) -> list[str]:
     return [Path(p).stem if comp.test_id == "stem" else Path(p).name for p in test_paths]
 
 
-def check_sample_ids(comp: Competition, root: Path, test_paths: list[str]) -> None:
-    """Every id of the sample submission names a test image (else the submission cannot be written: found here,
-    before any member trains, rather than after all of them)."""
+def sample_ids(comp: Competition, root: Path) -> list[str]:
+    """The ids of the sample submission, in its order; one line when it is missing or has no id column."""
     sample = root / comp.sample_submission
     where = f"competitions/{comp.name}.yaml"
     try:
@@ -461,7 +471,14 @@ def check_sample_ids(comp: Competition, root: Path, test_paths: list[str]) -> No
     if comp.id_column not in columns:
         raise EnsError(f"{where}: the sample submission {sample} has no id column '{comp.id_column}' "
                        f"(columns: {', '.join(columns) or 'none'}); fix id_column")
-    ids = [row[comp.id_column] for row in rows]
+    return [row[comp.id_column] for row in rows]
+
+
+def check_sample_ids(comp: Competition, root: Path, test_paths: list[str]) -> None:
+    """Every id of the sample submission names a test image (else the submission cannot be written: found here,
+    before any member trains, rather than after all of them)."""
+    where = f"competitions/{comp.name}.yaml"
+    ids = sample_ids(comp, root)
     known = set(submission_ids(comp, test_paths))
     missing = [i for i in ids if i not in known]
     if missing:
