@@ -185,7 +185,8 @@ def infer(root: Path, base: Competition, info: dict | None,
     test = guess_test(draft, files, columns, rows, paths)
     target = _target_column(draft.comp, columns)
     draft.set("guessed: the sample submission's other column", target_column=target)
-    guess_kind(draft, [r[target] for r in rows], sorted(set(labels)), positive_class)
+    kaggle_metric = metric_from((info or {}).get("evaluation_metric") or "")
+    guess_kind(draft, [r[target] for r in rows], sorted(set(labels)), positive_class, kaggle_metric)
     guess_metric(draft, info)
     guess_submission(draft, info)
     return draft, labels, paths, test
@@ -354,15 +355,32 @@ def _unit_float(text: str) -> bool:
         return False
 
 
-def guess_kind(draft: Draft, values: list[str], classes: list[str], positive_class: str | None) -> None:
-    """A probability of one class (numbers in [0, 1], two classes) or a label; which class is the positive one."""
-    target = draft.comp.target_column
+def _label_reason(values: list[str], classes: list[str], metric: str | None) -> str | None:
+    """Why the target column holds labels, or None when it holds a class's probability: numbers in [0, 1] with
+    two classes are a probability, unless Kaggle scores labels (accuracy, F1: 0/1 labels are numbers in [0, 1]
+    too) or, Kaggle's metric unknown, every value is a class's name."""
+    example = f"e.g. '{values[0] if values else ''}'"
     if not (len(classes) == 2 and values and all(_unit_float(v) for v in values)):
+        return f"holds labels ({example})"
+    if metric in config.LABEL_METRICS:
+        return f"holds labels ({example}): Kaggle scores it by {metric}, which compares labels"
+    if metric is None and set(values) <= set(classes):
+        return (f"holds labels ({example}, each a class's name; if it is a probability, set submission_kind: "
+                "probability, positive_class and metric)")
+    return None
+
+
+def guess_kind(draft: Draft, values: list[str], classes: list[str], positive_class: str | None,
+               metric: str | None = None) -> None:
+    """A probability of one class (numbers in [0, 1], two classes, a metric of probabilities) or a label; which
+    class is the positive one. `metric`: Kaggle's, when it said one ens computes."""
+    target = draft.comp.target_column
+    labels = _label_reason(values, classes, metric)
+    if labels:
         if positive_class:
-            raise ConfigError(f"--positive-class {positive_class}: the sample submission's {target} holds labels "
-                              f"(e.g. '{values[0] if values else ''}'), not a class's probability; drop the option")
-        draft.set(f"guessed: the sample submission's {target} holds labels (e.g. '{values[0] if values else ''}')",
-                  submission_kind="label")
+            raise ConfigError(f"--positive-class {positive_class}: the sample submission's {target} {labels}, not "
+                              "a class's probability; drop the option")
+        draft.set(f"guessed: the sample submission's {target} {labels}", submission_kind="label")
         return
     draft.set(f"guessed: the sample submission's {target} holds numbers in [0, 1] (e.g. {values[0]}) and the "
               "training images have 2 classes", submission_kind="probability")

@@ -372,3 +372,32 @@ def test_a_folder_shared_by_training_and_test_images(tmp_path):
     assert test == [f"images/Test_{i}.png" for i in range(4)]
     assert not set(test) & set(list_train(comp, data)[0])
     check_sample_ids(comp, data, test)
+
+
+# --------------------------------------------------------------------------------------------- labels or probabilities
+def test_zero_one_labels_scored_by_accuracy_are_submitted_as_labels(tmp_path):
+    """Issue 24 item 7: 0/1 classes, a sample of 0s and Kaggle's metric accuracy gave submission_kind probability:
+    the CSV would hold 0.734 where Kaggle compares labels. Accuracy and F1 score labels; a probability submission
+    with them is refused in the YAML."""
+    import pytest
+
+    from pipelines.config import Competition
+    from pipelines.errors import ConfigError
+    from pipelines.init import infer
+
+    data = _folders_data(tmp_path / "data", ("0", "1"), sample_value="0")
+    base = Competition(name="cracks")
+    for metric, kind in (("Categorization Accuracy", "label"), ("Macro F1 Score", "label"),
+                         ("Area Under Receiver Operating Characteristic Curve", "probability")):
+        draft = infer(data, base, {"evaluation_metric": metric}, None)[0]
+        assert draft.comp.submission_kind == kind, metric
+    draft = infer(data, base, None, None)[0]  # Kaggle not asked: the 0s name classes, so they are labels
+    assert (draft.comp.submission_kind, draft.comp.metric) == ("label", "accuracy")
+    assert "each a class's name" in draft.notes["submission_kind"]
+
+    root = _project(tmp_path)
+    (root / "competitions/cracks.yaml").write_text(
+        f"data_dir: {data}\nsubmission_kind: probability\npositive_class: '1'\nmetric: accuracy\n")
+    with pytest.raises(ConfigError) as info:
+        _comp(root, "cracks")
+    assert "submission_kind: label" in str(info.value) and "compares labels" in str(info.value)

@@ -83,6 +83,9 @@ class Notebook(Strict):
     output: str = "submission.csv"  # the file the notebook writes, which Kaggle scores
 
 
+LABEL_METRICS = ("accuracy", "f1_macro")  # scored on the predicted labels, not on probabilities
+
+
 class Competition(Strict):
     name: str
     title: str = ""
@@ -117,6 +120,11 @@ class Competition(Strict):
     def _probability_needs_a_class(self):
         if self.submission_kind == "probability" and not self.positive_class:
             raise ValueError("submission_kind 'probability' needs positive_class: the class whose probability is submitted")
+        if self.submission_kind == "probability" and self.metric in LABEL_METRICS:
+            # Kaggle compares a label metric's labels as text: '0.734' is not '1', whatever a local rounding says
+            raise ValueError(f"metric {self.metric} scores labels, but submission_kind is 'probability': the CSV "
+                             "would hold probabilities where Kaggle compares labels; set submission_kind: label (or "
+                             "the metric Kaggle uses: roc_auc or log_loss)")
         return self
 
     @model_validator(mode="after")
