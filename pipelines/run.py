@@ -348,7 +348,7 @@ def _deliver(project: Project, g: Gathered, chosen, csv_path: Path, shown: str, 
                                    f"`submission: csv` or `notebook` in competitions/{comp.name}.yaml", row_id=row_id)
     if as_notebook:
         return notebooks.deliver(project, g, chosen, csv_path, shown, message, history, record, submit, wait,
-                                 **notebook)
+                                 force=force, **notebook)
     if push:
         raise EnsError(f"competitions/{comp.name}.yaml: '{comp.kaggle}' takes CSV uploads (submission: "
                        f"{comp.submission}), not notebooks: `ens run` uploads its CSV; set `submission: notebook` "

@@ -9,7 +9,7 @@ import glob
 import shlex
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -231,6 +231,22 @@ def update_history(history: Path, row_id: str, **fields) -> None:
         _write_history(history, rows)
 
 
+def claim_history(history: Path, row_id: str, statuses: tuple[str, ...], **fields) -> dict:
+    """Set `fields` on the row `row_id` only if its status is one of `statuses`, checked and written in one locked
+    step (two processes about to submit one notebook: one claims it, the other sees the claim). The row as it
+    was before; the caller claimed it when its status is one of `statuses`."""
+    with _history_lock(history):
+        rows = read_history(history)
+        row = next((r for r in rows if r.get("id") == row_id), None)
+        if row is None:
+            raise EnsError(f"{history}: no row {row_id} (edited meanwhile?)")
+        before = dict(row)
+        if row.get("status") in statuses:
+            row.update(fields)
+            _write_history(history, rows)
+    return before
+
+
 def _write_history(history: Path, rows: list[dict]) -> None:
     """Rewrite the whole history atomically (older files with fewer columns gain the new ones). Hold the lock."""
     history.parent.mkdir(parents=True, exist_ok=True)
@@ -391,12 +407,27 @@ def _row_key(row: dict):
     return row.get("id") or ("ref", row.get("ref"), row.get("time"))  # rows written before ids existed
 
 
-def _listed_as(row: dict, listed: list[dict], claimed: set) -> dict | None:
-    """The submission on Kaggle's list that an `unknown` row's upload became: same file name, same description,
-    not already some other row's ref (the oldest such, the list being newest first)."""
-    name, message = Path(row.get("file") or "").name, (row.get("message") or "").strip()
+CLOCK_SKEW = timedelta(minutes=10)  # Kaggle's clock and this machine's may differ: older listed submissions only
+
+
+def _when(text: str | None) -> datetime | None:
+    try:
+        when = datetime.fromisoformat((text or "").replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+
+
+def _listed_as(row: dict, listed: list[dict], claimed: set, comp: Competition) -> dict | None:
+    """The submission on Kaggle's list that an `unknown` row's upload became: same file name (a notebook's: its
+    output file), same description, not made before the row was written, not already some other row's ref (the
+    oldest such, the list being newest first)."""
+    notebook = row.get("destination") == "kaggle notebook"
+    name = comp.notebook.output if notebook else Path(row.get("file") or "").name
+    message, since = (row.get("message") or "").strip(), _when(row.get("time"))
     matches = [s for s in listed if s["ref"] not in claimed and s.get("file_name") == name
-               and (s.get("description") or "").strip() == message]
+               and (s.get("description") or "").strip() == message
+               and not (since and _when(s.get("date")) and _when(s.get("date")) < since - CLOCK_SKEW)]
     return matches[-1] if matches else None
 
 
@@ -419,7 +450,7 @@ def refresh_history(comp: Competition, history: Path) -> tuple[list[dict], str]:
     claimed = {r["ref"] for r in rows if r.get("ref")}
     changes, unresolved = {}, []
     for row in todo:
-        found = by_ref.get(row["ref"]) if row.get("ref") else _listed_as(row, listed, claimed)
+        found = by_ref.get(row["ref"]) if row.get("ref") else _listed_as(row, listed, claimed, comp)
         if found is None:
             if row.get("status") == UNKNOWN:
                 unresolved.append(row)
@@ -446,7 +477,9 @@ def refresh_history(comp: Competition, history: Path) -> tuple[list[dict], str]:
     warning = ""
     if unresolved:
         first = unresolved[0]
+        again = (f"ens kaggle submit {comp.name} {first['notebook']} --force" if first.get("notebook")
+                 else f"{retry_command(first['file'], comp.name, first.get('message') or '')} --force")
         warning = (f"{len(unresolved)} upload(s) of unknown outcome are not on Kaggle's latest list, e.g. "
-                   f"{first['file']} of {first['time']}: if the competition's submissions page does not show it "
-                   f"either, send it again: {retry_command(first['file'], comp.name, first.get('message') or '')} --force")
+                   f"{first.get('notebook') or first['file']} of {first['time']}: if the competition's submissions "
+                   f"page does not show it either, send it again: {again}")
     return rows, warning

@@ -202,7 +202,8 @@ class FakeKaggle:
 
     Knobs: `fail[endpoint] = status` makes that endpoint (or "*" for all) answer `status` (401, 403, 404, 429,
     500, ...; for "upload" the PUT of the file); `hang` is a set of endpoints (or {"*"}) that accept the request
-    and never answer; `data_zip` the bytes served as the competition's data; `answers` id -> label; `pending_polls`
+    and never answer; `mute` a set of endpoints that do their work and then never answer (the answer lost: a
+    time-out after Kaggle took the request; `muted` is set when one did); `data_zip` the bytes served as the competition's data; `answers` id -> label; `pending_polls`
     how many ListSubmissions answer PENDING for a new submission; `daily_limit` for GetSubmissionLimits.
     Competition: `title`, `evaluation_metric`, `kernels_only` (a CSV CreateSubmission then gets HTTP 400).
     Datasets: `dataset_ready_polls` how many GetDatasetStatus of a new version answer BLOBS_RECEIVED before READY;
@@ -230,6 +231,8 @@ class FakeKaggle:
         self.daily_limit = daily_limit
         self.fail: dict[str, int] = {}
         self.hang: set[str] = set()
+        self.mute: set[str] = set()
+        self.muted = threading.Event()  # set when a muted endpoint has done its work and withheld its answer
         self.requests: list[Recorded] = []
         self.submissions: list[Submission] = []
         self.uploads: dict[str, bytes] = {}
@@ -502,6 +505,12 @@ class _Handler(BaseHTTPRequestHandler):
     def _send(self, status: int, payload: dict | bytes | None = None, content_type: str = "application/json",
               headers: dict | None = None) -> None:
         body = json.dumps(payload).encode() if isinstance(payload, dict) else (payload or b"")
+        fake = self.server_state
+        if getattr(self, "_endpoint", None) in fake.mute:  # done, and the answer never sent
+            fake.muted.set()
+            fake._release.wait(timeout=60)
+            self.close_connection = True
+            return
         self.send_response(status)
         if body or content_type != "application/json":
             self.send_header("Content-Type", content_type)
@@ -528,6 +537,7 @@ class _Handler(BaseHTTPRequestHandler):
             payload = None
         with fake._lock:
             fake.requests.append(Recorded(method, endpoint, path, dict(self.headers), body, payload))
+        self._endpoint = endpoint
         if endpoint in fake.hang or "*" in fake.hang:
             fake._release.wait(timeout=60)  # accept, read, and never answer
             self.close_connection = True

@@ -139,6 +139,8 @@ def kaggle_push(ensemble: str = typer.Argument(..., help="the ensemble YAML of a
                 no_wait: bool = typer.Option(False, "--no-wait", help="push and return; `ens kaggle status` follows it"),
                 runtime_check: bool = typer.Option(True, "--runtime-check/--no-runtime-check", help="refuse a "
                                                    "notebook estimated at over 90% of the competition's runtime limit"),
+                force: bool = typer.Option(False, "--force", help="with --submit: submit even when the CSV of "
+                                           "Kaggle's run differs from the one checked here"),
                 project: Optional[Path] = ProjectOpt):
     """Deliver an ensemble to a code competition (`submission: notebook` in its YAML, or `auto`): members not cached
     are trained, their kept weights, a manifest and ens itself go into a private Kaggle dataset (uploaded only when
@@ -150,7 +152,7 @@ def kaggle_push(ensemble: str = typer.Argument(..., help="the ensemble YAML of a
     Example: ens kaggle push leaves/final.yaml --submit
     """
     _run_and_show(_project(project), ensemble, overrides or [], submit=submit, wait=not no_wait, push=True,
-                  notebook={"check_runtime": runtime_check})
+                  force=force, notebook={"check_runtime": runtime_check})
 
 
 @kaggle_app.command("status", short_help="Follow the competition's notebooks still running on Kaggle; fetch, check "
@@ -183,6 +185,8 @@ def kaggle_status(competition: str = typer.Argument(..., help="a competition nam
 def kaggle_submit(competition: str = typer.Argument(..., help="a competition name"),
                   notebook: str = typer.Argument(..., help="owner/slug/version, as `ens submissions` lists it"),
                   message: Optional[str] = typer.Option(None, "--message", "-m", help="the submission's description"),
+                  force: bool = typer.Option(False, "--force", help="submit a version whose CSV differs from the one "
+                                             "checked here (recorded as a notebook error)"),
                   project: Optional[Path] = ProjectOpt):
     """Submit a pushed notebook's version that ran on Kaggle and wrote a checked CSV (`ens kaggle push` without
     --submit), then wait for its score."""
@@ -190,4 +194,4 @@ def kaggle_submit(competition: str = typer.Argument(..., help="a competition nam
     from ..notebook.push import submit_ran
 
     proj = _project(project)
-    _print_delivery(submit_ran(proj, load_competition(proj, competition), notebook, message, say=_say))
+    _print_delivery(submit_ran(proj, load_competition(proj, competition), notebook, message, say=_say, force=force))

@@ -228,11 +228,16 @@ def kernel_output(kernel: str, version: int, name: str, dest: Path, timeout: flo
 def submit_code(slug: str, kernel: str, version: int, name: str, message: str,
                 timeout: float = SUBMIT_TIMEOUT) -> str:
     """Submit version `version` of notebook `kernel` to the code competition `slug` (Kaggle re-runs it on the
-    hidden test set and scores its file `name`); the submission's ref (as text)."""
+    hidden test set and scores its file `name`); the submission's ref (as text). `maybe_submitted` as for `submit`."""
     _check_slug(slug)
-    result = _call("submit_code", {"slug": slug, "kernel": kernel, "version": int(version), "name": name,
-                                   "message": message}, timeout,
-                   f"submitting notebook {kernel} version {version} to '{slug}'", slug)
+    try:
+        result = _call("submit_code", {"slug": slug, "kernel": kernel, "version": int(version), "name": name,
+                                       "message": message}, timeout,
+                       f"submitting notebook {kernel} version {version} to '{slug}'", slug)
+    except KaggleError as e:  # cut off after the request may have reached Kaggle: only its list can tell (as `submit`)
+        e.maybe_submitted = e.kind in ("timeout", "crashed", "noref") or (
+            e.kind == "connection" and e.detail == "connection closed")
+        raise
     return str(result["ref"])
 
 

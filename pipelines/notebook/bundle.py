@@ -34,9 +34,24 @@ class Bundle:
     content: str    # the hash of what the files hold: the dataset version's identity
 
     @property
+    def marker(self) -> str:
+        """A file named by the content. Kaggle lists a dataset's file names and sizes, not their hashes, and
+        retrained weights of one architecture keep their size (so does the manifest): the marker's name is what
+        tells an old version from this content."""
+        return f"ens-content-{self.content}.txt"
+
+    def write_marker(self) -> None:
+        path = self.folder / self.marker
+        if not path.is_file():  # the same bytes whoever writes them; atomic, for a concurrent push of this content
+            tmp = self.folder.parent / f".marker.{owner_tag()}"  # outside: the client uploads the folder's every file
+            tmp.write_text(self.content + "\n")
+            os.replace(tmp, path)
+
+    @property
     def files(self) -> dict[str, int]:
-        """{name: bytes} of every file the dataset must hold, the manifest included."""
-        return {**self.manifest["files"], MANIFEST: (self.folder / MANIFEST).stat().st_size}
+        """{name: bytes} of every file the dataset must hold, the manifest and the content's marker included."""
+        return {**self.manifest["files"], MANIFEST: (self.folder / MANIFEST).stat().st_size,
+                self.marker: len(self.content) + 1}
 
 
 @dataclass
@@ -191,7 +206,7 @@ def build(project: Project, g, chosen: Chosen) -> Bundle:
     parent = project.cache / g.competition.name / "notebook"
     folder = parent / content / "dataset"
     if (folder / MANIFEST).is_file():
-        return Bundle(folder, json.loads((folder / MANIFEST).read_text()), content)
+        return _marked(Bundle(folder, json.loads((folder / MANIFEST).read_text()), content))
     parent.mkdir(parents=True, exist_ok=True)
     sweep_dead(parent / content, [".dataset.{owner}"])
     tmp = parent / content / f".dataset.{owner_tag()}"
@@ -210,7 +225,12 @@ def build(project: Project, g, chosen: Chosen) -> Bundle:
             raise EnsError(f"cannot write the notebook's dataset under {project.relative(parent)}: {e}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return Bundle(folder, json.loads((folder / MANIFEST).read_text()), content)
+    return _marked(Bundle(folder, json.loads((folder / MANIFEST).read_text()), content))
+
+
+def _marked(bundle: Bundle) -> Bundle:
+    bundle.write_marker()  # (also in a folder built before markers were)
+    return bundle
 
 
 def _link_or_copy(source: Path, dest: Path) -> None:

@@ -14,16 +14,25 @@ from .. import kaggle
 from ..config import Competition, Project
 from ..errors import EnsError
 from ..util import owner_tag, write_json
-from ..submission import (Delivery, Interrupted, append_history, check_submission, file_sha256, read_history,
-                          update_history)
+from ..submission import (UNKNOWN, Delivery, Interrupted, append_history, check_submission, claim_history,
+                          file_sha256, read_history, refresh_history, update_history)
 from . import bundle as bundles
 from .script import dataset_slug, kernel_slug, write_kernel
-from .verify import LocalRun, kaggle_tree, run_script, runtime_estimate, same_submission
+from .verify import (KAGGLE_TOLERANCE, LocalRun, kaggle_tree, run_script, runtime_estimate, same_submission,
+                     submission_difference)
 
 DESTINATION = "kaggle notebook"
 RUNNING = ("running", "running+submit")  # the notebook runs on Kaggle; +submit: submit it when it is done
 FINISHED = ("complete", "error", "cancel_acknowledged")
 WARN_SHARE, REFUSE_SHARE = 0.5, 0.9  # of the competition's runtime limit, for the estimated hidden-test run
+
+
+class CsvDiffers(EnsError):
+    """Kaggle's run of the notebook wrote another CSV than the one checked here: `reason` for the history."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
 
 
 def takes_notebooks(comp: Competition) -> bool:
@@ -58,10 +67,11 @@ class NotebookDelivery:
     the cached test probabilities gave (`csv`, shown as `shown`), the submission message, and the history row."""
 
     def __init__(self, project: Project, comp: Competition, data_root: Path, vocab: list[str], csv: Path,
-                 shown: str, message: str, history: Path, say=print, first_poll: float = 5.0):
+                 shown: str, message: str, history: Path, say=print, first_poll: float = 5.0, force: bool = False):
         self.project, self.comp, self.data_root, self.vocab = project, comp, data_root, vocab
         self.csv, self.shown, self.message, self.history = csv, shown, message, history
         self.say, self.first_poll = say, first_poll
+        self.force = force  # submit even a Kaggle run whose CSV differs from the one checked here
         self.row_id = ""
 
     # -- here, before anything is uploaded --------------------------------------------------------------------
@@ -115,6 +125,7 @@ class NotebookDelivery:
         """The dataset's current version holding exactly `b`'s files (uploaded unless it already does):
         "owner/slug/version"."""
         dataset = f"{owner}/{dataset_slug(self.comp, b.manifest['ensemble'])}"
+        b.write_marker()
         wanted = b.files
         try:
             if kaggle.dataset_files(dataset) == wanted:
@@ -179,27 +190,38 @@ class NotebookDelivery:
                                      f"notebook {state['status']}: {why}")
 
     def fetch(self, kernel: str, version: int) -> Path:
-        """Kaggle's run's CSV, fetched beside the expected one and checked against the sample submission."""
+        """Kaggle's run's CSV, fetched beside the expected one, checked against the sample submission and compared
+        with the CSV checked here: another device moves probabilities in their last digits (KAGGLE_TOLERANCE);
+        a changed label, or more, is not what was validated, and is an error unless `force`."""
         dest = self.csv.with_name(self.csv.stem + f".notebook-v{version}")
         path = kaggle.kernel_output(kernel, version, self.comp.notebook.output, dest)
         rows = check_submission(path, self.data_root / self.comp.sample_submission, self.comp, self.vocab)
-        try:
-            same_submission(path, self.csv, self.comp)
+        if submission_difference(path, self.csv, self.comp) is None:
             agree = "the same as here"
-        except EnsError:
-            agree = "differs from here (another device's arithmetic)"
+        else:
+            difference = submission_difference(path, self.csv, self.comp, KAGGLE_TOLERANCE)
+            if difference is None:
+                agree = f"the same as here within {KAGGLE_TOLERANCE:g} (another device's arithmetic)"
+            elif not self.force:
+                raise CsvDiffers(f"the CSV of notebook {kernel} version {version} on Kaggle differs from the one "
+                                 f"checked here {difference}, beyond another device's arithmetic: it is not what "
+                                 f"was validated, so nothing was submitted; compare {dest / path.name} with "
+                                 f"{self.shown}, or submit it all the same: ens kaggle submit {self.comp.name} "
+                                 f"{kernel}/{version} --force", f"its CSV differs from the one checked here {difference}")
+            else:
+                agree = f"differs from here {difference} (--force: taken all the same)"
         self.say(f"notebook {kernel} version {version} wrote {rows} checked rows, {agree}")
         return path
 
 
 def deliver(project: Project, g, chosen: bundles.Chosen, csv: Path, shown: str, message: str, history: Path,
             record: dict, submit: bool, wait: bool = True, wait_seconds: float = 600, say=print,
-            check_runtime: bool = True, first_poll: float = 5.0) -> Delivery:
+            check_runtime: bool = True, first_poll: float = 5.0, force: bool = False) -> Delivery:
     """Push `chosen` (members of the gathered ensemble `g`, weights kept; `csv` written from their cached test
     probabilities) as a notebook, and with `submit` submit it: a Delivery, its history row written as it goes. A
     failure before the push leaves nothing on Kaggle; every failure is a Delivery with a one-line error."""
     d = NotebookDelivery(project, g.competition, g.data.root, list(g.data.vocab), csv, shown, message, history,
-                         say, first_poll)
+                         say, first_poll, force)
     row = dict(record, file=shown, sha256=file_sha256(csv), message=message, destination=DESTINATION)
     row.setdefault("metric", g.competition.metric)
     retry = f"ens kaggle push {project.relative(g.path)}" + (" --submit" if submit else "")  # (as it was run)
@@ -239,20 +261,44 @@ def carry_on(d: NotebookDelivery, kernel: str, version: int, submit: bool, wait_
         return Delivery(DESTINATION, status="ran", row_id=d.row_id,
                         note=f"notebook {kernel} version {version} ran; submit it with `ens kaggle submit "
                              f"{comp.name} {kernel} {version}`")
-    return submit_version(d.history, d.row_id, comp, kernel, version, d.message, wait_seconds, d.say)
+    return submit_version(d.history, d.row_id, comp, kernel, version, d.message, wait_seconds, d.say,
+                          claimable=("running+submit",))
 
 
 def submit_version(history: Path, row_id: str, comp: Competition, kernel: str, version: int, message: str,
-                   wait_seconds: float, say=print) -> Delivery:
-    """CreateCodeSubmission of a notebook version that ran, then (bounded) the wait for its score."""
+                   wait_seconds: float, say=print, claimable: tuple[str, ...] = ("ran",)) -> Delivery:
+    """CreateCodeSubmission of a notebook version that ran, then (bounded) the wait for its score.
+
+    The row is claimed first, as `unknown`, in one locked step with the check that its status is still one of
+    `claimable`: of two processes carrying on with one notebook, one submits it. From then on, what cuts the
+    call off after it may have reached Kaggle (a time-out, a crash, Ctrl-C) leaves it `unknown`, which nothing
+    submits again; `ens kaggle status` and `ens submissions` look for it on Kaggle's list."""
     from ..submission import error_hint
 
+    notebook = f"{kernel}/{version}"
+    before = claim_history(history, row_id, claimable, status=UNKNOWN,
+                           note="submitting; if this stays, ens stopped before Kaggle answered")
+    if before.get("status") not in claimable:
+        return Delivery(DESTINATION, before.get("ref", ""), before.get("status", ""), row_id=row_id,
+                        note=f"notebook {notebook} is {before.get('status') or 'not ready'} already (another ens "
+                             "submitted it, or is submitting it): not submitted again")
     try:
         ref = kaggle.submit_code(comp.kaggle, kernel, version, comp.notebook.output, message)
     except kaggle.KaggleError as e:
-        update_history(history, row_id, status="ran", note=f"not submitted: {e.reason}")
-        return Delivery(DESTINATION, status="ran", row_id=row_id, error=f"{e}; retry: ens kaggle submit "
-                        f"{comp.name} {kernel} {version}")
+        if e.maybe_submitted:
+            update_history(history, row_id, note=f"{e.reason}: Kaggle may have it")
+            return Delivery(DESTINATION, status=UNKNOWN, row_id=row_id, error=(
+                f"submission outcome unknown ({e.reason} while submitting notebook {notebook}): Kaggle may have it — "
+                f"`ens kaggle status {comp.name}` looks for it on Kaggle's list (send it again only if it is not "
+                f"there: ens kaggle submit {comp.name} {notebook} --force)"))
+        status = "notebook error" if before.get("status") == "notebook error" else "ran"  # Kaggle said no: as it was
+        update_history(history, row_id, status=status, note=f"not submitted: {e.reason}")
+        return Delivery(DESTINATION, status=status, row_id=row_id, error=f"{e}; retry: ens kaggle submit "
+                        f"{comp.name} {notebook}" + (" --force" if status == "notebook error" else ""))
+    except KeyboardInterrupt:
+        update_history(history, row_id, note="interrupted during the submission: Kaggle may have it")
+        raise Interrupted(f"interrupted while submitting notebook {notebook}: Kaggle may have it, so it is recorded "
+                          f"as unknown; `ens kaggle status {comp.name}` looks for it on Kaggle's list") from None
     update_history(history, row_id, ref=ref, status="pending", note="")
     say(f"submitted notebook {kernel} version {version} as ref {ref}; waiting (at most {wait_seconds / 60:g} min) "
         "while Kaggle re-runs it on the hidden test set ...")
@@ -298,6 +344,10 @@ def follow_up(project: Project, comp: Competition, wait: bool, wait_seconds: flo
     its state; with `wait`, or once it has finished, its CSV fetched and checked and (if asked at push) submitted.
     [(owner/slug/version, Delivery)]."""
     history = project.submissions / comp.name / "history.csv"
+    if any(r.get("destination") == DESTINATION and r.get("status") == UNKNOWN for r in read_history(history)):
+        _, warning = refresh_history(comp, history)  # submissions cut off before Kaggle answered: on its list?
+        if warning:
+            say(f"warning: {warning}")
     out = []
     for row in open_rows(history):
         kernel, _, version = row["notebook"].rpartition("/")
@@ -314,17 +364,21 @@ def follow_up(project: Project, comp: Competition, wait: bool, wait_seconds: flo
 
 
 def submit_ran(project: Project, comp: Competition, notebook: str, message: str | None,
-               wait_seconds: float = 600, say=print) -> Delivery:
-    """Submit a notebook version that ran (`owner/slug/version`, as `ens submissions` lists it)."""
+               wait_seconds: float = 600, say=print, force: bool = False) -> Delivery:
+    """Submit a notebook version that ran (`owner/slug/version`, as `ens submissions` lists it); with `force` also
+    one recorded as a notebook error (its CSV differed from here) or of unknown outcome (not on Kaggle's list)."""
     history = project.submissions / comp.name / "history.csv"
     rows = [r for r in read_history(history) if r.get("destination") == DESTINATION and r.get("notebook") == notebook]
     if not rows:
         raise EnsError(f"no notebook {notebook} in submissions/{comp.name}/history.csv: push it first with "
                        "`ens kaggle push ENSEMBLE`")
     row = rows[-1]
-    if row.get("status") != "ran":
+    claimable = ("ran", "notebook error", UNKNOWN) if force else ("ran",)
+    if row.get("status") not in claimable:
+        more = " (--force submits it all the same)" if row.get("status") in ("notebook error", UNKNOWN) else ""
         raise EnsError(f"notebook {notebook} is '{row.get('status')}', not ready to submit: only a version that ran "
-                       f"on Kaggle and wrote a checked CSV can be ('ens kaggle status {comp.name}' follows a running one)")
+                       f"on Kaggle and wrote a checked CSV can be ('ens kaggle status {comp.name}' follows a running "
+                       f"one){more}")
     kernel, _, version = notebook.rpartition("/")
     return submit_version(history, row["id"], comp, kernel, int(version), message or row.get("message", ""),
-                          wait_seconds, say)
+                          wait_seconds, say, claimable)
