@@ -260,7 +260,7 @@ def carry_on(d: NotebookDelivery, kernel: str, version: int, submit: bool, wait_
         update_history(d.history, d.row_id, status="ran", note="not submitted")
         return Delivery(DESTINATION, status="ran", row_id=d.row_id,
                         note=f"notebook {kernel} version {version} ran; submit it with `ens kaggle submit "
-                             f"{comp.name} {kernel} {version}`")
+                             f"{comp.name} {kernel}/{version}`")
     return submit_version(d.history, d.row_id, comp, kernel, version, d.message, wait_seconds, d.say,
                           claimable=("running+submit",))
 
