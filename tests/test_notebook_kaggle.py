@@ -131,8 +131,7 @@ def test_two_processes_carrying_on_with_one_notebook_submit_it_once(fake, tmp_pa
         t.join(120)
     assert len(fake.submissions) == 1 and fake.endpoints().count("CreateCodeSubmission") == 1
     assert _row(first)["ref"] == str(fake.submissions[0].ref) and _row(first)["status"] == "complete"
-    assert sorted(bool(r.ref) for r in results.values()) == [False, True]
-    assert any("not submitted again" in r.note for r in results.values())
+    assert len(results) == 2 and sum("not submitted again" in r.note for r in results.values()) == 1
 
 
 def test_a_submission_cut_off_by_a_timeout_is_unknown_then_found_on_kaggles_list(fake, tmp_path, monkeypatch):
@@ -142,7 +141,7 @@ def test_a_submission_cut_off_by_a_timeout_is_unknown_then_found_on_kaggles_list
     version = _ran(fake, tmp_path)
     d = _delivery(fake, tmp_path, version, PUBLIC)
     fake.mute = {"CreateCodeSubmission"}
-    monkeypatch.setenv("ENS_KAGGLE_TIMEOUT", "5")
+    monkeypatch.setenv("ENS_KAGGLE_TIMEOUT", "10")  # the client starts, sends, and its answer never comes
     delivery = carry_on(d, KERNEL, version, submit=True, wait_seconds=30)
     assert delivery.status == UNKNOWN and "outcome unknown" in delivery.error
     assert _row(d)["status"] == UNKNOWN and len(fake.submissions) == 1  # Kaggle has it
