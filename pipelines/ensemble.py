@@ -500,7 +500,10 @@ def mcnemar_p(correct_a, correct_b, groups=None) -> float:
     codes = _codes(groups, len(a))
     if codes is not None:  # chi-squared with 1 degree of freedom: P(X > x) = erfc(sqrt(x / 2))
         per_group = np.bincount(codes, weights=(a & ~b).astype("float64") - (~a & b))
-        return math.erfc(math.sqrt(per_group.sum() ** 2 / (per_group ** 2).sum() / 2))
+        spread = (per_group ** 2).sum()
+        if spread == 0:  # every group's discordant images cancel: nothing tells A and B apart
+            return 1.0
+        return math.erfc(math.sqrt(per_group.sum() ** 2 / spread / 2))
     # Bin(n, ½) is symmetric: the outcomes at most as likely as the one seen are both tails beyond it, so
     # scipy.stats.binomtest's two-sided p-value is 2·P(X ≤ min(a, b)) (tested equal), in exact integers here:
     # importing scipy.stats costs `ens ablate` more than its whole computation

@@ -337,3 +337,11 @@ def test_project_found_from_a_subfolder_and_from_env(project, tmp_path):
     sub = project / "ensembles" / "digits"
     assert ens("validate", "digits/tiny.yaml", cwd=sub).returncode == 0
     assert ens("validate", "digits/tiny.yaml", "--project", str(project), cwd=tmp_path).returncode == 0
+
+
+@pytest.mark.parametrize("override", ["defaults.size=[32", "defaults.aug_transforms={a: 1", "defaults.tta=@x"])
+def test_an_override_value_that_is_not_yaml_is_one_line_blamed_on_the_command_line(project, override):
+    out = ens("validate", "digits/tiny.yaml", override, cwd=project)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.startswith(f"error: command line: '{override}': the value is not YAML") and \
+        len(out.stderr.strip().splitlines()) == 1, out.stderr

@@ -299,3 +299,9 @@ def test_ablate_on_grouped_images_keeps_groups_whole_and_records_nested_scores(t
     validation, history = recorded("subset")
     assert validation["score"] == pytest.approx(subset) and history == pytest.approx(subset, abs=1e-6)
     assert validation["honest"] == "nested cross-validation of the members' pick"
+
+
+def test_clustered_mcnemar_is_one_when_every_groups_discordant_images_cancel():
+    """A review found p = nan (0/0): each group has one image only A gets right and one only B does."""
+    p = ensemble.mcnemar_p([1, 0, 1, 1, 0, 1], [0, 1, 1, 1, 1, 0], ["x", "x", "y", "y", "z", "z"])
+    assert p == 1.0

@@ -224,5 +224,5 @@ def test_verbose_run_says_where_start_up_went(tmp_path, digits_data):
     out = ens("run", "digits/one.yaml", "--verbose", cwd=root)
     assert out.returncode == 0, out.stderr
     assert re.search(r"start-up: imports [0-9.]+s, data listing and fingerprint [0-9.]+s", out.stdout), out.stdout
-    assert re.search(r"resnet: memory probe [0-9.]+s, loaders \(decoded copy included\) [0-9.]+s, model [0-9.]+s, "
+    assert re.search(r"resnet: memory probe [0-9.]+s, loaders [0-9.]+s, model [0-9.]+s, "
                      r"first step [0-9.]+s; its first step [0-9.]+s after ens started", out.stdout), out.stdout

@@ -82,8 +82,8 @@ def _run_and_show(proj: Project, ensemble: str, overrides: list[str], **options)
     _print_delivery(result.delivery)
 
 
-_PHASES = (("memory_probe_s", "memory probe"), ("loaders_s", "loaders (decoded copy included)"), ("model_s", "model"),
-           ("first_step_s", "first step"))
+_PHASES = (("memory_probe_s", "memory probe"), ("loaders_s", "loaders"), ("model_s", "model"),
+           ("first_step_s", "first step"))  # loaders: with `decode: true`, building or opening the decoded copy too
 
 
 def _print_startup(result) -> None:

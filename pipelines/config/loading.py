@@ -195,7 +195,12 @@ def apply_overrides(raw: dict, overrides: list[str], source: str = "command line
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"{source}: '{item}': an override is key=value, e.g. defaults.epochs=1 or members.NAME.lr=0.01")
-        value = yaml.safe_load(text) if text else None
+        try:
+            value = yaml.safe_load(text) if text else None
+        except yaml.YAMLError as e:
+            _, problem = _yaml_problem(e, text)
+            raise ConfigError(f"{source}: '{item}': the value is not YAML ({problem}); quote it for the shell, "
+                              "e.g. 'defaults.size=[224,288]' or 'members.NAME.aug_transforms={max_rotate: 5}'") from None
         parts = key.split(".")
         node = raw
         for i, part in enumerate(parts[:-1]):
