@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .config import Project, load_ensemble
 from .errors import ConfigError, EnsError
+from .util import in_use_lock
 
 
 @dataclass
@@ -29,6 +30,7 @@ class Leftover:
     why: str
     lock: Path | None = None  # held while a run uses it
     in_use: bool = False  # that lock is held now: kept
+    read_by_runs: bool = False  # a copy, entry or kept weights: deleted only while no ens run uses the cache
 
 
 @dataclass
@@ -100,10 +102,11 @@ def find_leftovers(project: Project, entries: bool = False) -> tuple[list[Leftov
                 continue
             if comp not in refs.unknown and folder not in refs.copies:
                 found.append(Leftover(folder, 0, f"a {kind} copy no ensemble YAML's member reads",
-                                      folder.parent / f".{folder.name}.lock"))
+                                      folder.parent / f".{folder.name}.lock", read_by_runs=True))
+    busy = _held(in_use_lock(project.cache))  # a run of a YAML elsewhere, or with overrides, reads what no YAML names
     for item in found:
         item.bytes = _freed(item.path)
-        item.in_use = _held(item.lock)
+        item.in_use = _held(item.lock) or (item.read_by_runs and busy)
     notes = [f"{name}: {why}; its partial checkpoints and copies are kept (what its ensembles use is unknown)"
              for name, why in refs.unknown.items()]
     return found, notes
@@ -128,9 +131,9 @@ def _in_competition(project: Project, name: str, refs: _Refs, entries: bool) -> 
     out += _old_notebooks(cache.root / "notebook")
     if entries and known:
         out += [Leftover(cache.path(m["key"]), 0, "an entry no ensemble YAML uses",
-                         cache.lock(m["train_key"]) if m.get("train_key") else None)
+                         cache.lock(m["train_key"]) if m.get("train_key") else None, read_by_runs=True)
                 for m in metas if (name, m["key"]) not in refs.keys]
-        out += [Leftover(p, 0, "kept weights no ensemble YAML uses", cache.lock(p.name))
+        out += [Leftover(p, 0, "kept weights no ensemble YAML uses", cache.lock(p.name), read_by_runs=True)
                 for p in sorted((cache.root / "models").glob("*"))
                 if p.is_dir() and not p.name.startswith(".") and (name, p.name) not in refs.trains]
     return out
@@ -190,15 +193,17 @@ def _held(lock: Path | None) -> bool:
         return not free
 
 
-def prune(found: list[Leftover]) -> list[Leftover]:
-    """Delete the leftovers no running process holds, each under its lock; the ones deleted."""
+def prune(found: list[Leftover], cache_root: Path) -> list[Leftover]:
+    """Delete the leftovers no running process holds, each under its lock (copies, entries and kept weights also
+    under the cache's in-use lock, held exclusively: no run is reading them); the ones deleted."""
     removed = []
-    for item in found:
-        with _locked(item.lock) as free:
-            if not free:
-                item.in_use = True
-                continue
-            shutil.rmtree(item.path, ignore_errors=True)
-            if not item.path.exists():
-                removed.append(item)
+    with _locked(in_use_lock(cache_root)) as idle:
+        for item in found:
+            with _locked(item.lock) as free:
+                if not free or (item.read_by_runs and not idle):
+                    item.in_use = True
+                    continue
+                shutil.rmtree(item.path, ignore_errors=True)
+                if not item.path.exists():
+                    removed.append(item)
     return removed

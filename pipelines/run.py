@@ -24,7 +24,7 @@ from .errors import EnsError
 from .models import arch_problem
 from .notebook.bundle import Chosen
 from .unit import compute_member, fold_variants, member_entry, member_scores
-from .util import process_seconds
+from .util import cache_in_use, process_seconds
 
 if TYPE_CHECKING:
     from .schedule import Parallel
@@ -164,7 +164,14 @@ def member_data(project: Project, member: Member, data: CompetitionData, fold, s
     return unit.member_data(project, member, data, fold, seen, gather=gather_members)
 
 
-def gather_members(project: Project, spec: str, overrides: list[str] = (), progress=None,
+def gather_members(project: Project, *args, **kwargs) -> Gathered:
+    """`_gather_members` with the project's cache held in use (shared): `ens cache prune` deletes no decoded copy,
+    entry or kept weights while a run reads or writes them."""
+    with cache_in_use(project.cache):
+        return _gather_members(project, *args, **kwargs)
+
+
+def _gather_members(project: Project, spec: str, overrides: list[str] = (), progress=None,
                    on_member=lambda outcome: None, cached_only: bool = False,
                    folds: list[int] | None = None, parallel: "Parallel | None" = None, seen: tuple = ()) -> Gathered:
     """Each member's cache entry, computing the ones that are missing (unless `cached_only`; in cv, only the

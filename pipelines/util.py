@@ -246,3 +246,28 @@ def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     """(columns, rows as column → text) of a CSV read by `read_csv_rows`; a short row's missing cells are ''."""
     header, *rows = read_csv_rows(path) or [[]]
     return header, [dict(zip(header, row + [""] * (len(header) - len(row)))) for row in rows if row]
+
+
+def in_use_lock(cache_root: Path) -> Path:
+    """The lock every process using a project's cache holds shared (`cache_in_use`); `ens cache prune` deletes
+    what a run may read (copies, entries, kept weights) only when it can take it exclusively."""
+    return Path(cache_root) / ".in-use.lock"
+
+
+@contextmanager
+def cache_in_use(cache_root: Path):
+    """Hold the project's cache shared for the block: a prune waits for no run but deletes nothing a run reads."""
+    import fcntl
+
+    lock = in_use_lock(cache_root)
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:  # a read-only cache: nothing can be pruned there either
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)

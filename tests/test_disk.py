@@ -128,11 +128,12 @@ members:
 """
 
 
-def _hold(lock: Path):
-    """A child process holding `lock` as a running ens does (flock), until killed."""
+def _hold(lock: Path, shared: bool = False):
+    """A child process holding `lock` as a running ens does (flock; `shared`: as a run holds the cache), until
+    killed."""
     lock.parent.mkdir(parents=True, exist_ok=True)
     code = (f"import fcntl, os, time; fd = os.open({str(lock)!r}, os.O_RDWR | os.O_CREAT); "
-            "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(600)")
+            f"fcntl.flock(fd, fcntl.{'LOCK_SH' if shared else 'LOCK_EX'}); print('held', flush=True); time.sleep(600)")
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert child.stdout.readline().strip() == "held"
     return child
@@ -195,6 +196,37 @@ def test_cache_prune_lists_then_deletes_only_leftovers_and_never_what_a_run_hold
         holder.kill()
         holder.wait()
     assert ens("cache", "prune", "--yes", cwd=proj.root).returncode == 0 and not running.exists()
+
+
+
+def test_cache_prune_deletes_no_copy_or_entry_while_a_run_uses_the_cache(tmp_path, digits_data):
+    """A review deleted the decoded copy a running `ens run` (of overrides no YAML names) was reading, and the
+    finished entries of such a run: every run holds the cache in use (shared) while it reads or writes it, and
+    copies, entries and kept weights go only when prune can take that lock alone. Partial leftovers still go."""
+    import json
+
+    from pipelines.cache import MemberCache
+    from pipelines.data import load_data
+    from pipelines.data.decoded import decoded_folder
+    from pipelines.util import in_use_lock
+
+    proj, comp, _ = _digits(tmp_path, digits_data, {"one": ONE})
+    data = load_data(proj, comp)
+    cache = MemberCache(proj.cache, "digits")
+    read_copy = _write(decoded_folder(data, (40, 40)), 1000)  # no YAML's member reads it: a run with overrides does
+    their_entry = _write(cache.path("0verride"), meta=json.dumps({"key": "0verride", "train_key": "0vtrain"}))
+    done_partial = _write(cache.partial("0vtrain"), 1000)
+    holder = _hold(in_use_lock(proj.cache), shared=True)
+    try:
+        out = ens("cache", "prune", "--yes", "--entries", cwd=proj.root)
+        assert out.returncode == 0, out.stderr
+        assert read_copy.exists() and their_entry.exists() and not done_partial.exists(), out.stdout
+        assert "in use by a running ens" in out.stdout, out.stdout
+    finally:
+        holder.kill()
+        holder.wait()
+    out = ens("cache", "prune", "--yes", "--entries", cwd=proj.root)
+    assert not read_copy.exists() and not their_entry.exists(), out.stdout
 
 
 # --------------------------------------------------------------------------------------------- 21

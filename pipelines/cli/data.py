@@ -104,7 +104,7 @@ def cache_prune(delete: bool = typer.Option(False, "--yes", "--delete", help="de
     found, notes = find_leftovers(proj, entries)
     for note in notes:
         err.print(f"note: {escape(note)}", highlight=False)
-    gone = {id(item) for item in prune(found)} if delete else set()
+    gone = {id(item) for item in prune(found, proj.cache)} if delete else set()
     table = Table(title=f"{proj.relative(proj.cache)}/: " + ("deleted" if delete else "would delete (a dry run)"))
     for col in ("path", "MB", "why"):
         table.add_column(col, no_wrap=col != "why", justify="right" if col == "MB" else "left")
