@@ -12,11 +12,10 @@ from pathlib import Path
 import numpy as np
 
 from . import ensemble
-from .config import COMBINE_METHODS, Combine, Project, apply_overrides, read_yaml, write_ensemble
+from .config import COMBINE_METHODS, MAX_SUBSET_MEMBERS, Combine, Project, apply_overrides, read_yaml, write_ensemble
 from .errors import EnsError
 from .run import Gathered, MemberOutcome, gather_members
 
-MAX_SUBSET_MEMBERS = 12
 
 
 @dataclass
@@ -95,12 +94,11 @@ class Ablation:
     def pick(self, how: str) -> tuple[list[MemberOutcome], list[float]]:
         """The chosen members and weights: the best subset with its YAML weights, or (greedy, a `combine:`
         method) every member with its YAML weight."""
-        if how == "subset":
-            if not self.subsets:
-                raise EnsError(f"--pick subset: {len(self.outcomes)} members are more than the "
-                               f"{MAX_SUBSET_MEMBERS} whose subsets are scored; pick greedy or a combine method")
-            idx = self.subsets[0][0]
-            return [self.outcomes[i] for i in idx], [self.outcomes[i].member.weight for i in idx]
+        if how == "subset" and not self.subsets:
+            raise EnsError(f"--pick subset: {len(self.outcomes)} members are more than the "
+                           f"{MAX_SUBSET_MEMBERS} whose subsets are scored; pick greedy or a combine method")
+        # a subset is written as `combine: subset` over every member: chosen again on the rows wherever it is run,
+        # and scored by nested CV there too (its members alone as a plain mean would call the pick's score honest)
         return list(self.outcomes), [o.member.weight for o in self.outcomes]
 
     def combine(self, how: str) -> Combine:
@@ -121,11 +119,6 @@ class Ablation:
         if _method(how):
             return next(m.honest for m in self.methods if m.method == how)
         return self.greedy_honest if how == "greedy" else self.subset_honest
-
-    def picked(self, how: str) -> tuple[float, list[float]] | None:
-        """For a subset pick, (nested-CV score, per part) of the picking, which the picked blend's own score
-        (a plain mean, fixed) would flatter; None for the others (their `combine:` is scored honestly)."""
-        return (self.subset_honest, self.subset_per_fold) if how == "subset" else None
 
 
 def _method(how: str) -> bool:
@@ -208,6 +201,8 @@ def _methods(g: Gathered, p: list[np.ndarray], weights: list[float], targets: np
     own = g.ensemble.combine
     rows = []
     for method in COMBINE_METHODS:
+        if method == "subset" and len(p) > MAX_SUBSET_MEMBERS:
+            continue  # 2^m subsets per fold
         settings = {"rounds": rounds} if method == "greedy" else {}
         cfg = own if method == own.method else Combine(method=method, **settings)
         b = ensemble.blend(cfg, p, p, targets, weights, folds, metric)  # no test rows wanted here
@@ -228,7 +223,7 @@ def write_selection(result: Ablation, overrides: list[str], dest: Path, how: str
         raw["combine"] = spelled["method"] if list(spelled) == ["method"] else spelled
     else:
         raw.pop("combine", None)  # the picked weights are a plain weighted mean
-    honest = " (nested cross-validation)" if combine.learned or result.picked(how) else ""
+    honest = " (nested cross-validation)" if combine.learned else ""
     header = (f"# written by `ens ablate` from {g.path.name}: {how}, {result.scored_on} {result.metric} "
               f"{result.score_of(how):.4f}{honest} on {result.n_valid} images ({result.probs} probabilities)\n")
     return write_ensemble(dest, raw, header)

@@ -566,8 +566,10 @@ def subset_fitter(metric: str, weights: list[float]) -> Fit:
     return fit
 
 
-def _fitter(combine_cfg, metric: str) -> Fit:
+def _fitter(combine_cfg, metric: str, weights: list[float]) -> Fit:
     method = combine_cfg.method
+    if method == "subset":
+        return subset_fitter(metric, weights)
     if method == "greedy":
         return greedy_fitter(metric, combine_cfg.rounds)
     if method == "hill_climb":
@@ -605,7 +607,7 @@ def blend(combine_cfg, valid_list: list[np.ndarray], test_list: list[np.ndarray]
     fixed blends."""
     targets, folds = np.asarray(targets), np.asarray(folds)
     if combine_cfg.learned:
-        fit = _fitter(combine_cfg, metric)
+        fit = _fitter(combine_cfg, metric, weights)
         predict = fit(valid_list, targets)
         valid, test = predict(valid_list), predict(test_list)
         honest, per_fold, held_out = nested_cv(valid_list, targets, folds, fit, metric)

@@ -367,14 +367,12 @@ def _deliver(project: Project, g: Gathered, chosen, csv_path: Path, shown: str, 
 def blend_and_submit(project: Project, g: Gathered, outcomes: list[MemberOutcome], weights: list[float],
                      name: str, probs: str, submit: bool = True, wait: bool = True, force: bool = False,
                      combine: Combine | None = None, push: bool = False, notebook: dict | None = None,
-                     picked: tuple[float, list[float]] | None = None, held: str | None = None) -> Blend:
+                     held: str | None = None) -> Blend:
     """`outcomes`' probabilities blended as `combine` says (default: their weighted mean) → a CSV checked against
     the sample submission, scored on local answers where the competition has them, uploaded to Kaggle where it
     has a slug (unless `submit` is off; a code competition's notebook is pushed and submitted instead: `push`
     pushes it without submitting, `notebook` holds `notebook.push.deliver`'s options), and recorded in the
-    history with its honest validation score (`picked`: the nested-CV (score, per part) of how `outcomes`
-    themselves were picked on the validation rows, `ens ablate --pick subset`, which their blend's own score
-    would flatter). A failed
+    history with its honest validation score (nested CV of a learned blend: `greedy`, `subset`, ...). A failed
     upload is recorded and returned, not raised: the CSV stays. The CSV's name `<stamp>-<name>.csv` is reserved
     atomically (`-2`, `-3`, ... when taken), so concurrent runs of one ensemble never share a file."""
     comp, data = g.competition, g.data
@@ -385,8 +383,6 @@ def blend_and_submit(project: Project, g: Gathered, outcomes: list[MemberOutcome
                              comp.metric)
     valid, test, valid_score = blended.valid, blended.test, blended.honest
     per_fold = blended.per_fold
-    if picked is not None:
-        valid_score, per_fold = picked
 
     out_dir = project.submissions / comp.name
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -407,8 +403,7 @@ def blend_and_submit(project: Project, g: Gathered, outcomes: list[MemberOutcome
             o.test_score = submission.score_values(data.test_ids, values, solution, comp)
     validation = {"metric": comp.metric, "score": valid_score, "in_sample": blended.in_sample,
                   "scored_on": "out-of-fold" if g.cv else "holdout", "combine": combine.model_dump(),
-                  "honest": ("nested cross-validation of the members' pick" if picked is not None else
-                             "nested cross-validation" if blended.learned else "as blended"),
+                  "honest": "nested cross-validation" if blended.learned else "as blended",
                   "per_fold": per_fold, "learned_weights": blended.weights if blended.learned else None,
                   "probs": probs, "n_images": int(len(targets)),
                   "members": {o.member.name: w for o, w in zip(outcomes, weights)},

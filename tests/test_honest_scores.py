@@ -298,7 +298,16 @@ def test_ablate_on_grouped_images_keeps_groups_whole_and_records_nested_scores(t
     assert f"{subset:.4f} (nested cross-validation)" in (root / "ensembles/digits/subset.yaml").read_text()
     validation, history = recorded("subset")
     assert validation["score"] == pytest.approx(subset) and history == pytest.approx(subset, abs=1e-6)
-    assert validation["honest"] == "nested cross-validation of the members' pick"
+    assert validation["honest"] == "nested cross-validation"
+    # written as `combine: subset` over every member: `ens run` of it picks again on the rows and records the
+    # nested-CV score too (a review ran the subset's members as a plain mean: their best-of-subsets score recorded)
+    _, e, _ = load_ensemble(project, "digits/subset.yaml")
+    assert e.combine.method == "subset" and len(e.members) == 4
+    run = ens("run", "digits/subset.yaml", "--no-submit", cwd=root)
+    assert run.returncode == 0, run.stderr
+    ran = next(c for c in (root / "submissions/digits").glob("*-subset.csv") if "classic" not in c.name)
+    validation = json.loads(ran.with_suffix(".validation.json").read_text())
+    assert validation["score"] == pytest.approx(subset) and validation["honest"] == "nested cross-validation"
 
 
 def test_clustered_mcnemar_is_one_when_every_groups_discordant_images_cancel():

@@ -10,15 +10,16 @@ from .base import Strict
 from .member import Member
 
 
-COMBINE_METHODS = ("mean", "greedy", "hill_climb", "rank", "power", "stack")
-LEARNED = ("greedy", "hill_climb", "stack")  # blends whose weights are learned from the validation probabilities
+COMBINE_METHODS = ("mean", "greedy", "hill_climb", "rank", "power", "stack", "subset")
+LEARNED = ("greedy", "hill_climb", "stack", "subset")  # blends whose weights are learned from the validation probabilities
+MAX_SUBSET_MEMBERS = 12  # `subset` scores all 2^m subsets: 4095 at 12 members
 
 
 class Combine(Strict):
     """How the members' probabilities become one: fixed blends (`mean` with the members' weights, `rank`, `power`)
     or learned ones (`greedy` selection with replacement, `hill_climb` with negative weights, `stack`: a logistic
-    regression on the members' log-probabilities), learned on the validation (or out-of-fold) rows and scored by
-    nested cross-validation."""
+    regression on the members' log-probabilities, `subset`: the best subset's weighted mean), learned on the
+    validation (or out-of-fold) rows and scored by nested cross-validation."""
 
     method: Literal[COMBINE_METHODS] = "mean"
     power: float = Field(2.0, gt=0)  # power averaging's exponent
@@ -57,6 +58,13 @@ class Ensemble(Strict):
             if m.name in seen:
                 raise ValueError(f"member name '{m.name}' is used twice; give each member its own name")
             seen.add(m.name)
+        return self
+
+    @model_validator(mode="after")
+    def _subset_of_few(self):
+        if self.combine.method == "subset" and len(self.members) > MAX_SUBSET_MEMBERS:
+            raise ValueError(f"combine: subset scores every subset of the members: at most {MAX_SUBSET_MEMBERS} "
+                             f"members, not {len(self.members)}; use greedy")
         return self
 
     @model_validator(mode="after")
