@@ -228,7 +228,7 @@ def test_ablate_on_oof_rows_with_intervals_fold_scores_and_every_method(cv_run, 
         assert low <= delta <= high and (low, high) == ensemble.paired_bootstrap(q.argmax(1) == y, full.argmax(1) == y, 1000)[1:]
         assert row.alone_p == pytest.approx(ensemble.mcnemar_p(q.argmax(1) == y, full.argmax(1) == y))
     methods = {m.method: m for m in r.methods}
-    assert set(methods) == {"mean", "greedy", "hill_climb", "rank", "power", "stack"}
+    assert set(methods) == {"mean", "greedy", "hill_climb", "rank", "power", "stack", "subset"}
     assert methods["mean"].honest == methods["mean"].in_sample == pytest.approx(r.full)
     assert methods["rank"].honest == pytest.approx(ensemble.accuracy(ensemble.rank_average(p), y))
     honest, _ = ensemble.nested_cv_score(p, y, np.array(g.fold_ids), ensemble.stacking_fitter(), "accuracy")
