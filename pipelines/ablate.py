@@ -14,6 +14,7 @@ import numpy as np
 from . import ensemble
 from .config import COMBINE_METHODS, MAX_SUBSET_MEMBERS, Combine, Project, apply_overrides, read_yaml, write_ensemble
 from .errors import EnsError
+from .util import write_json
 from .run import Gathered, MemberOutcome, gather_members
 
 
@@ -158,13 +159,15 @@ def ablate(project: Project, spec: str, overrides: list[str] = (), cached_only: 
     subsets = ensemble.subset_scores(p, weights, targets, metric) if len(p) <= MAX_SUBSET_MEMBERS else None
     counts, g_score, g_ll, _ = ensemble.greedy_selection(p, targets, metric, rounds)
     folds = g.blend_folds()
-    greedy = ensemble.blend(Combine(method="greedy", rounds=rounds), p, p, targets, weights, folds, metric)
-    subset = (ensemble.nested_cv_score(p, targets, folds, ensemble.subset_fitter(metric, weights), metric)
-              if subsets else (None, None))
+    methods = _methods(g, p, weights, targets, folds, metric, rounds, project.cache / g.competition.name / ".ablate")
+    row = {m.method: m for m in methods}
+    own = g.ensemble.combine
+    greedy = (row["greedy"].honest if own.method != "greedy" or own.rounds == rounds else  # the table's greedy row
+              ensemble.blend(Combine(method="greedy", rounds=rounds), p, p, targets, weights, folds, metric).honest)
+    subset = (row["subset"].honest, row["subset"].per_fold) if subsets else (None, None)
     return Ablation(g, outcomes, metric, kind, len(targets), ensemble.score(metric, full, targets),
-                    ensemble.log_loss(full, targets), rows, subsets, counts, g_score, g_ll, rounds, greedy.honest,
-                    subset[0], ensemble.error_correlation(p, targets),
-                    _methods(g, p, weights, targets, folds, metric, rounds),
+                    ensemble.log_loss(full, targets), rows, subsets, counts, g_score, g_ll, rounds, greedy,
+                    subset[0], ensemble.error_correlation(p, targets), methods,
                     "out-of-fold" if g.cv else "holdout", len(np.unique(folds)), _views(outcomes, metric),
                     n_groups=None if groups is None else len(np.unique(groups)), subset_per_fold=subset[1])
 
@@ -195,10 +198,25 @@ def _mcnemar(a: np.ndarray, b: np.ndarray, targets: np.ndarray, groups=None) -> 
 
 
 def _methods(g: Gathered, p: list[np.ndarray], weights: list[float], targets: np.ndarray, folds: np.ndarray,
-             metric: str, rounds: int) -> list[MethodRow]:
+             metric: str, rounds: int, memo_dir: Path) -> list[MethodRow]:
     """Every `combine:` method on these members (the ensemble's own with its settings; greedy, unless the
-    ensemble's own, with ablate's rounds, as `--pick greedy` writes it), side by side."""
+    ensemble's own, with ablate's rounds, as `--pick greedy` writes it), side by side. Memoised under `memo_dir`
+    by everything the rows depend on (the probabilities themselves, targets, folds, weights, settings and the
+    blending code): their nested CV (stacking's L-BFGS fits above all) is most of what `ens ablate` costs."""
+    import dataclasses
+    import hashlib
+    import json
+
     own = g.ensemble.combine
+    digest = hashlib.sha256(Path(ensemble.__file__).read_bytes())
+    for a in (*p, np.asarray(targets), np.asarray(folds), np.asarray(weights, dtype="float64")):
+        digest.update(np.ascontiguousarray(a).tobytes())
+    digest.update(json.dumps([metric, rounds, own.model_dump(), COMBINE_METHODS]).encode())
+    memo = memo_dir / f"{digest.hexdigest()[:24]}.json"
+    try:
+        return [MethodRow(**row) for row in json.loads(memo.read_text())]
+    except (OSError, ValueError, TypeError):
+        pass
     rows = []
     for method in COMBINE_METHODS:
         if method == "subset" and len(p) > MAX_SUBSET_MEMBERS:
@@ -206,7 +224,12 @@ def _methods(g: Gathered, p: list[np.ndarray], weights: list[float], targets: np
         settings = {"rounds": rounds} if method == "greedy" else {}
         cfg = own if method == own.method else Combine(method=method, **settings)
         b = ensemble.blend(cfg, p, p, targets, weights, folds, metric)  # no test rows wanted here
-        rows.append(MethodRow(method, b.learned, b.in_sample, b.honest, b.per_fold, ensemble.log_loss(b.valid, targets)))
+        rows.append(MethodRow(method, b.learned, float(b.in_sample), float(b.honest), [float(x) for x in b.per_fold],
+                              float(ensemble.log_loss(b.valid, targets))))
+    try:
+        write_json(memo, [dataclasses.asdict(r) for r in rows])
+    except OSError:
+        pass  # a read-only or full cache: the rows are computed again next time
     return rows
 
 

@@ -373,8 +373,12 @@ def stacking_fit(probs_list: list[np.ndarray], targets: np.ndarray, C: float = 1
     if len(classes) < 2:  # one class seen: it is certain (there is nothing to weigh)
         return Stacker(np.zeros((1, d)), np.array([0.0]), classes, eps)
     f, cols = _logistic_loss(x, y, len(classes), C)
-    res = minimize(f, np.zeros(cols * (d + 1)), jac=True, method="L-BFGS-B",
-                   options={"maxiter": 5000, "maxls": 50, "gtol": 1e-4, "ftol": 64 * np.finfo(float).eps})
+    # one BLAS thread: the problem is small, and threads only contend (20x slower with two here, in L-BFGS's core)
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):
+        res = minimize(f, np.zeros(cols * (d + 1)), jac=True, method="L-BFGS-B",
+                       options={"maxiter": 5000, "maxls": 50, "gtol": 1e-4, "ftol": 64 * np.finfo(float).eps})
     wb = res.x.reshape(cols, d + 1, order="F")
     return Stacker(wb[:, :d], wb[:, d], classes, eps)
 

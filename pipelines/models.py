@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import functools
 import json
 from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
@@ -46,8 +47,10 @@ def _timm_knows(name: str) -> bool:
     return name in known or name.split(".")[0] in known
 
 
+@functools.lru_cache(maxsize=None)
 def package_version(package: str) -> str:
-    """The installed version of `package`, or 'none' (for memo file names: a new version makes a new memo)."""
+    """The installed version of `package`, or 'none' (for memo file names: a new version makes a new memo); asked
+    once per process (each metadata look-up scans site-packages: version checks of 8 cached members cost 0.2 s)."""
     try:
         return version(package)
     except PackageNotFoundError:
@@ -117,9 +120,10 @@ def _torchvision_urls(tvm) -> dict:
     return out
 
 
+@functools.lru_cache(maxsize=1)
 def _memo() -> dict:
     """The libraries' names, memoised per library versions in ~/.cache/ens/ (they depend on the installed
-    libraries, not on the project)."""
+    libraries, not on the project), read once per process. Callers must not change the dict."""
     versions = f"timm{package_version('timm')}-tv{package_version('torchvision')}-fastai{package_version('fastai')}"
     memo = user_cache() / f"archs4-{versions}.json"
     try:

@@ -101,3 +101,22 @@ def test_ens_ablate_imports_no_heavy_library(tiny_run, tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
     assert "combine" in out.stdout.lower(), out.stdout + out.stderr  # the methods table was computed
     assert out.stdout.strip().splitlines()[-1] == "HEAVY []", out.stdout[-500:]
+
+
+def test_the_combine_methods_table_is_memoised_by_what_it_depends_on(tiny_run, tmp_path, monkeypatch):
+    """Its nested CV (stacking's fits above all) is most of what `ens ablate` costs: a second ablation of the same
+    probabilities reads the rows back; other weights (or members, folds, settings) compute them again."""
+    from pipelines import ensemble
+
+    root = copy_project(tiny_run[0], tmp_path / "p")
+    first = ablate(Project(root), "digits/tiny.yaml")
+
+    def refuse(*a, **k):
+        raise AssertionError("stacking fitted again")
+
+    monkeypatch.setattr(ensemble, "stacking_fit", refuse)
+    again = ablate(Project(root), "digits/tiny.yaml")
+    assert [(m.method, m.honest, m.in_sample) for m in again.methods] == \
+        [(m.method, m.honest, m.in_sample) for m in first.methods]
+    with pytest.raises(AssertionError, match="stacking fitted again"):
+        ablate(Project(root), "digits/tiny.yaml", ["members.resnet.weight=3"])
