@@ -272,7 +272,7 @@ def _compute_on_kaggle(project: Project, path: Path, overrides: list[str], comp:
             u.how = "kaggle"
     if lacking:
         raise EnsError(f"{len(lacking)} unit(s) did not come back from Kaggle ({', '.join(lacking)}): "
-                       f"{'; '.join(notes) or 'see `ens kaggle runs`'}; run the same command again to send them again "
+                       f"{'; '.join(notes) or f'see submissions/{comp.name}/kaggle-runs.csv'}; run the same command again to send them again "
                        "(a unit stopped by the time limit resumes from its checkpoint)")
     return []
 
