@@ -42,6 +42,11 @@ def train_key(member: Member, data_fingerprint: str) -> str:
     nothing else: not its name, its weight in the average, its position, its loader workers or its TTA. The
     architecture is resolved (timm aliases, and the default pretrained tag and weight source of an untagged
     name), the precision is what it resolves to on this machine, a weights file counts by its content."""
+    return _hash(train_key_fields(member, data_fingerprint))
+
+
+def train_key_fields(member: Member, data_fingerprint: str) -> dict:
+    """What `train_key` hashes: where two machines' keys differ, these say why (data, precision, arch, ...)."""
     from .device import key_precision
     from .models import resolved_arch
 
@@ -50,7 +55,7 @@ def train_key(member: Member, data_fingerprint: str) -> str:
     fields["precision"] = key_precision(member.precision)
     if isinstance(member.pretrained, str):  # the weights' content counts, not where the file lies
         fields["pretrained"] = "sha256:" + _sha256(Path(member.pretrained).expanduser())
-    return _hash({"format": FORMAT, "member": fields, "data": data_fingerprint})
+    return {"format": FORMAT, "member": fields, "data": data_fingerprint}
 
 
 def prediction_key(train: str, member: Member) -> str:
@@ -161,6 +166,7 @@ class MemberCache:
     models/<train key>/  the kept weights (model.pth) and their meta.json, keyed by the training key;
     .partial-<train key>/ the per-epoch checkpoint of a member being trained;
     notebook/<content>/  a code competition's dataset (`notebook.bundle`), not an entry;
+    remote/<content>/    a training notebook's dataset and kernel, remote/out/ its fetched output (`remote/`);
     .locks/<train key>.lock  held while a member is trained or predicted, so two runs never do it twice at once."""
 
     def __init__(self, cache_root: Path, competition: str):
@@ -305,7 +311,7 @@ class MemberCache:
         """meta.json of every entry (unverified: listing must stay instant)."""
         out = []
         for folder in sorted(self.root.iterdir()) if self.root.is_dir() else []:
-            if folder.name.startswith(".") or folder.name in ("models", "notebook") or not folder.is_dir():
+            if folder.name.startswith(".") or folder.name in ("models", "notebook", "remote") or not folder.is_dir():
                 continue
             try:
                 meta = json.loads((folder / "meta.json").read_text())

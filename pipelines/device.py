@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 _FACTS: dict | None = None
@@ -81,3 +82,18 @@ def key_precision(requested: str) -> str:
     """The precision a member asking `requested` trains with here (what its cache key holds)."""
     facts = cuda_facts()
     return resolve_precision(requested, facts["cuda"], facts["bf16"])
+
+
+@contextmanager
+def assumed(facts: dict | None):
+    """Within the block, keys resolve precision as on a device with `facts` ({"cuda", "bf16"}): the keys of units
+    trained elsewhere (a Kaggle GPU) are planned here as they will be computed there. None: this machine's."""
+    global _FACTS
+    if facts is None:
+        yield
+        return
+    saved, _FACTS = _FACTS, dict(facts)
+    try:
+        yield
+    finally:
+        _FACTS = saved

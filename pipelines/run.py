@@ -147,6 +147,7 @@ class _Planned:
     key: str
     entry: Entry | None
     compute: bool  # computed when missing (else only read: --cached-only, or a fold outside --folds)
+    how: str = "cached"  # how `entry` came: cached, or kaggle (trained in a notebook during this run)
 
 
 def _check_aligned(outcomes: list[MemberOutcome]) -> None:
@@ -173,11 +174,14 @@ def gather_members(project: Project, *args, **kwargs) -> Gathered:
 
 def _gather_members(project: Project, spec: str, overrides: list[str] = (), progress=None,
                    on_member=lambda outcome: None, cached_only: bool = False,
-                   folds: list[int] | None = None, parallel: "Parallel | None" = None, seen: tuple = ()) -> Gathered:
+                   folds: list[int] | None = None, parallel: "Parallel | None" = None, seen: tuple = (),
+                   remote: dict | None = None) -> Gathered:
     """Each member's cache entry, computing the ones that are missing (unless `cached_only`; in cv, only the
     folds in `folds` when given): first every key and cache look-up, then the checks that can fail before any
     training time is spent, then the work — in this process, or with `parallel` as Ray tasks
-    (`unit.compute_member`). `on_member` hears of every model (each fold model in cv)."""
+    (`unit.compute_member`), or with `remote` ({"target": remote.gpus.Target, ...}) in Kaggle notebooks, whose
+    keys are planned as they resolve there (`remote.runs.train_on_kaggle`). `on_member` hears of every model
+    (each fold model in cv)."""
     startup = {"imports_s": round(process_seconds(), 3)}
     path, ens, comp = check_ensemble(project, spec, list(overrides))
     listing = time.perf_counter()
@@ -188,21 +192,13 @@ def _gather_members(project: Project, spec: str, overrides: list[str] = (), prog
     warnings = config_warnings(ens, list(overrides))
     variants, fold_ids = fold_variants(ens, data, folds, project.relative(path))
     planned: list[_Planned] = []
-    for member in ens.members:
-        drift = []
-        for fold, d, compute in variants:
-            d = member_data(project, member, d, fold, seen)
-            train = train_key(member, d.fingerprint)
-            key = prediction_key(train, member)
-            entry = cache.load(key)
-            planned.append(_Planned(member, fold, d, train, key, entry, compute and not cached_only))
-            drift = drift or (version_drift(entry.meta) if entry is not None else [])
-        if drift:
-            warnings.append(f"{member.name}: cached with {', '.join(drift)}; its probabilities stand, but a "
-                            "retrain would not reproduce them exactly (`ens cache ls` shows the versions)")
+    with _keys_as_on(remote):
+        _plan_units(project, ens, variants, cache, cached_only, seen, planned, warnings)
     to_compute = [u for u in planned if u.entry is None and u.compute]
     if to_compute:
         _check_before_training(list({id(u.member): u.member for u in to_compute}.values()), data)
+    if remote is not None and to_compute:
+        to_compute = _compute_on_kaggle(project, path, list(overrides), comp, to_compute, cache, remote, warnings)
     task = progress.add_task("members", total=len(to_compute) + sum(u.entry is not None for u in planned)) \
         if progress is not None else None
     computed: dict[int, MemberOutcome] = {}
@@ -216,7 +212,7 @@ def _gather_members(project: Project, spec: str, overrides: list[str] = (), prog
     if parallel is not None and to_compute:  # the cached first, then the missing ones as Ray finishes them
         for u in planned:
             if u.entry is not None:
-                done(u, u.entry, "cached")
+                done(u, u.entry, u.how)
         _compute_on_ray(project, path, list(overrides), to_compute, parallel, cache, progress, done, warnings)
     for u in planned:
         if id(u) in computed or (u.entry is None and not u.compute):
@@ -224,7 +220,7 @@ def _gather_members(project: Project, spec: str, overrides: list[str] = (), prog
         if progress is not None:
             fold = "" if u.fold is None else f" {unit_name(u.fold)}"
             progress.update(task, description=f"member {u.member.name} ({u.member.arch}){fold}")
-        done(u, *((u.entry, "cached") if u.entry is not None else
+        done(u, *((u.entry, u.how) if u.entry is not None else
                   member_entry(u.member, u.data, cache, u.train, u.key, progress)))
     if progress is not None:
         progress.remove_task(task)
@@ -234,6 +230,51 @@ def _gather_members(project: Project, spec: str, overrides: list[str] = (), prog
         _check_aligned(outcomes)
     return Gathered(path, ens, comp, data, outcomes, left_out, list(cache.damaged), warnings, fold_ids,
                     incomplete, units, startup=startup)
+
+
+def _plan_units(project: Project, ens: Ensemble, variants, cache: MemberCache, cached_only: bool, seen: tuple,
+                planned: list[_Planned], warnings: list[str]) -> None:
+    """Every (member, fold) unit with its keys and cache look-up, appended to `planned`."""
+    for member in ens.members:
+        drift = []
+        for fold, d, compute in variants:
+            d = member_data(project, member, d, fold, seen)
+            train = train_key(member, d.fingerprint)
+            key = prediction_key(train, member)
+            entry = cache.load(key)
+            planned.append(_Planned(member, fold, d, train, key, entry, compute and not cached_only))
+            drift = drift or (version_drift(entry.meta) if entry is not None else [])
+        if drift:
+            warnings.append(f"{member.name}: cached with {', '.join(drift)}; its probabilities stand, but a "
+                            "retrain would not reproduce them exactly (`ens cache ls` shows the versions)")
+
+
+def _keys_as_on(remote: dict | None):
+    """Keys planned as they resolve where the units will train (a Kaggle GPU's precision), or here."""
+    from .device import assumed
+
+    return assumed(remote["target"].gpu.facts if remote else None)
+
+
+def _compute_on_kaggle(project: Project, path: Path, overrides: list[str], comp: Competition, todo: list[_Planned],
+                       cache: MemberCache, remote: dict, warnings: list[str]) -> list[_Planned]:
+    """The units `todo` trained in Kaggle notebooks (`remote.runs`); those that came back are entries now ('kaggle'),
+    and nothing is left to compute here. Units that did not come back: one line naming each and why."""
+    from .remote.runs import train_on_kaggle
+
+    notes = train_on_kaggle(project, comp, path, overrides, todo, **remote)
+    lacking = []
+    for u in todo:
+        u.entry = cache.load(u.key)
+        if u.entry is None:
+            lacking.append(u.member.name + ("" if u.fold is None else f" {unit_name(u.fold)}"))
+        else:
+            u.how = "kaggle"
+    if lacking:
+        raise EnsError(f"{len(lacking)} unit(s) did not come back from Kaggle ({', '.join(lacking)}): "
+                       f"{'; '.join(notes) or f'see submissions/{comp.name}/kaggle-runs.csv'}; run the same command again to send them again "
+                       "(a unit stopped by the time limit resumes from its checkpoint)")
+    return []
 
 
 def _compute_on_ray(project: Project, path: Path, overrides: list[str], todo: list[_Planned], parallel: "Parallel",
@@ -442,13 +483,13 @@ def blend_and_submit(project: Project, g: Gathered, outcomes: list[MemberOutcome
 def run_ensemble(project: Project, spec: str, overrides: list[str] = (), progress=None,
                  on_member=lambda outcome: None, submit: bool = True, wait: bool = True, force: bool = False,
                  folds: list[int] | None = None, parallel: "Parallel | None" = None, push: bool = False,
-                 notebook: dict | None = None, held: str | None = None) -> RunResult:
+                 notebook: dict | None = None, held: str | None = None, remote: dict | None = None) -> RunResult:
     """Gather the members (training what is missing; in cv only `folds` when given), blend them as the
     ensemble's `combine:` says, write, check, score and submit the CSV. When some member's fold models are
     missing (a quick look at a few folds) there is no out-of-fold blend: the result has no CSV and says so. `held`:
     why a run not told --no-submit is not uploaded (its overrides), said where the upload would be."""
     start = time.perf_counter()
-    g = gather_members(project, spec, overrides, progress, on_member, folds=folds, parallel=parallel)
+    g = gather_members(project, spec, overrides, progress, on_member, folds=folds, parallel=parallel, remote=remote)
     done = dict(damaged=g.damaged, warnings=g.warnings, gathered=g)
     if g.incomplete:
         return RunResult(g.path, g.ensemble, g.competition, g.outcomes, g.competition.metric, None, None, 0, None,

@@ -20,7 +20,8 @@ Endpoints (POST, JSON, /api/v1/<service>/<Method>; `docs/code-competitions-wire.
   datasets.DatasetApiService: CreateDataset, CreateDatasetVersion -> {ref, url, status: "ok"} or {status: "error",
     error}; GetDatasetStatus -> {status} (HTTP 404 for an unknown dataset); ListDatasetFiles -> {datasetFiles};
     GetDataset -> {ref, title, currentVersionNumber, isPrivate}.
-  kernels.KernelsApiService: SaveKernel -> {ref, url, versionNumber, kernelId[, invalid*Sources]} or {error}, and
+  kernels.KernelsApiService: GetAcceleratorQuotaStatistics -> {gpuQuota: {timeUsed, totalTimeAllowed}, quotaRefreshTime}
+    (404 unless `gpu_quota_hours` says); SaveKernel -> {ref, url, versionNumber, kernelId[, invalid*Sources]} or {error}, and
     starts the run; GetKernelSessionStatus -> {status[, failureMessage]}; ListKernelSessionOutput -> {files: [{fileName,
     url}], log} (never a nextPageToken).
   security.OAuthService/IntrospectToken (the client checks an access token with it).
@@ -45,7 +46,7 @@ was pushed with enableInternet false, R/_nonet/sitecustomize.py goes first on PY
 `socket.socket.connect`/`connect_ex` raise OSError("network is disabled in this notebook") for AF_INET/AF_INET6
 (a Python started with -I/-S escapes it; the fake is no sandbox). A run ends COMPLETE on exit 0, else ERROR with
 `failureMessage` = the last line of stderr, or "timeout" after `run_timeout` (push) / `rerun_timeout` (rerun)
-seconds (the whole process group is killed). Each run is a `Run` in `runs` (kind, returncode, stdout, stderr,
+seconds, or the push's `sessionTimeoutSeconds` when shorter (the whole process group is killed). Each run is a `Run` in `runs` (kind, returncode, stdout, stderr,
 seconds, inputs = files under R/kaggle/input relative to it, outputs()).
 A code submission stays PENDING until its rerun ends, then is COMPLETE with the score of its `fileName` against
 `hidden_answers` (or `answers` when that is empty), or ERROR with Kaggle's error classes: "Notebook Threw Exception",
@@ -207,6 +208,7 @@ class FakeKaggle:
     how many ListSubmissions answer PENDING for a new submission; `daily_limit` for GetSubmissionLimits.
     Competition: `title`, `evaluation_metric`, `kernels_only` (a CSV CreateSubmission then gets HTTP 400).
     Datasets: `dataset_ready_polls` how many GetDatasetStatus of a new version answer BLOBS_RECEIVED before READY;
+    `gpu_quota_hours` (used, allowed) answers GetAcceleratorQuotaStatistics ((0, None): 404, no quota reported);
     `dataset_status` forces that status (e.g. "FAILED"); `drop_files` file names silently left out of every created
     version (the client still says "ok"); `dataset_error` makes CreateDataset/CreateDatasetVersion answer
     {"status": "error", "error": dataset_error}.
@@ -243,6 +245,7 @@ class FakeKaggle:
         # datasets
         self.datasets: dict[str, list[dict]] = {}
         self.dataset_ready_polls = 0
+        self.gpu_quota_hours: tuple = (0.0, None)  # (used, allowed) weekly GPU hours; allowed None: not reported
         self.dataset_status: str | None = None
         self.drop_files: set[str] = set()
         self.dataset_error: str | None = None
@@ -417,6 +420,8 @@ class FakeKaggle:
             (root / "_nonet" / "sitecustomize.py").write_text(NO_NETWORK)
             env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root / "_nonet"), env.get("PYTHONPATH")) if p)
         timeout = self.run_timeout if kind == "push" else self.rerun_timeout
+        if kv.request.get("sessionTimeoutSeconds"):  # the push's session timeout, under the fake's own limit
+            timeout = min(timeout, float(kv.request["sessionTimeoutSeconds"]))
         with self._lock:
             self.runs.append(run)
         threading.Thread(target=self._execute, args=(run, kv, env, timeout, on_end), daemon=True).start()
@@ -782,6 +787,13 @@ class _Handler(BaseHTTPRequestHandler):
                                            "creationDate": date} for name, data in version["files"].items()]})
 
     # -- endpoints: kernels ------------------------------------------------------------------------------------------
+
+    def _ep_GetAcceleratorQuotaStatistics(self, payload, body, parts):
+        used, allowed = self.server_state.gpu_quota_hours
+        if allowed is None:  # as when Kaggle reports none
+            return self._error(404, "no quota")
+        self._send(200, {"gpuQuota": {"timeUsed": f"{used * 3600:.3f}s", "totalTimeAllowed": f"{allowed * 3600:.3f}s"},
+                         "quotaRefreshTime": "2026-12-07T00:00:00Z"})
 
     def _ep_SaveKernel(self, payload, body, parts):
         fake = self.server_state

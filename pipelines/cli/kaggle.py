@@ -162,14 +162,21 @@ def kaggle_status(competition: str = typer.Argument(..., help="a competition nam
                   project: Optional[Path] = ProjectOpt):
     """The notebooks pushed by `ens kaggle push` (or `ens run`) that were still running when ens stopped following
     them (Ctrl-C, --no-wait): their state on Kaggle; once one has run, its CSV is fetched and checked, and submitted
-    when the push asked for it."""
+    when the push asked for it. Training notebooks (`ens run --on kaggle`) that have ended: their units' entries
+    fetched, verified and moved into the cache (`ens run ... --on kaggle` then blends them)."""
     from ..config import load_competition
     from ..notebook.push import follow_up
 
+    from ..remote.runs import follow_up as follow_training
+
     proj = _project(project)
     comp = load_competition(proj, competition)
+    training = follow_training(proj, comp, wait, say=_say)  # `ens run --on kaggle`'s notebooks
+    for row in training:
+        console.print(f"{row['notebook']}/{row['version']} (training): {escape(row.get('note') or row['status'])}",
+                      highlight=False, soft_wrap=True)
     found = follow_up(proj, comp, wait, say=_say)
-    if not found:
+    if not found and not training:
         console.print(f"no notebook of {comp.name} is running on Kaggle (`ens submissions {comp.name}` lists them all)")
     failed = []
     for notebook, delivery in found:

@@ -48,6 +48,11 @@ def run(ensemble: str = typer.Argument(..., help="ensembles/<competition>/<name>
         gpus_per_member: float = GpusOpt, cpus_per_member: Optional[int] = CpusOpt,
         verbose: bool = typer.Option(False, "--verbose", "-v", help="also say where each trained member's start-up "
                                      "went: imports, data listing, loaders, model, memory probe, first step"),
+        on: Optional[str] = typer.Option(None, "--on", help="where missing members train: kaggle (two T4s), "
+                                         "kaggle:p100, kaggle:cpu; add ,offline for internet off (README: Train on "
+                                         "Kaggle's GPUs)"),
+        kaggle_hours: Optional[float] = typer.Option(None, "--kaggle-hours", help="--on kaggle: a notebook's time "
+                                                     "limit in hours (default Kaggle's 12); it ends itself 15% before"),
         project: Optional[Path] = ProjectOpt):
     """Train an ensemble and write its submission: members not in the cache are trained, their predictions
     averaged, the CSV written and checked against the sample submission (and scored at once where the answers are
@@ -59,20 +64,44 @@ def run(ensemble: str = typer.Argument(..., help="ensembles/<competition>/<name>
     held = None
     if submit is None and overrides:  # a smoke test or an experiment: no daily submission spent unasked
         held = f"a run with overrides ({' '.join(overrides)}) submits only with --submit"
+    remote = _remote(on, kaggle_hours, wait=not no_wait)
+    if remote is not None and (parallel or address):
+        raise EnsError("--on kaggle trains in Kaggle notebooks: leave out --parallel/--address")
     _run_and_show(proj, ensemble, overrides or [], submit=submit is not False and not held, held=held,
                   wait=not no_wait, force=force, verbose=verbose,
-                  folds=_fold_list(folds), parallel=_parallel(parallel, address, gpus_per_member, cpus_per_member))
+                  folds=_fold_list(folds), parallel=_parallel(parallel, address, gpus_per_member, cpus_per_member),
+                  remote=remote)
+
+
+def _remote(on: Optional[str], hours: Optional[float], wait: bool = True) -> Optional[dict]:
+    """`--on kaggle[...]` → gather_members' `remote` options (None: train here)."""
+    import os
+
+    from ..remote.gpus import parse_on
+
+    target = parse_on(on)
+    if target is None:
+        return None
+    if hours is not None and not 0 < hours <= target.gpu.session_hours:
+        raise EnsError(f"--kaggle-hours {hours:g}: give hours between 0 and Kaggle's {target.gpu.session_hours:g}")
+    return {"target": target, "wait": wait, "say": _say, "hours": hours,
+            "first_poll": float(os.environ.get("ENS_KAGGLE_POLL") or 10)}
 
 
 def _run_and_show(proj: Project, ensemble: str, overrides: list[str], **options) -> None:
     """`run_ensemble` with progress (`options`: its keywords), then its table and where the submission went; a code
     competition's notebook steps are said on stderr."""
+    from ..remote.runs import Pending
     from ..run import run_ensemble
 
     verbose = options.pop("verbose", False)
     options["notebook"] = {"say": _say, **options.get("notebook", {})}
-    result = _with_progress(lambda progress, report: run_ensemble(proj, ensemble, overrides, progress, report,
-                                                                  **options))
+    try:
+        result = _with_progress(lambda progress, report: run_ensemble(proj, ensemble, overrides, progress, report,
+                                                                      **options))
+    except Pending as e:  # --on kaggle --no-wait: the notebooks run on; not an error
+        console.print(f"kaggle: {e}", soft_wrap=True, highlight=False)
+        return
     if result.csv is None:
         _print_incomplete(result, proj, ensemble, overrides)
         return
@@ -145,7 +174,7 @@ def _sources(outcomes) -> list[tuple[str, int]]:
     from collections import Counter
 
     counts = Counter(o.how for o in outcomes)
-    return [(how, counts[how]) for how in ("trained", "resumed", "predicted", "derived", "cached")
+    return [(how, counts[how]) for how in ("trained", "resumed", "kaggle", "predicted", "derived", "cached")
             if counts[how] or how in ("trained", "cached")]
 
 
@@ -213,7 +242,11 @@ def _print_run(result, proj: Project) -> None:
 
 @app.command(short_help="A dry run: per member, cached or to train, batch, parameters, FLOPs (saved by stages), time.")
 def plan(ensemble: str = typer.Argument(..., help="the ensemble YAML"),
-         overrides: Optional[List[str]] = OverridesArg, project: Optional[Path] = ProjectOpt):
+         overrides: Optional[List[str]] = OverridesArg,
+         on: Optional[str] = typer.Option(None, "--on", help="kaggle[:t4x2|p100|cpu]: also what `ens run --on "
+                                          "kaggle` would send, in how many notebooks"),
+         kaggle_hours: Optional[float] = typer.Option(None, "--kaggle-hours", help="--on kaggle: a notebook's limit"),
+         project: Optional[Path] = ProjectOpt):
     """A dry run, nothing trained: per member, cached or not, stages, batch (micro-batch × accumulation on
     CUDA), parameters, FLOPs per image at each stage size, the FLOPs its stages save, and an estimated time where
     one was measured before; the disk of the decoded copies (decode: true). Before the data is downloaded, what
@@ -223,7 +256,14 @@ def plan(ensemble: str = typer.Argument(..., help="the ensemble YAML"),
     """
     from ..plan import plan_ensemble, render
 
-    render(plan_ensemble(_project(project), ensemble, overrides or []), console)
+    proj = _project(project)
+    remote = _remote(on, kaggle_hours)
+    render(plan_ensemble(proj, ensemble, overrides or []), console)
+    if remote is not None:
+        from ..plan.kaggle import kaggle_plan
+
+        for line in kaggle_plan(proj, ensemble, overrides or [], remote["target"], kaggle_hours):
+            console.print(line, highlight=False, soft_wrap=True)
 
 
 @app.command(short_help="Search one member's hyperparameters with Optuna; --write the best values into an ensemble.")

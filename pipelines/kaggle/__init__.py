@@ -21,7 +21,7 @@ from .client import (  # noqa: F401
     RULES_URL, TOKEN_URL, CREDENTIALS_HELP, DOWNLOAD_TIMEOUT, SUBMIT_TIMEOUT, CALL_TIMEOUT, PUSH_TIMEOUT,
     KaggleError, download, submit, list_submissions, remaining_submissions, wait_for_score, competition_info,
     whoami, push_dataset, dataset_status, dataset_version, dataset_files, push_kernel, kernel_status,
-    kernel_output, submit_code,
+    kernel_output, submit_code, gpu_quota,
 )
 from .extract import safe_extract  # noqa: F401
 from .child import _child_main  # noqa: F401

@@ -218,9 +218,9 @@ def _child_dataset_files(dataset: str) -> dict:
             return files
 
 
-def _child_push_kernel(folder: str) -> dict:
+def _child_push_kernel(folder: str, timeout: int | None = None) -> dict:
     api = _api()
-    response = api.kernels_push(folder)
+    response = api.kernels_push(folder, timeout=str(timeout) if timeout else None)
     if response.error:
         raise _ChildFailure(kind="refused", detail=response.error)
     invalid = {what: list(getattr(response, f"invalid_{what}_sources") or [])
@@ -254,7 +254,18 @@ def _child_submit_code(slug: str, kernel: str, version: int, name: str, message:
     return {"ref": str(response.ref), "message": response.message}
 
 
-_CHILD_OPS = {"download": _child_download, "submit": _child_submit, "list": _child_list, "limits": _child_limits,
+def _child_gpu_quota() -> dict:
+    """The weekly GPU quota (kaggle >= 2.2.1's quota_view): hours used and allowed."""
+    q = _api().quota_view()
+    gpu = q.gpu_quota
+    refresh = q.quota_refresh_time
+    hours = lambda t: t.total_seconds() / 3600 if t is not None else None  # noqa: E731 - timedeltas
+    return {"used": hours(gpu.time_used) if gpu else None, "allowed": hours(gpu.total_time_allowed) if gpu else None,
+            "refresh": refresh.isoformat() if refresh is not None else None}
+
+
+_CHILD_OPS = {"gpu_quota": _child_gpu_quota,
+              "download": _child_download, "submit": _child_submit, "list": _child_list, "limits": _child_limits,
               "info": _child_info, "whoami": _child_whoami, "push_dataset": _child_push_dataset,
               "dataset_status": _child_dataset_status, "dataset_files": _child_dataset_files,
               "dataset_version": _child_dataset_version,

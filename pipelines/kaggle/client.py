@@ -190,12 +190,14 @@ def dataset_files(dataset: str, timeout: float = CALL_TIMEOUT) -> dict[str, int]
                  not_found=f"dataset {dataset}")
 
 
-def push_kernel(folder: Path, timeout: float = CALL_TIMEOUT) -> dict:
+def push_kernel(folder: Path, timeout: float = CALL_TIMEOUT, session_seconds: int | None = None) -> dict:
     """Push the notebook described by `folder`/kernel-metadata.json as a new version, which Kaggle then runs.
     {ref, version, url}. An `error` or any source Kaggle does not know (which the client prints and the server
-    drops, running the notebook without it) is a KaggleError here."""
+    drops, running the notebook without it) is a KaggleError here. `session_seconds`: Kaggle ends the session
+    after that long (session_timeout_seconds; under Kaggle's own limit)."""
     meta = json.loads((Path(folder) / "kernel-metadata.json").read_text())
-    return _call("push_kernel", {"folder": str(folder)}, timeout, f"pushing notebook {meta['id']}", meta["id"],
+    args = {"folder": str(folder)} | ({"timeout": int(session_seconds)} if session_seconds else {})
+    return _call("push_kernel", args, timeout, f"pushing notebook {meta['id']}", meta["id"],
                  not_found=f"notebook {meta['id']}")
 
 
@@ -223,6 +225,11 @@ def kernel_output(kernel: str, version: int, name: str, dest: Path, timeout: flo
         raise KaggleError(f"notebook {kernel} version {version} wrote no {name}: look at its log on Kaggle, fix the "
                           "notebook and push again", f"no {name} in the output", kind="nooutput")
     return path
+
+
+def gpu_quota(timeout: float = CALL_TIMEOUT) -> dict:
+    """{used, allowed (hours), refresh (ISO time)} of the weekly GPU quota, as Kaggle reports it."""
+    return _call("gpu_quota", {}, timeout, "reading your weekly GPU quota", "", not_found="weekly GPU quota")
 
 
 def submit_code(slug: str, kernel: str, version: int, name: str, message: str,

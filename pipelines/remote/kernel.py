@@ -1,0 +1,265 @@
+"""What runs in the training notebook on Kaggle (the generated script calls `main`): a project folder made from the
+dataset's YAMLs with the competition's data where Kaggle mounts it; each unit's keys recomputed on that data and
+this machine's precision and libraries, a unit whose keys differ from the ones sent refused with what differs;
+the rest trained through `unit.member_entry`, each finished entry zipped into the output as it ends, each epoch's
+checkpoint too; the notebook ends itself before its deadline. `ens-run.json` in the output says it all."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+from ..errors import EnsError
+from .bundle import STATUS, zip_folder
+
+
+class Status:
+    """ens-run.json: the GPU this notebook got, and each unit's state (pending, training, done, refused, failed,
+    out of time), its output file and checksum; rewritten atomically at every change."""
+
+    def __init__(self, out: Path, manifest: dict):
+        self.path, self.lock = out / STATUS, threading.Lock()
+        self.data = {"content": manifest["content"], "gpu": gpu_facts(), "started": time.time(), "finished": False,
+                     "versions": _versions(), "units": {u["key"]: {"label": u["label"], "state": "pending"}
+                                                       for u in manifest["units"]}}
+        self.write()
+
+    def unit(self, key: str, **fields) -> None:
+        with self.lock:
+            self.data["units"][key].update(fields)
+            self._write()
+
+    def write(self, **fields) -> None:
+        with self.lock:
+            self.data.update(fields)
+            self._write()
+
+    def _write(self) -> None:
+        tmp = self.path.with_name(f".{STATUS}.tmp")
+        tmp.write_text(json.dumps(self.data, indent=1))
+        os.replace(tmp, self.path)
+
+
+def gpu_facts() -> dict:
+    """The cards this notebook got (Kaggle does not always honour the kind asked for)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"name": "none", "count": 0}
+    return {"name": torch.cuda.get_device_name(0), "count": torch.cuda.device_count()}
+
+
+def _versions() -> dict:
+    from ..models import package_version
+
+    return {n: package_version(n) for n in ("torch", "torchvision", "timm", "fastai", "numpy")}
+
+
+def find_data(comp: dict, input_root: Path) -> Path:
+    """The competition's folder under /kaggle/input: <slug>/, else any folder up to three levels down holding the
+    test folder and the sample submission (Kaggle's mount paths have changed)."""
+    slug = comp.get("kaggle") or comp["name"]
+    candidates = [input_root / slug, input_root / "competitions" / slug, *sorted(input_root.glob("*")),
+                  *sorted(input_root.glob("*/*")), *sorted(input_root.glob("*/*/*"))]
+    for folder in candidates:
+        if (folder / comp["test_images"]).is_dir() and (folder / comp["sample_submission"]).is_file():
+            return folder
+    raise EnsError(f"no folder under {input_root} holds {comp['test_images']}/ and {comp['sample_submission']}: "
+                   f"the notebook needs the competition '{slug}' as its input")
+
+
+def write_project(work: Path, manifest: dict, input_root: Path) -> Path:
+    """competitions/<name>.yaml (data where Kaggle mounts it) and the ensemble's YAML (overrides applied)."""
+    comp = dict(manifest["competition"], data_dir=str(find_data(manifest["competition"], input_root)))
+    (work / "competitions").mkdir(parents=True, exist_ok=True)
+    (work / "competitions" / f"{comp['name']}.yaml").write_text(yaml.safe_dump(comp))
+    ensemble = work / manifest["ensemble_file"]
+    ensemble.parent.mkdir(parents=True, exist_ok=True)
+    ensemble.write_text(yaml.safe_dump(manifest["ensemble"]))
+    return work
+
+
+def differences(sent: dict, here: dict, versions_sent: dict, versions_here: dict) -> list[str]:
+    """What makes a unit's training key here differ from the one sent: data, precision, architecture (with the
+    library versions that resolve it), other training fields, cache format."""
+    out = []
+    if sent["data"] != here["data"]:
+        out.append(f"data fingerprint {here['data'][:12]} here, {sent['data'][:12]} sent (Kaggle's copy of the "
+                   "competition's files, labels or split differs)")
+    a, b = sent["member"], here["member"]
+    if a.get("precision") != b.get("precision"):
+        out.append(f"precision {b.get('precision')} here, {a.get('precision')} planned (another device: set the "
+                   "member's precision, or choose the --on kaggle kind this notebook gets)")
+    if a.get("arch") != b.get("arch"):
+        libs = ", ".join(f"{n} {versions_here.get(n)} here, {versions_sent.get(n)} sent" for n in ("timm", "torchvision")
+                         if versions_here.get(n) != versions_sent.get(n))
+        out.append(f"architecture resolves to {b.get('arch')} here, {a.get('arch')} sent" + (f" ({libs})" if libs else ""))
+    other = sorted(k for k in set(a) | set(b) if k not in ("precision", "arch") and a.get(k) != b.get(k))
+    if other:
+        out.append(f"training fields {', '.join(other)} differ (ens {versions_here.get('ens')} here)")
+    if sent.get("format") != here.get("format"):
+        out.append(f"cache format {here.get('format')} here, {sent.get('format')} sent (another ens)")
+    return out or ["the keys differ"]
+
+
+class Mirror(threading.Thread):
+    """Copies a unit's per-epoch checkpoint into the output whenever training writes a new one: what Kaggle keeps
+    when a notebook is stopped is not documented, so the output always holds the last finished epoch."""
+
+    def __init__(self, folder: Path, dest: Path, every: float = 1.0):
+        super().__init__(daemon=True)
+        self.folder, self.dest, self.every = folder, dest, every
+        self.stop, self.seen = threading.Event(), None
+
+    def sync(self) -> bool:
+        try:
+            sig = [(p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(self.folder.iterdir())]
+        except OSError:
+            return False
+        if sig and sig != self.seen:
+            zip_folder(self.folder, self.dest)
+            self.seen = sig
+            return True
+        return False
+
+    def run(self) -> None:
+        while not self.stop.wait(self.every):
+            self.sync()
+
+
+def main(manifest_path: str, root: str) -> None:
+    try:
+        train_units(Path(manifest_path), Path(root))
+    except EnsError as e:
+        print(f"ens error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+
+
+def train_units(manifest_path: Path, root: Path) -> dict:
+    """Check and train the manifest's units; the status written to the output as it goes."""
+    from ..cache import MemberCache, train_key, train_key_fields
+    from ..config import Project, load_ensemble
+    from ..data import load_data
+    from ..unit import fold_variants, member_entry
+
+    manifest = json.loads(manifest_path.read_text())
+    out = root / "working"
+    out.mkdir(parents=True, exist_ok=True)
+    status = Status(out, manifest)
+    deadline = status.data["started"] + manifest["seconds"]
+    current: dict = {}
+    _watchdog(deadline, status, current)
+    work = Path(os.environ.get("ENS_KAGGLE_WORK") or tempfile.mkdtemp(prefix="ens-work-"))
+    project = Project(write_project(work, manifest, root / "input"))
+    path, ens, comp = load_ensemble(project, str(project.root / manifest["ensemble_file"]))
+    data = load_data(project, comp)
+    variants, _ = fold_variants(ens, data, None, manifest["ensemble_file"])
+    cache = MemberCache(project.cache, comp.name)
+    here_versions = dict(status.data["versions"], ens=manifest["ens"])
+    print(f"ens {manifest['ens']}: {len(manifest['units'])} unit(s) on {status.data['gpu']['name']} "
+          f"(asked for {manifest['gpu']})", flush=True)
+    accepted = []
+    for u in manifest["units"]:
+        member = next((m for m in ens.members if m.name == u["member"]), None)
+        d = next((d for f, d, _ in variants if f == u["fold"]), None)
+        if member is None or d is None:
+            status.unit(u["key"], state="refused", reason=f"no member {u['member']} or fold {u['fold']} in the YAML")
+            continue
+        fields = train_key_fields(member, d.fingerprint)
+        if train_key(member, d.fingerprint) != u["train"]:
+            reason = "; ".join(differences(u["parts"], fields, manifest["versions"], here_versions))
+            print(f"ens: {u['label']} refused: {reason}", flush=True)
+            status.unit(u["key"], state="refused", reason=reason)
+            continue
+        accepted.append((u, member, d))
+    worker = {"host": "kaggle", "gpu": status.data["gpu"], "gpu_kind": manifest["gpu"], "pid": os.getpid()}
+    for u, member, d in accepted:
+        _restore_partial(manifest, manifest_path.parent, cache, u["train"])
+        partial_out = out / f"ens-partial-{u['train']}.zip"
+        mirror = Mirror(cache.partial(u["train"]), partial_out)
+        current.update(unit=u, mirror=mirror)
+        mirror.start()
+        start = time.time()
+        status.unit(u["key"], state="training", started=start)
+        try:
+            entry, how = member_entry(member, d, cache, u["train"], u["key"], None, worker)
+        except Exception as e:  # noqa: BLE001 - one unit's failure is reported; the others still train
+            mirror.stop.set()
+            mirror.sync()
+            status.unit(u["key"], state="failed", reason=f"{type(e).__name__}: {' '.join(str(e).split())[:300]}",
+                        partial=partial_out.name if partial_out.exists() else None)
+            print(f"ens: {u['label']} failed: {e}", file=sys.stderr, flush=True)
+            continue
+        mirror.stop.set()
+        mirror.join()
+        current.clear()
+        name = _write_unit(cache, entry, u, out)
+        partial_out.unlink(missing_ok=True)
+        status.unit(u["key"], state="done", how=how, file=name, sha256=_sha256(out / name),
+                    seconds=round(time.time() - start, 1))
+        print(f"ens: {u['label']} {how} in {time.time() - start:.0f} s -> {name}", flush=True)
+    status.write(finished=True, ended=time.time())
+    return status.data
+
+
+def _watchdog(deadline: float, status: Status, current: dict) -> None:
+    """At the notebook's own deadline (before Kaggle's limit): the unit being trained keeps its last epoch's
+    checkpoint in the output, the status says 'out of time', and the notebook ends (exit 0: what it wrote stays)."""
+
+    def stop() -> None:
+        u, mirror = current.get("unit"), current.get("mirror")
+        if mirror is not None:
+            mirror.stop.set()
+            mirror.sync()
+        if u is not None:
+            status.unit(u["key"], state="out of time",
+                        partial=mirror.dest.name if mirror is not None and mirror.dest.exists() else None)
+        status.write(finished=True, ended=time.time(), out_of_time=True)
+        print("ens: the notebook's deadline has come; its checkpoints are in the output", flush=True)
+        os._exit(0)
+
+    timer = threading.Timer(max(0.0, deadline - time.time()), stop)
+    timer.daemon = True
+    timer.start()
+
+
+def _restore_partial(manifest: dict, folder: Path, cache, train: str) -> None:
+    """A unit stopped by an earlier notebook's limit resumes from the checkpoint the dataset carries."""
+    from ..kaggle.extract import safe_extract
+
+    partial = (manifest.get("partials") or {}).get(train)
+    if partial and not cache.partial(train).is_dir():
+        cache.root.mkdir(parents=True, exist_ok=True)
+        safe_extract(folder / partial["file"], cache.partial(train))
+        print(f"ens: resuming {train} from the checkpoint of an earlier notebook", flush=True)
+
+
+def _write_unit(cache, entry, u: dict, out: Path) -> str:
+    """The entry (and its kept weights) as one archive in the output: entry/..., model/..."""
+    import zipfile
+
+    name = f"ens-unit-{u['key']}.zip"
+    tmp = out / f".{name}.tmp"
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as z:
+        for p in sorted(entry.path.iterdir()):
+            z.write(p, f"entry/{p.name}")
+        model = cache.model_dir(u["train"])
+        if model.is_dir():
+            for p in sorted(model.iterdir()):
+                z.write(p, f"model/{p.name}")
+    os.replace(tmp, out / name)
+    return name
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
