@@ -76,6 +76,7 @@ class RunResult:
     warnings: list[str] = field(default_factory=list)
     gathered: Gathered | None = None
     blended: ensemble.Blended | None = None
+    unchanged: str = ""  # a rerun that would write the same CSV: the line naming the one already written
 
     @property
     def trained(self) -> list[str]:
@@ -108,6 +109,7 @@ class Gathered:
     units: list[MemberOutcome] = field(default_factory=list)  # every model read or computed (fold models in cv)
     # seconds before any member's work: imports_s (process start to here), data_s (listing and fingerprint)
     startup: dict = field(default_factory=dict)
+    overrides: list[str] = field(default_factory=list)  # the command line's, recorded with the run
 
     @property
     def cv(self) -> bool:
@@ -233,7 +235,7 @@ def _gather_members(project: Project, spec: str, overrides: list[str] = (), prog
     if outcomes:
         _check_aligned(outcomes)
     return Gathered(path, ens, comp, data, outcomes, left_out, list(cache.damaged), warnings, fold_ids,
-                    incomplete, units, startup=startup)
+                    incomplete, units, startup=startup, overrides=list(overrides))
 
 
 def _compute_on_ray(project: Project, path: Path, overrides: list[str], todo: list[_Planned], parallel: "Parallel",
@@ -336,6 +338,7 @@ class Blend:
     test_score: float | None
     delivery: submission.Delivery
     blended: ensemble.Blended | None = None
+    unchanged: str = ""  # "unchanged: <csv> (written at ...)" when an earlier run wrote this very CSV
 
 
 def _deliver(project: Project, g: Gathered, chosen, csv_path: Path, shown: str, message: str, history: Path,
@@ -385,14 +388,21 @@ def blend_and_submit(project: Project, g: Gathered, outcomes: list[MemberOutcome
     per_fold = blended.per_fold
 
     out_dir = project.submissions / comp.name
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    csv_path = submission.reserve_csv(out_dir, f"{stamp}-{name}")  # created atomically: two runs, two files
+    history = out_dir / "history.csv"
+    run_hash = submission.run_hash(g.ensemble, comp, name, probs, combine, weights)
+    keys = json.dumps([[u.entry.key for u in o.folds] if o.folds else o.entry.key for o in outcomes])
     sample = data.root / comp.sample_submission
-    try:
-        submission.write_submission(csv_path, comp, sample, data.test_ids, test, data.vocab)
-    except BaseException:
-        csv_path.unlink(missing_ok=True)  # the reserved name, still empty
-        raise
+    prior = submission.unchanged_csv(history, project.root, run_hash, keys)
+    if prior is not None:  # the same resolved ensemble on the same cached members: the same CSV, already written
+        csv_path = prior["path"]
+    else:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        csv_path = submission.reserve_csv(out_dir, f"{stamp}-{name}")  # created atomically: two runs, two files
+        try:
+            submission.write_submission(csv_path, comp, sample, data.test_ids, test, data.vocab)
+        except BaseException:
+            csv_path.unlink(missing_ok=True)  # the reserved name, still empty
+            raise
     rows = submission.check_submission(csv_path, sample, comp, data.vocab)
     test_score = None
     if comp.solution:  # scored as Kaggle would: the file, against the answers; and each member alike
@@ -407,16 +417,27 @@ def blend_and_submit(project: Project, g: Gathered, outcomes: list[MemberOutcome
                   "per_fold": per_fold, "learned_weights": blended.weights if blended.learned else None,
                   "probs": probs, "n_images": int(len(targets)),
                   "members": {o.member.name: w for o, w in zip(outcomes, weights)},
-                  "per_class": ensemble.per_class(valid, targets, data.vocab)}
-    csv_path.with_suffix(".validation.json").write_text(json.dumps(validation, indent=1))
-    history = out_dir / "history.csv"
+                  "per_class": ensemble.per_class(valid, targets, data.vocab),
+                  "overrides": list(g.overrides), "ensemble_hash": run_hash}
     shown = project.relative(csv_path)
+    overrides = submission.shown_overrides(g.overrides)
     members = ", ".join(o.member.name + (f"×{w:g}" if w != 1 else "") for o, w in zip(outcomes, weights))
     how = (f"{combine.method}, " if combine.method != "mean" else "") + ("OOF " if g.cv else "valid ")
-    message = f"ens {project.relative(g.path)}: {members}; {how}{comp.metric} {valid_score:.4f}"[:500]
-    record = dict(ensemble=project.relative(g.path),
-                  members=json.dumps({o.member.name: w for o, w in zip(outcomes, weights)}),
-                  keys=json.dumps([[u.entry.key for u in o.folds] if o.folds else o.entry.key for o in outcomes]), metric=comp.metric, valid_score=f"{valid_score:.6f}")
+    message = (f"ens {project.relative(g.path)}{' ' + overrides if overrides else ''} #{run_hash[:8]}: {members}; "
+               f"{how}{comp.metric} {valid_score:.4f}")[:500]
+    record = dict(ensemble=project.relative(g.path), members=json.dumps({o.member.name: w for o, w in zip(outcomes, weights)}),
+                  keys=keys, metric=comp.metric, valid_score=f"{valid_score:.6f}", overrides=overrides,
+                  ensemble_hash=run_hash)
+    if prior is not None:
+        unchanged = f"unchanged: {project.shown(csv_path)} (written at {prior['time'][:19].replace('T', ' ')})"
+        uploaded = comp.kaggle and (submit or push) and (force or submission.already_submitted(history, prior["sha256"]) is None)
+        if not uploaded:  # nothing new to record: no CSV, no history row
+            delivery = submission.Delivery("unchanged", note=_prior_delivery(prior))
+            return Blend(csv_path, rows, valid_score, test_score, delivery, blended, unchanged)
+        delivery = _deliver(project, g, Chosen(name, outcomes, weights, combine, probs), csv_path, shown, message,
+                            history, record, submit, push, wait, force, notebook or {})  # not sent yet: send it now
+        return Blend(csv_path, rows, valid_score, test_score, delivery, blended, unchanged)
+    csv_path.with_suffix(".validation.json").write_text(json.dumps(validation, indent=1))
     if comp.kaggle and (submit or push):  # records its row itself, as the delivery goes
         delivery = _deliver(project, g, Chosen(name, outcomes, weights, combine, probs), csv_path, shown, message,
                             history, record, submit, push, wait, force, notebook or {})
@@ -439,6 +460,13 @@ def blend_and_submit(project: Project, g: Gathered, outcomes: list[MemberOutcome
     return Blend(csv_path, rows, valid_score, test_score, delivery, blended)
 
 
+def _prior_delivery(row: dict) -> str:
+    """What became of the CSV an unchanged rerun points at, as its history row says."""
+    if row.get("destination") == "kaggle" and row.get("ref"):
+        return f"already submitted as ref {row['ref']} ({row.get('status') or 'pending'} {row.get('score') or ''})".rstrip()
+    return ""
+
+
 def run_ensemble(project: Project, spec: str, overrides: list[str] = (), progress=None,
                  on_member=lambda outcome: None, submit: bool = True, wait: bool = True, force: bool = False,
                  folds: list[int] | None = None, parallel: "Parallel | None" = None, push: bool = False,
@@ -458,4 +486,4 @@ def run_ensemble(project: Project, spec: str, overrides: list[str] = (), progres
                              held=held)
     return RunResult(g.path, g.ensemble, g.competition, g.outcomes, g.competition.metric, blend.valid_score,
                      blend.csv, blend.rows, blend.test_score, blend.delivery, seconds=time.perf_counter() - start,
-                     blended=blend.blended, **done)
+                     blended=blend.blended, unchanged=blend.unchanged, **done)

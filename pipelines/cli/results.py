@@ -63,7 +63,8 @@ def ablate(ensemble: str = typer.Argument(..., help="the ensemble YAML"),
         chosen, weights = result.pick(pick)
         blend = blend_and_submit(proj, result.gathered, chosen, weights, f"{result.gathered.path.stem}-{pick}",
                                  result.probs, force=force, combine=result.combine(pick))
-        console.print(f"submission: {proj.shown(blend.csv)} ({blend.rows} rows, checked against the sample); "
+        console.print(f"{blend.unchanged or 'submission: ' + proj.shown(blend.csv)} ({blend.rows} rows, checked "
+                      "against the sample); "
                       f"valid {result.metric} {blend.valid_score:.4f}"
                       + (f", test {blend.test_score:.4f}" if blend.test_score is not None else ""))
         _print_delivery(blend.delivery)

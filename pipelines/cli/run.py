@@ -206,7 +206,10 @@ def _print_run(result, proj: Project) -> None:
     if cv:
         test_from = "a refit on every training image" if result.ensemble.refit == "full" else "the mean of the fold models"
         console.print(f"test predictions: {test_from}")
-    console.print(f"submission: {proj.shown(result.csv)} ({result.rows} rows, checked against the sample)")
+    if result.unchanged:  # a rerun of the same resolved ensemble on the same members: no copy written
+        console.print(f"{result.unchanged} ({result.rows} rows, checked against the sample)", soft_wrap=True)
+    else:
+        console.print(f"submission: {proj.shown(result.csv)} ({result.rows} rows, checked against the sample)")
     if result.test_score is not None:
         console.print(f"test {result.metric} on the local answers: [bold]{result.test_score:.4f}[/]")
 
