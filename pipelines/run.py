@@ -16,6 +16,7 @@ import numpy as np
 
 from . import ensemble, submission, unit
 from .cache import Entry, MemberCache, prediction_key, train_key, version_drift
+from .clock import RUN_CLOCK, RunClock, unit_work
 from .config import Combine, Competition, Ensemble, Member, Project, load_ensemble
 from .config.loading import ignored_warnings
 from .crossval import costliest, join_folds, unit_name
@@ -215,6 +216,7 @@ def _gather_members(project: Project, spec: str, overrides: list[str] = (), prog
         if progress is not None:
             progress.advance(task)
 
+    clock = RunClock([(u.member.arch, unit_work(u.member, sum(not v for v in u.data.is_valid))) for u in to_compute])
     if parallel is not None and to_compute:  # the cached first, then the missing ones as Ray finishes them
         for u in planned:
             if u.entry is not None:
@@ -223,11 +225,19 @@ def _gather_members(project: Project, spec: str, overrides: list[str] = (), prog
     for u in planned:
         if id(u) in computed or (u.entry is None and not u.compute):
             continue
+        fold = "" if u.fold is None else f" {unit_name(u.fold)}"
         if progress is not None:
-            fold = "" if u.fold is None else f" {unit_name(u.fold)}"
             progress.update(task, description=f"member {u.member.name} ({u.member.arch}){fold}")
-        done(u, *((u.entry, "cached") if u.entry is not None else
-                  member_entry(u.member, u.data, cache, u.train, u.key, progress)))
+        if u.entry is not None:
+            done(u, u.entry, "cached")
+            continue
+        clock.start(u.member.arch, unit_work(u.member, sum(not v for v in u.data.is_valid)), member=u.member.name,
+                    fold=u.fold, label=f"{u.member.name} ({u.member.arch}){fold}")
+        token = RUN_CLOCK.set(clock)  # the epoch lines' ETA of the run
+        try:
+            done(u, *member_entry(u.member, u.data, cache, u.train, u.key, progress))
+        finally:
+            RUN_CLOCK.reset(token)
     if progress is not None:
         progress.remove_task(task)
     units = [computed[id(u)] for u in planned if id(u) in computed]
