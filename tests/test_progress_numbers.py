@@ -77,3 +77,6 @@ def test_a_log_gets_each_epoch_as_it_ends(tmp_path, digits_data):
     finally:
         proc.kill()
     assert ": epoch 2/2" in rest and proc.returncode == 0, rest
+    trained = next(line for line in rest.splitlines() if "resnet (test_resnet) trained in" in line)
+    assert "s TTA:" in trained  # the training and the TTA time, as the table's train+TTA column sums them
+    assert "train+TTA" in rest

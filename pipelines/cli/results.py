@@ -28,7 +28,8 @@ def ablate(ensemble: str = typer.Argument(..., help="the ensemble YAML"),
            cached_only: bool = typer.Option(False, "--cached-only", help="use the cached members only; train nothing"),
            top: int = typer.Option(10, "--top", help="how many of the best subsets to show"),
            probs: Optional[str] = typer.Option(None, "--probs", help="tta or plain (default: the ensemble's)"),
-           rounds: int = typer.Option(25, "--rounds", help="greedy selection rounds"),
+           rounds: Optional[int] = typer.Option(None, "--rounds", min=1, help="greedy selection's and hill "
+                                                "climbing's rounds in every table (default: the ensemble's combine.rounds)"),
            pick: str = typer.Option("greedy", "--pick", help="what --write/--submit use: greedy (combine: greedy with "
                                     "these rounds), subset (the best), or a combine method (mean, hill_climb, rank, "
                                     "power, stack) over every member; each scored by nested cross-validation"),
@@ -105,7 +106,7 @@ def _print_methods(r) -> None:
 
     over = f"the {r.n_folds} folds" if r.gathered.cv else f"{r.n_folds} parts of the holdout"
     console.print(f"\n[bold]combine methods[/] (`combine:` in the ensemble; this one's is "
-                  f"{r.gathered.ensemble.combine.method}). A learned blend's weights are chosen on the rows it is "
+                  f"{r.gathered.ensemble.combine.method}; greedy and hill climbing: {r.greedy_rounds} rounds). A learned blend's weights are chosen on the rows it is "
                   f"scored on, so its in-sample score flatters it: the honest score is nested cross-validation over "
                   f"{over} (weights learned on the others, scored on the held one).", soft_wrap=True)
     t = Table()

@@ -122,7 +122,7 @@ def _print_incomplete(result, proj: Project, spec: str, overrides: list[str]) ->
 
     g = result.gathered
     table = Table(title=f"{proj.relative(result.ensemble_path)}: fold models so far")
-    for col in ("member", "fold", "valid acc", "TTA acc", "time", "source"):
+    for col in ("member", "fold", "valid acc", "TTA acc", "train+TTA", "source"):
         table.add_column(col, justify="left" if col in ("member", "source") else "right")
     for o in g.units:
         metrics = o.entry.meta.get("metrics") or {}
@@ -172,7 +172,7 @@ def _print_run(result, proj: Project) -> None:
     columns = (["member", "arch", "size", "epochs", *(["batch"] if micro else []), f"{rows} acc", "TTA acc"]
                + (["folds (TTA)"] if cv else [])
                + (["test acc" if result.metric == "accuracy" else f"test {result.metric}"] if scored else []))
-    for col in columns + ["time", "source"]:
+    for col in columns + ["train+TTA", "source"]:  # the member lines' two times, summed
         table.add_column(col, justify="left" if col in ("member", "arch", "source") else "right")
     for o in result.members:
         m, meta = o.member, o.entry.meta

@@ -273,7 +273,8 @@ def _rates(cache: MemberCache, device: str, stats: ModelStats, n_classes: int, i
 
 # The speed assumed where nothing was measured on the device yet, in any competition of the project: seconds per
 # image·GFLOP (forward FLOPs) of training (forward and backward, the optimizer, the loaders) and of prediction.
-# Orders of magnitude, not measurements: a 2-core CPU training ens's small nets on digits runs at ~0.05 s; a
+# Orders of magnitude for real networks (a ResNet-50 at 4 GFLOP trains at a few images a second on a few CPU cores:
+# ~0.05 s; ens's tiny test nets on 32 px digits, overhead-bound, measure 0.5-3 s on 2 cores); a
 # data-centre GPU in mixed precision at ~1e-4 s. Any model trained since replaces them.
 BUILTIN_RATES = {"cpu": (0.05, 0.015), "cuda": (1e-4, 3e-5)}
 
