@@ -480,11 +480,50 @@ def _prior_delivery(row: dict) -> str:
 def run_ensemble(project: Project, spec: str, overrides: list[str] = (), progress=None,
                  on_member=lambda outcome: None, submit: bool = True, wait: bool = True, force: bool = False,
                  folds: list[int] | None = None, parallel: "Parallel | None" = None, push: bool = False,
-                 notebook: dict | None = None, held: str | None = None) -> RunResult:
+                 notebook: dict | None = None, held: str | None = None, track: bool = False) -> RunResult:
     """Gather the members (training what is missing; in cv only `folds` when given), blend them as the
     ensemble's `combine:` says, write, check, score and submit the CSV. When some member's fold models are
     missing (a quick look at a few folds) there is no out-of-fold blend: the result has no CSV and says so. `held`:
-    why a run not told --no-submit is not uploaded (its overrides), said where the upload would be."""
+    why a run not told --no-submit is not uploaded (its overrides), said where the upload would be.
+    Tracked in MLflow with `track` or the ensemble's `tracking: mlflow` (`tracking.Tracker`)."""
+    tracker = _tracker(project, spec, list(overrides), track)
+    if tracker is None:
+        return _run(project, spec, overrides, progress, on_member, submit, wait, force, folds, parallel, push, notebook,
+                    held)
+    from .clock import EPOCH_WATCHERS
+
+    token = EPOCH_WATCHERS.set((*EPOCH_WATCHERS.get(), tracker.epoch))  # each epoch logged as it ends
+    try:
+        result = _run(project, spec, overrides, progress, on_member, submit, wait, force, folds, parallel, push,
+                      notebook, held)
+        tracker.results(result)
+    except BaseException as e:
+        tracker.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    finally:
+        EPOCH_WATCHERS.reset(token)
+    tracker.end("FINISHED")
+    return result
+
+
+def _tracker(project: Project, spec: str, overrides: list[str], track: bool):
+    """The run's MLflow run, opened (params logged) before any work; None when not tracked."""
+    path, ens, comp = load_ensemble(project, spec, overrides)
+    if not (track or ens.tracking == "mlflow"):
+        return None
+    from .tracking import Tracker
+
+    digest = submission.run_hash(ens, comp, path.stem)  # what `ens run` records in the history for this run
+    shown = project.relative(path)
+    tracker = Tracker(project.root, comp.name, f"{path.stem} #{digest[:8]}",
+                      {"ens.ensemble": shown, "ens.ensemble_hash": digest, "ens.competition": comp.name,
+                       "ens.overrides": submission.shown_overrides(overrides)})
+    tracker.params(ens, overrides, {"ensemble": shown, "ensemble_hash": digest})
+    return tracker
+
+
+def _run(project, spec, overrides, progress, on_member, submit, wait, force, folds, parallel, push,
+         notebook, held) -> RunResult:
     start = time.perf_counter()
     g = gather_members(project, spec, overrides, progress, on_member, folds=folds, parallel=parallel)
     done = dict(damaged=g.damaged, warnings=g.warnings, gathered=g)

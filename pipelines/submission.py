@@ -206,7 +206,8 @@ def run_hash(ens, comp: Competition, name: str | None = None, probs: str | None 
     blend = {"name": name, "probs": probs or ens.probs,
              "combine": (combine or ens.combine).model_dump(mode="json"),
              "weights": list(weights) if weights is not None else [m.weight for m in ens.members]}
-    text = json.dumps({"ensemble": ens.model_dump(mode="json"), "competition": comp.model_dump(mode="json"),
+    text = json.dumps({"ensemble": ens.model_dump(mode="json", exclude={"tracking"}),  # where it is recorded: not what
+                       "competition": comp.model_dump(mode="json"),
                        "blend": blend}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

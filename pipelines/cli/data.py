@@ -84,8 +84,9 @@ def cache_ls(competition: Optional[str] = typer.Argument(None, help="only this c
     cv = any(folds.startswith("folds") for *_, folds in rows)  # the column only where some member is cross-validated
     table = Table(title=f"{proj.relative(proj.cache)}/")
     for col in ("competition", "key", "member", "arch", *(("folds",) if cv else ()), "size", "epochs", "valid acc",
-                "TTA acc", "train", "created", "entry MB", "weights MB"):
-        table.add_column(col, no_wrap=col in ("key", "arch", "folds", "created"))
+                "TTA acc", "train", "created", "MB", "weights MB"):  # the entry's, and its kept weights'
+        table.add_column(col, no_wrap=col in ("key", "arch", "folds", "created", "valid acc", "TTA acc", "MB",
+                                              "weights MB"))
     for name, cells, folds in rows:
         table.add_row(name, *cells[:3], *((folds,) if cv else ()), *cells[3:])
     console.print(table if rows else "no cached members yet")

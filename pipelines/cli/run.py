@@ -42,6 +42,8 @@ def run(ensemble: str = typer.Argument(..., help="ensembles/<competition>/<name>
         no_wait: bool = typer.Option(False, "--no-wait", help="upload, but do not wait for the public score"),
         force: bool = typer.Option(False, "--force", help="upload even a CSV identical to one already submitted "
                                    "(or whose upload's outcome is unknown)"),
+        track: bool = typer.Option(False, "--track", help="record the run in MLflow (as `tracking: mlflow` does): "
+                                   "MLFLOW_TRACKING_URI, else mlflow.db in the project; needs ens[mlflow]"),
         folds: Optional[str] = typer.Option(None, "--folds", help="cross-validated ensembles: train only these folds "
                                             "(e.g. 0,1) for a quick look; no submission until every fold is done"),
         parallel: Optional[int] = ParallelOpt, address: Optional[str] = AddressOpt,
@@ -60,7 +62,7 @@ def run(ensemble: str = typer.Argument(..., help="ensembles/<competition>/<name>
     if submit is None and overrides:  # a smoke test or an experiment: no daily submission spent unasked
         held = f"a run with overrides ({' '.join(overrides)}) submits only with --submit"
     _run_and_show(proj, ensemble, overrides or [], submit=submit is not False and not held, held=held,
-                  wait=not no_wait, force=force, verbose=verbose,
+                  wait=not no_wait, force=force, verbose=verbose, track=track,
                   folds=_fold_list(folds), parallel=_parallel(parallel, address, gpus_per_member, cpus_per_member))
 
 

@@ -64,6 +64,13 @@ def build_report(project: Project, spec: str, overrides=(), cached_only: bool = 
     tmp = dest.with_name(f".{dest.name}{unique_suffix()}")
     tmp.write_text(page, encoding="utf-8")
     tmp.replace(dest)
+    if g.ensemble.tracking == "mlflow":  # beside the CSV of the tracked run it reports, when there is one
+        from ..submission import run_hash
+        from ..tracking import latest_run
+
+        tracked = latest_run(project.root, comp.name, run_hash(g.ensemble, comp, g.path.stem))
+        if tracked is not None:
+            tracked.artifact(dest)
     return dest
 
 
