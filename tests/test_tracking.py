@@ -2,13 +2,19 @@
 (the resolved ensemble, the overrides), metrics per epoch, per member and the blend's honest score, the CSV and
 its validation JSON as artifacts; a cross-validated run's fold models; MLflow imported only when tracking."""
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from conftest import ONE_RESNET, REPO, ens, make_project
+import pipelines
+
+from conftest import ONE_RESNET, ens, make_project
 from pipelines.submission import read_history
+
+PACKAGE_ROOT = str(Path(list(pipelines.__path__)[0]).parent)  # the ens under test (old or new: what is imported)
 
 TRACKED = ONE_RESNET.replace("epochs: 1", "epochs: 2") + "tracking: mlflow\n"
 
@@ -68,12 +74,12 @@ def test_without_mlflow_a_tracked_run_is_one_line_before_any_work(project, tmp_p
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("raise ImportError('no mlflow here')\n")
     out = ens("run", "digits/tiny.yaml", "--track", cwd=project,
-              env_extra={"PYTHONPATH": f"{fake.parent}:{REPO}"})
+              env_extra={"PYTHONPATH": f"{fake.parent}:{PACKAGE_ROOT}"})
     assert out.returncode != 0 and "Traceback" not in out.stderr
     assert "pip install 'ens[mlflow]'" in out.stderr and not (project / "cache" / "digits").exists()
 
 
 def test_mlflow_is_imported_only_when_tracking():
     probe = subprocess.run([sys.executable, "-c", "import sys, pipelines.cli, pipelines.run, pipelines.report; "
-                            "print('mlflow' in sys.modules)"], capture_output=True, text=True, cwd=REPO)
+                            "print('mlflow' in sys.modules)"], capture_output=True, text=True, cwd=PACKAGE_ROOT)
     assert probe.stdout.split() == ["False"], probe.stderr

@@ -82,13 +82,13 @@ def cache_ls(competition: Optional[str] = typer.Argument(None, help="only this c
     rows = [(name, *_cache_row(group)) for name in names
             for group in _cache_groups(MemberCache(proj.cache, name).entries())]
     cv = any(folds.startswith("folds") for *_, folds in rows)  # the column only where some member is cross-validated
-    table = Table(title=f"{proj.relative(proj.cache)}/")
-    for col in ("competition", "key", "member", "arch", *(("folds",) if cv else ()), "size", "epochs", "valid acc",
-                "TTA acc", "train", "created", "MB", "weights MB"):  # the entry's, and its kept weights'
-        table.add_column(col, no_wrap=col in ("key", "arch", "folds", "created", "valid acc", "TTA acc", "MB",
-                                              "weights MB"))
+    one = len({name for name, *_ in rows}) == 1  # one competition: named in the title, room for the sizes
+    table = Table(title=f"{proj.relative(proj.cache)}/" + (f"{rows[0][0]}/" if rows and one else ""))
+    for col in (*(() if one else ("competition",)), "key", "member", "arch", *(("folds",) if cv else ()), "size",
+                "epochs", "valid acc", "TTA acc", "train", "created", "MB", "weights MB"):  # the entry's, its weights'
+        table.add_column(col, no_wrap=col in ("key", "arch", "folds", "created", "MB", "weights MB"))
     for name, cells, folds in rows:
-        table.add_row(name, *cells[:3], *((folds,) if cv else ()), *cells[3:])
+        table.add_row(*(() if one else (name,)), *cells[:3], *((folds,) if cv else ()), *cells[3:])
     console.print(table if rows else "no cached members yet")
     if rows:  # weights shared by entries of one training key (another TTA) counted once
         metas = [m for name in names for m in MemberCache(proj.cache, name).entries()]
