@@ -22,7 +22,7 @@ def test_cache_ls_shows_the_entry_and_its_kept_weights(project):
     (entry / "meta.json").write_text(json.dumps(meta))
     out = ens("cache", "ls", "digits", cwd=project)
     assert out.returncode == 0, out.stderr
-    assert "MB" in out.stdout and "weights MB" in out.stdout
+    assert "┃ MB " in out.stdout and "┃ weights ┃" in out.stdout
     line = next(line for line in out.stdout.splitlines() if "e0e0e0e0e0" in line)
     assert "0.30" in line and "2.00" in line
     assert "in all: entries 0.3 MB, kept weights 2.0 MB" in out.stdout

@@ -85,8 +85,8 @@ def cache_ls(competition: Optional[str] = typer.Argument(None, help="only this c
     one = len({name for name, *_ in rows}) == 1  # one competition: named in the title, room for the sizes
     table = Table(title=f"{proj.relative(proj.cache)}/" + (f"{rows[0][0]}/" if rows and one else ""))
     for col in (*(() if one else ("competition",)), "key", "member", "arch", *(("folds",) if cv else ()), "size",
-                "epochs", "valid acc", "TTA acc", "train", "created", "MB", "weights MB"):  # the entry's, its weights'
-        table.add_column(col, no_wrap=col in ("key", "arch", "folds", "created", "MB", "weights MB"))
+                "epochs", "valid acc", "TTA acc", "train", "created", "MB", "weights"):  # MB: the entry's, and its kept weights'
+        table.add_column(col, no_wrap=col in ("key", "arch", "folds", "created", "MB", "weights"))
     for name, cells, folds in rows:
         table.add_row(*(() if one else (name,)), *cells[:3], *((folds,) if cv else ()), *cells[3:])
     console.print(table if rows else "no cached members yet")
