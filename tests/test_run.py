@@ -35,7 +35,7 @@ def test_second_run_trains_nothing_and_writes_the_same_csv(tiny_run):
     second = run_ensemble(Project(root), "digits/tiny.yaml")
     assert second.trained == []
     # the same resolved ensemble on the same members: the CSV already written, no copy, no new history row
-    assert second.csv == first.csv and second.unchanged.startswith(f"unchanged: submissions/digits/{first.csv.name} ")
+    assert second.csv == first.csv and second.unchanged.startswith(f"unchanged: {Project.shown(first.csv)} (written at ")
     rows = [r for r in _history(root) if r["file"] == f"submissions/digits/{first.csv.name}"]
     assert len(rows) == 1 and rows[0]["overrides"] == "" and rows[0]["ensemble_hash"]
     assert json.loads(rows[0]["members"]) == {"convnext": 1.0, "effnet": 1.0, "resnet": 1.0}  # name: weight

@@ -42,7 +42,7 @@ def test_an_unchanged_rerun_points_at_its_csv_and_overrides_are_recorded(project
     o = _outcome(len(g.data.test_ids))
     first = run.blend_and_submit(proj, g, [o], [1.0], "tiny", "tta", submit=False)
     again = run.blend_and_submit(proj, g, [o], [1.0], "tiny", "tta", submit=False)
-    assert again.csv == first.csv and again.unchanged.startswith(f"unchanged: {proj.relative(first.csv)} (written at ")
+    assert again.csv == first.csv and again.unchanged.startswith(f"unchanged: {Project.shown(first.csv)} (written at ")
     assert len(read_history(history)) == 1 and len(list(history.parent.glob("*.csv"))) == 2  # the CSV + history
 
     other = run.blend_and_submit(proj, g, [_outcome(len(g.data.test_ids), "k2")], [1.0], "tiny", "tta", submit=False)

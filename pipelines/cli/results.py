@@ -28,7 +28,7 @@ def ablate(ensemble: str = typer.Argument(..., help="the ensemble YAML"),
            cached_only: bool = typer.Option(False, "--cached-only", help="use the cached members only; train nothing"),
            top: int = typer.Option(10, "--top", help="how many of the best subsets to show"),
            probs: Optional[str] = typer.Option(None, "--probs", help="tta or plain (default: the ensemble's)"),
-           rounds: Optional[int] = typer.Option(None, "--rounds", min=1, help="greedy selection's and hill "
+           rounds: Optional[int] = typer.Option(None, "--rounds", help="greedy selection's and hill "
                                                 "climbing's rounds in every table (default: the ensemble's combine.rounds)"),
            pick: str = typer.Option("greedy", "--pick", help="what --write/--submit use: greedy (combine: greedy with "
                                     "these rounds), subset (the best), or a combine method (mean, hill_climb, rank, "
@@ -71,10 +71,11 @@ def ablate(ensemble: str = typer.Argument(..., help="the ensemble YAML"),
         _print_delivery(blend.delivery)
 
 
-def _at_least_one(**options: int) -> None:
-    """Counts checked before any training: `--batch 0` would fail only once the members are ready."""
+def _at_least_one(**options: int | None) -> None:
+    """Counts checked before any training: `--batch 0` would fail only once the members are ready (None: not
+    given, the default applies)."""
     for name, value in options.items():
-        if value < 1:
+        if value is not None and value < 1:
             raise EnsError(f"--{name} {value}: give a whole number of at least 1")
 
 
