@@ -435,12 +435,14 @@ def blend_and_submit(project: Project, g: Gathered, outcomes: list[MemberOutcome
     how = (f"{combine.method}, " if combine.method != "mean" else "") + ("OOF " if g.cv else "valid ")
     message = (f"ens {project.relative(g.path)}{' ' + overrides if overrides else ''} #{run_hash[:8]}: {members}; "
                f"{how}{comp.metric} {valid_score:.4f}")[:500]
-    record = dict(ensemble=project.relative(g.path), members=json.dumps({o.member.name: w for o, w in zip(outcomes, weights)}),
+    record = dict(ensemble=project.relative(g.path),
+                  members=json.dumps({o.member.name: w for o, w in zip(outcomes, weights)}),
                   keys=keys, metric=comp.metric, valid_score=f"{valid_score:.6f}", overrides=overrides,
                   ensemble_hash=run_hash)
     if prior is not None:
         unchanged = f"unchanged: {project.shown(csv_path)} (written at {prior['time'][:19].replace('T', ' ')})"
-        uploaded = comp.kaggle and (submit or push) and (force or submission.already_submitted(history, prior["sha256"]) is None)
+        uploaded = comp.kaggle and (submit or push) and (
+            force or submission.already_submitted(history, prior["sha256"]) is None)
         if not uploaded:  # nothing new to record: no CSV, no history row
             delivery = submission.Delivery("unchanged", note=_prior_delivery(prior))
             return Blend(csv_path, rows, valid_score, test_score, delivery, blended, unchanged)
