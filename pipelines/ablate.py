@@ -128,8 +128,9 @@ def _method(how: str) -> bool:
 
 
 def ablate(project: Project, spec: str, overrides: list[str] = (), cached_only: bool = False, probs: str | None = None,
-           rounds: int = 25, progress=None, on_member=lambda o: None) -> Ablation:
+           rounds: int | None = None, progress=None, on_member=lambda o: None) -> Ablation:
     g = gather_members(project, spec, overrides, progress, on_member, cached_only=cached_only)
+    rounds = rounds or g.ensemble.combine.rounds  # one number of rounds in every table: the ensemble's by default
     if not g.outcomes:
         raise EnsError(f"{project.relative(g.path)}: no member is cached yet; run `ens ablate` without --cached-only "
                        "(or `ens run`) to train them")
@@ -199,8 +200,8 @@ def _mcnemar(a: np.ndarray, b: np.ndarray, targets: np.ndarray, groups=None) -> 
 
 def _methods(g: Gathered, p: list[np.ndarray], weights: list[float], targets: np.ndarray, folds: np.ndarray,
              metric: str, rounds: int, memo_dir: Path) -> list[MethodRow]:
-    """Every `combine:` method on these members (the ensemble's own with its settings; greedy, unless the
-    ensemble's own, with ablate's rounds, as `--pick greedy` writes it), side by side. Memoised under `memo_dir`
+    """Every `combine:` method on these members (the ensemble's own with its settings), side by side; greedy and
+    hill climbing with the ablation's `rounds`, as its greedy selection and `--pick greedy`. Memoised under `memo_dir`
     by everything the rows depend on (the probabilities themselves, targets, folds, weights, settings and the
     blending code): their nested CV (stacking's L-BFGS fits above all) is most of what `ens ablate` costs."""
     import dataclasses
@@ -208,7 +209,7 @@ def _methods(g: Gathered, p: list[np.ndarray], weights: list[float], targets: np
     import json
 
     own = g.ensemble.combine
-    digest = hashlib.sha256(Path(ensemble.__file__).read_bytes())
+    digest = hashlib.sha256(Path(ensemble.__file__).read_bytes() + Path(__file__).read_bytes())
     for a in (*p, np.asarray(targets), np.asarray(folds), np.asarray(weights, dtype="float64")):
         digest.update(np.ascontiguousarray(a).tobytes())
     digest.update(json.dumps([metric, rounds, own.model_dump(), COMBINE_METHODS]).encode())
@@ -221,8 +222,7 @@ def _methods(g: Gathered, p: list[np.ndarray], weights: list[float], targets: np
     for method in COMBINE_METHODS:
         if method == "subset" and len(p) > MAX_SUBSET_MEMBERS:
             continue  # 2^m subsets per fold
-        settings = {"rounds": rounds} if method == "greedy" else {}
-        cfg = own if method == own.method else Combine(method=method, **settings)
+        cfg = (own if method == own.method else Combine(method=method)).model_copy(update={"rounds": rounds})
         b = ensemble.blend(cfg, p, p, targets, weights, folds, metric)  # no test rows wanted here
         rows.append(MethodRow(method, b.learned, float(b.in_sample), float(b.honest), [float(x) for x in b.per_fold],
                               float(ensemble.log_loss(b.valid, targets))))

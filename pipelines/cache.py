@@ -318,6 +318,9 @@ class MemberCache:
             except (OSError, ValueError):
                 meta = {"key": folder.name, "damaged": True}
             meta["bytes"] = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+            weights = self.root / "models" / str(meta.get("train_key"))  # kept weights (shared by its TTA variants)
+            meta["weights_bytes"] = sum(f.stat().st_size for f in weights.iterdir() if f.is_file()) \
+                if meta.get("train_key") and weights.is_dir() else 0
             out.append(meta)
         return out
 

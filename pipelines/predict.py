@@ -34,12 +34,41 @@ def predict_member(learn, member: Member, data: CompetitionData, progress=None) 
             out.update({f"{split}_{k}": empty for k in kinds})
             continue
         views = f", views {', '.join(member.tta.view_names)}" if member.tta.views else ""
-        task = progress.add_task(f"  TTA {split} ({passes}+1 passes{views})", total=None) if progress else None
-        out.update({f"{split}_{k}": v for k, v in tta_probs(learn, dl, member).items()})
-        if task is not None:
+        if progress is None:
+            out.update({f"{split}_{k}": v for k, v in tta_probs(learn, dl, member).items()})
+            continue
+        task = progress.add_task(f"  TTA {split} ({passes}+1 passes{views})", total=tta_batches(len(dl), member))
+        try:
+            with learn.added_cbs(_advancing(progress, task)):  # the bar moves with each batch predicted
+                out.update({f"{split}_{k}": v for k, v in tta_probs(learn, dl, member).items()})
+        finally:
             progress.remove_task(task)
     out["valid_targets"] = np.array([vocab.index(l) for l in data.valid_labels], dtype="int64")
     return out, time.perf_counter() - start
+
+
+def tta_batches(n_batches: int, member: Member) -> int:
+    """How many batches `tta_probs` predicts for a loader of `n_batches`: the plain pass, the augmented passes and
+    the views' crops and flips (the TTA bar's total)."""
+    passes, views = member.tta_passes, member.tta.view_names
+    per_view = sum(len(view_transforms(v)) for v in views)
+    if not passes and not views:
+        return n_batches
+    if passes and member.resize.method != "squish":  # fastai's tta: n + 1 loops; then the views in one stream
+        return n_batches * (passes + 1 + (1 + per_view if views else 0))
+    return n_batches * (1 + passes + per_view)
+
+
+def _advancing(progress, task):
+    """A fastai callback advancing `task` by one per batch predicted."""
+    from fastai.callback.core import Callback
+
+    class Advance(Callback):
+        def after_batch(self):
+            if not self.training:
+                progress.advance(task)
+
+    return Advance()
 
 
 def seed_split(member: Member, split: str) -> None:

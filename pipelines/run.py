@@ -16,6 +16,7 @@ import numpy as np
 
 from . import ensemble, submission, unit
 from .cache import Entry, MemberCache, prediction_key, train_key, version_drift
+from .clock import RUN_CLOCK, RunClock, unit_work
 from .config import Combine, Competition, Ensemble, Member, Project, load_ensemble
 from .config.loading import ignored_warnings
 from .crossval import costliest, join_folds, unit_name
@@ -76,6 +77,7 @@ class RunResult:
     warnings: list[str] = field(default_factory=list)
     gathered: Gathered | None = None
     blended: ensemble.Blended | None = None
+    unchanged: str = ""  # a rerun that would write the same CSV: the line naming the one already written
 
     @property
     def trained(self) -> list[str]:
@@ -108,6 +110,7 @@ class Gathered:
     units: list[MemberOutcome] = field(default_factory=list)  # every model read or computed (fold models in cv)
     # seconds before any member's work: imports_s (process start to here), data_s (listing and fingerprint)
     startup: dict = field(default_factory=dict)
+    overrides: list[str] = field(default_factory=list)  # the command line's, recorded with the run
 
     @property
     def cv(self) -> bool:
@@ -209,6 +212,7 @@ def _gather_members(project: Project, spec: str, overrides: list[str] = (), prog
         if progress is not None:
             progress.advance(task)
 
+    clock = RunClock([(u.member.arch, unit_work(u.member, sum(not v for v in u.data.is_valid))) for u in to_compute])
     if parallel is not None and to_compute:  # the cached first, then the missing ones as Ray finishes them
         for u in planned:
             if u.entry is not None:
@@ -217,11 +221,19 @@ def _gather_members(project: Project, spec: str, overrides: list[str] = (), prog
     for u in planned:
         if id(u) in computed or (u.entry is None and not u.compute):
             continue
+        fold = "" if u.fold is None else f" {unit_name(u.fold)}"
         if progress is not None:
-            fold = "" if u.fold is None else f" {unit_name(u.fold)}"
             progress.update(task, description=f"member {u.member.name} ({u.member.arch}){fold}")
-        done(u, *((u.entry, u.how) if u.entry is not None else
-                  member_entry(u.member, u.data, cache, u.train, u.key, progress)))
+        if u.entry is not None:
+            done(u, u.entry, u.how)
+            continue
+        clock.start(u.member.arch, unit_work(u.member, sum(not v for v in u.data.is_valid)), member=u.member.name,
+                    fold=u.fold, label=f"{u.member.name} ({u.member.arch}){fold}")
+        token = RUN_CLOCK.set(clock)  # the epoch lines' ETA of the run
+        try:
+            done(u, *member_entry(u.member, u.data, cache, u.train, u.key, progress))
+        finally:
+            RUN_CLOCK.reset(token)
     if progress is not None:
         progress.remove_task(task)
     units = [computed[id(u)] for u in planned if id(u) in computed]
@@ -229,7 +241,7 @@ def _gather_members(project: Project, spec: str, overrides: list[str] = (), prog
     if outcomes:
         _check_aligned(outcomes)
     return Gathered(path, ens, comp, data, outcomes, left_out, list(cache.damaged), warnings, fold_ids,
-                    incomplete, units, startup=startup)
+                    incomplete, units, startup=startup, overrides=list(overrides))
 
 
 def _plan_units(project: Project, ens: Ensemble, variants, cache: MemberCache, cached_only: bool, seen: tuple,
@@ -377,6 +389,7 @@ class Blend:
     test_score: float | None
     delivery: submission.Delivery
     blended: ensemble.Blended | None = None
+    unchanged: str = ""  # "unchanged: <csv> (written at ...)" when an earlier run wrote this very CSV
 
 
 def _deliver(project: Project, g: Gathered, chosen, csv_path: Path, shown: str, message: str, history: Path,
@@ -426,14 +439,21 @@ def blend_and_submit(project: Project, g: Gathered, outcomes: list[MemberOutcome
     per_fold = blended.per_fold
 
     out_dir = project.submissions / comp.name
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    csv_path = submission.reserve_csv(out_dir, f"{stamp}-{name}")  # created atomically: two runs, two files
+    history = out_dir / "history.csv"
+    run_hash = submission.run_hash(g.ensemble, comp, name, probs, combine, weights)
+    keys = json.dumps([[u.entry.key for u in o.folds] if o.folds else o.entry.key for o in outcomes])
     sample = data.root / comp.sample_submission
-    try:
-        submission.write_submission(csv_path, comp, sample, data.test_ids, test, data.vocab)
-    except BaseException:
-        csv_path.unlink(missing_ok=True)  # the reserved name, still empty
-        raise
+    prior = submission.unchanged_csv(history, project.root, run_hash, keys)
+    if prior is not None:  # the same resolved ensemble on the same cached members: the same CSV, already written
+        csv_path = prior["path"]
+    else:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        csv_path = submission.reserve_csv(out_dir, f"{stamp}-{name}")  # created atomically: two runs, two files
+        try:
+            submission.write_submission(csv_path, comp, sample, data.test_ids, test, data.vocab)
+        except BaseException:
+            csv_path.unlink(missing_ok=True)  # the reserved name, still empty
+            raise
     rows = submission.check_submission(csv_path, sample, comp, data.vocab)
     test_score = None
     if comp.solution:  # scored as Kaggle would: the file, against the answers; and each member alike
@@ -448,16 +468,29 @@ def blend_and_submit(project: Project, g: Gathered, outcomes: list[MemberOutcome
                   "per_fold": per_fold, "learned_weights": blended.weights if blended.learned else None,
                   "probs": probs, "n_images": int(len(targets)),
                   "members": {o.member.name: w for o, w in zip(outcomes, weights)},
-                  "per_class": ensemble.per_class(valid, targets, data.vocab)}
-    csv_path.with_suffix(".validation.json").write_text(json.dumps(validation, indent=1))
-    history = out_dir / "history.csv"
+                  "per_class": ensemble.per_class(valid, targets, data.vocab),
+                  "overrides": list(g.overrides), "ensemble_hash": run_hash}
     shown = project.relative(csv_path)
+    overrides = submission.shown_overrides(g.overrides)
     members = ", ".join(o.member.name + (f"×{w:g}" if w != 1 else "") for o, w in zip(outcomes, weights))
     how = (f"{combine.method}, " if combine.method != "mean" else "") + ("OOF " if g.cv else "valid ")
-    message = f"ens {project.relative(g.path)}: {members}; {how}{comp.metric} {valid_score:.4f}"[:500]
+    message = (f"ens {project.relative(g.path)}{' ' + overrides if overrides else ''} #{run_hash[:8]}: {members}; "
+               f"{how}{comp.metric} {valid_score:.4f}")[:500]
     record = dict(ensemble=project.relative(g.path),
                   members=json.dumps({o.member.name: w for o, w in zip(outcomes, weights)}),
-                  keys=json.dumps([[u.entry.key for u in o.folds] if o.folds else o.entry.key for o in outcomes]), metric=comp.metric, valid_score=f"{valid_score:.6f}")
+                  keys=keys, metric=comp.metric, valid_score=f"{valid_score:.6f}", overrides=overrides,
+                  ensemble_hash=run_hash)
+    if prior is not None:
+        unchanged = f"unchanged: {project.shown(csv_path)} (written at {prior['time'][:19].replace('T', ' ')})"
+        uploaded = comp.kaggle and (submit or push) and (
+            force or submission.already_submitted(history, prior["sha256"]) is None)
+        if not uploaded:  # nothing new to record: no CSV, no history row
+            delivery = submission.Delivery("unchanged", note=_prior_delivery(prior))
+            return Blend(csv_path, rows, valid_score, test_score, delivery, blended, unchanged)
+        delivery = _deliver(project, g, Chosen(name, outcomes, weights, combine, probs), csv_path, shown, message,
+                            history, record, submit, push, wait, force, notebook or {})  # not sent yet: send it now
+        return Blend(csv_path, rows, valid_score, test_score, delivery, blended, unchanged)
+    csv_path.with_suffix(".validation.json").write_text(json.dumps(validation, indent=1))
     if comp.kaggle and (submit or push):  # records its row itself, as the delivery goes
         delivery = _deliver(project, g, Chosen(name, outcomes, weights, combine, probs), csv_path, shown, message,
                             history, record, submit, push, wait, force, notebook or {})
@@ -480,14 +513,61 @@ def blend_and_submit(project: Project, g: Gathered, outcomes: list[MemberOutcome
     return Blend(csv_path, rows, valid_score, test_score, delivery, blended)
 
 
+def _prior_delivery(row: dict) -> str:
+    """What became of the CSV an unchanged rerun points at, as its history row says."""
+    if row.get("destination") == "kaggle" and row.get("ref"):
+        return f"already submitted as ref {row['ref']} ({row.get('status') or 'pending'} {row.get('score') or ''})".rstrip()
+    return ""
+
+
 def run_ensemble(project: Project, spec: str, overrides: list[str] = (), progress=None,
                  on_member=lambda outcome: None, submit: bool = True, wait: bool = True, force: bool = False,
                  folds: list[int] | None = None, parallel: "Parallel | None" = None, push: bool = False,
-                 notebook: dict | None = None, held: str | None = None, remote: dict | None = None) -> RunResult:
+                 notebook: dict | None = None, held: str | None = None, remote: dict | None = None,
+                 track: bool = False) -> RunResult:
     """Gather the members (training what is missing; in cv only `folds` when given), blend them as the
     ensemble's `combine:` says, write, check, score and submit the CSV. When some member's fold models are
     missing (a quick look at a few folds) there is no out-of-fold blend: the result has no CSV and says so. `held`:
-    why a run not told --no-submit is not uploaded (its overrides), said where the upload would be."""
+    why a run not told --no-submit is not uploaded (its overrides), said where the upload would be.
+    Tracked in MLflow with `track` or the ensemble's `tracking: mlflow` (`tracking.Tracker`)."""
+    tracker = _tracker(project, spec, list(overrides), track)
+    if tracker is None:
+        return _run(project, spec, overrides, progress, on_member, submit, wait, force, folds, parallel, push, notebook,
+                    held, remote)
+    from .clock import EPOCH_WATCHERS
+
+    token = EPOCH_WATCHERS.set((*EPOCH_WATCHERS.get(), tracker.epoch))  # each epoch logged as it ends
+    try:
+        result = _run(project, spec, overrides, progress, on_member, submit, wait, force, folds, parallel, push,
+                      notebook, held, remote)
+        tracker.results(result)
+    except BaseException as e:
+        tracker.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    finally:
+        EPOCH_WATCHERS.reset(token)
+    tracker.end("FINISHED")
+    return result
+
+
+def _tracker(project: Project, spec: str, overrides: list[str], track: bool):
+    """The run's MLflow run, opened (params logged) before any work; None when not tracked."""
+    path, ens, comp = load_ensemble(project, spec, overrides)
+    if not (track or ens.tracking == "mlflow"):
+        return None
+    from .tracking import Tracker
+
+    digest = submission.run_hash(ens, comp, path.stem)  # what `ens run` records in the history for this run
+    shown = project.relative(path)
+    tracker = Tracker(project.root, comp.name, f"{path.stem} #{digest[:8]}",
+                      {"ens.ensemble": shown, "ens.ensemble_hash": digest, "ens.competition": comp.name,
+                       "ens.overrides": submission.shown_overrides(overrides)})
+    tracker.params(ens, overrides, {"ensemble": shown, "ensemble_hash": digest})
+    return tracker
+
+
+def _run(project, spec, overrides, progress, on_member, submit, wait, force, folds, parallel, push,
+         notebook, held, remote) -> RunResult:
     start = time.perf_counter()
     g = gather_members(project, spec, overrides, progress, on_member, folds=folds, parallel=parallel, remote=remote)
     done = dict(damaged=g.damaged, warnings=g.warnings, gathered=g)
@@ -499,4 +579,4 @@ def run_ensemble(project: Project, spec: str, overrides: list[str] = (), progres
                              held=held)
     return RunResult(g.path, g.ensemble, g.competition, g.outcomes, g.competition.metric, blend.valid_score,
                      blend.csv, blend.rows, blend.test_score, blend.delivery, seconds=time.perf_counter() - start,
-                     blended=blend.blended, **done)
+                     blended=blend.blended, unchanged=blend.unchanged, **done)

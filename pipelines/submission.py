@@ -20,7 +20,9 @@ from .util import file_lock, read_csv, read_csv_rows, sweep_dead, unique_suffix
 
 HISTORY_COLUMNS = ["time", "ensemble", "members", "keys", "metric", "valid_score", "file", "sha256",
                    "destination", "ref", "status", "score", "message", "id", "note",
-                   "dataset", "notebook"]  # a code competition's: its weights' dataset (and content), owner/slug/version
+                   "dataset", "notebook",  # a code competition's: its weights' dataset (and content), owner/slug/version
+                   "overrides", "ensemble_hash"]  # the run's command-line overrides; `run_hash` of what it resolved to
+# (new columns go last: older history files, without them, read as before and gain them empty when rewritten)
 
 # what Kaggle's errors of a code submission (its re-run on the hidden test set) mean, and what to do
 ERROR_HINTS = {
@@ -191,6 +193,39 @@ def score_values(ids: list[str], values: list[str], solution_path: Path, comp: C
         from sklearn.metrics import f1_score
 
         return float(f1_score(actual, values, average="macro"))
+    return None
+
+
+def run_hash(ens, comp: Competition, name: str | None = None, probs: str | None = None, combine=None,
+             weights: list[float] | None = None) -> str:
+    """What tells runs apart: a hash of the resolved ensemble and competition (every override applied) and of the
+    blend made of it (CSV name, probabilities, combine, weights; by default the ensemble's own, as `ens run`
+    blends). Equal hashes and equal member keys make the same CSV."""
+    import json
+
+    blend = {"name": name, "probs": probs or ens.probs,
+             "combine": (combine or ens.combine).model_dump(mode="json"),
+             "weights": list(weights) if weights is not None else [m.weight for m in ens.members]}
+    text = json.dumps({"ensemble": ens.model_dump(mode="json", exclude={"tracking"}),  # where it is recorded: not what
+                       "competition": comp.model_dump(mode="json"),
+                       "blend": blend}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def shown_overrides(overrides) -> str:
+    """A run's overrides as typed on the command line (quoted where needed), '' without."""
+    return " ".join(shlex.quote(o) for o in overrides)
+
+
+def unchanged_csv(history: Path, root: Path, ensemble_hash: str, keys: str) -> dict | None:
+    """The history row of the CSV an earlier run with the same `run_hash` and member keys wrote, when that file
+    is still there with the bytes recorded: a rerun that would write the same CSV points at it instead."""
+    for row in reversed(read_history(history)):
+        if row.get("ensemble_hash") != ensemble_hash or row.get("keys") != keys or not row.get("file"):
+            continue
+        path = Path(row["file"]) if Path(row["file"]).is_absolute() else root / row["file"]
+        if path.is_file() and file_sha256(path) == row.get("sha256"):
+            return dict(row, path=path)
     return None
 
 

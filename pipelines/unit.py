@@ -188,6 +188,8 @@ def _trained_meta(member: Member, data: CompetitionData, train: str, seconds: fl
         "train_fields": member.train_fields(),
         "data_fingerprint": data.fingerprint,
         "cv": data.cv_fold,  # None, or which fold of which cross-validation (`ens cache ls` groups by it)
+        "images": {"train": sum(not v for v in data.is_valid),  # what `ens plan` scales measured rates by
+                   "predicted": sum(data.is_valid) + len(data.test_paths)},
         "history": history,
         "timings": {"train_seconds": round(seconds, 2)},
         "device": device,

@@ -68,7 +68,9 @@ def test_write_and_submit_the_selection(tiny_run, tmp_path):
     r = ablate(Project(root), "digits/tiny.yaml")
     # greedy's counts are learned on the validation rows: written as `combine: greedy` over every member, so the
     # score recorded, here and by any later run, is its nested-CV one, not the in-sample score of the counts
-    assert picked["combine"] == {"method": "greedy", "rounds": 25} and [m.name for m in e.members] == r.names
+    # (with the ensemble's rounds, combine.rounds' default 100: the bare method name)
+    assert picked["combine"] == "greedy" and e.combine.rounds == r.greedy_rounds == 100
+    assert [m.name for m in e.members] == r.names
     assert f"{r.greedy_honest:.4f} (nested cross-validation)" in (root / "ensembles/digits/picked.yaml").read_text()
     assert picked["defaults"]["size"] == 32  # the rest of the source survives
     rerun = run_ensemble(Project(root), "digits/picked.yaml")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from conftest import make_project
+from conftest import copy_project, make_project
 from pipelines.config import Project, load_ensemble
 from pipelines.plan import plan_ensemble, render
 
@@ -107,12 +107,17 @@ def test_a_second_plan_builds_nothing(project, memo, no_training):
     assert "test_resnet|32|10" in stored
 
 
-def test_fresh_project_has_nothing_cached_and_no_estimate(project, memo, no_training):
+def test_fresh_project_has_nothing_cached_and_a_built_in_estimate(project, memo, no_training):
+    from pipelines.plan.estimate import BUILTIN_RATES
+
     plan = plan_ensemble(Project(project), "digits/tiny", device="cpu", memo=memo)
     assert [m.name for m in plan.to_train] == ["convnext", "effnet", "resnet"]
-    assert all(m.est_seconds is None for m in plan.members) and plan.est_seconds is None
+    assert all(m.est_approx for m in plan.members) and plan.est_from == "the built-in rate for cpu"
+    resnet = plan.members[2]  # the built-in seconds per image·GFLOP times the member's work
+    assert resnet.est_train_seconds == pytest.approx(BUILTIN_RATES["cpu"][0] * resnet.train_gflops * plan.n_train)
     out = text(plan)
-    assert "to train" in out and "no estimate: nothing of digits was trained on cpu yet" in out
+    assert "to train; estimated ~" in out and "est. time ?" not in out
+    assert "(~: nothing of digits was trained on cpu yet; from the built-in rate for cpu, scaled by FLOPs)" in out
     assert entries(project) == []
 
 
@@ -147,9 +152,10 @@ def test_changed_lr_is_not_cached_and_is_estimated(tiny_run, memo, no_training):
     assert 7 < ratio < 8.4
     out = text(plan)
     assert "2 cached, 1 to train; estimated" in out and "from 3 cached members on cpu" in out
-    # another device has no measurements
-    assert plan_ensemble(Project(root), "digits/tiny", ["members.resnet.lr=0.01"], device="cuda", memo=memo,
-                         probe=lambda *a: (lambda mb: mb)).est_seconds is None
+    # another device has no measurements: the built-in rate, marked
+    cuda = plan_ensemble(Project(root), "digits/tiny", ["members.resnet.lr=0.01"], device="cuda", memo=memo,
+                         probe=lambda *a: (lambda mb: mb))
+    assert cuda.est_from == "the built-in rate for cuda" and cuda.members[2].est_approx
     assert entries(root) == before
 
 
@@ -229,3 +235,23 @@ def test_plan_downloads_nothing(tmp_path, digits_data, monkeypatch):
     plan = plan_ensemble(Project(root), "remote/a", device="cpu", memo=tmp_path / "flops.json")
     assert not plan.data_known and not (root / "cache" / "data" / "remote").exists()
     assert "`ens data remote` downloads it" in text(plan)  # tests/test_plan_offline.py: what else it says
+
+
+def test_a_new_competition_is_estimated_from_another_competitions_models(tiny_run, memo, no_training, tmp_path):
+    """Nothing of digits2 trained yet: its members' times come from digits' cached models of the same arch,
+    scaled by FLOPs, marked with ~ and a note saying from what."""
+    root, result = tiny_run
+    project = copy_project(root, tmp_path / "p")
+    (project / "competitions/digits2.yaml").write_text((project / "competitions/digits.yaml").read_text())
+    (project / "ensembles/digits2").mkdir()
+    (project / "ensembles/digits2/tiny.yaml").write_text(
+        (project / "ensembles/digits/tiny.yaml").read_text().replace("competition: digits", "competition: digits2"))
+    plan = plan_ensemble(Project(project), "digits2/tiny", device="cpu", memo=memo)
+    assert [m.cached for m in plan.members] == [False] * 3 and all(m.est_approx for m in plan.members)
+    resnet = plan.members[2]
+    timings = next(o.entry.meta["timings"] for o in result.members if o.member.name == "resnet")
+    assert resnet.est_train_seconds == pytest.approx(timings["train_seconds"])  # the same work on the same images
+    assert resnet.est_basis == "1 cached test_resnet model of digits"
+    out = text(plan)
+    assert "estimated ~" in out
+    assert "(~: nothing of digits2 was trained on cpu yet; from " in out and " of digits, scaled by FLOPs)" in out

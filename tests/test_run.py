@@ -34,11 +34,12 @@ def test_second_run_trains_nothing_and_writes_the_same_csv(tiny_run):
     assert first.valid_score > 0.5 and first.test_score > 0.5  # 1 epoch at 16 px: far above chance (0.1)
     second = run_ensemble(Project(root), "digits/tiny.yaml")
     assert second.trained == []
-    assert second.csv != first.csv and second.csv.read_bytes() == first.csv.read_bytes()
-    rows = _history(root)
-    assert len(rows) >= 2 and rows[-1]["file"] == f"submissions/digits/{second.csv.name}"
-    assert json.loads(rows[-1]["members"]) == {"convnext": 1.0, "effnet": 1.0, "resnet": 1.0}  # name: weight
-    assert rows[-1]["destination"] == "local answers" and float(rows[-1]["score"]) == pytest.approx(second.test_score)
+    # the same resolved ensemble on the same members: the CSV already written, no copy, no new history row
+    assert second.csv == first.csv and second.unchanged.startswith(f"unchanged: {Project.shown(first.csv)} (written at ")
+    rows = [r for r in _history(root) if r["file"] == f"submissions/digits/{first.csv.name}"]
+    assert len(rows) == 1 and rows[0]["overrides"] == "" and rows[0]["ensemble_hash"]
+    assert json.loads(rows[0]["members"]) == {"convnext": 1.0, "effnet": 1.0, "resnet": 1.0}  # name: weight
+    assert rows[0]["destination"] == "local answers" and float(rows[0]["score"]) == pytest.approx(second.test_score)
 
 
 def test_entry_holds_what_the_issue_lists(tiny_run):

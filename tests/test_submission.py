@@ -9,7 +9,7 @@ from sklearn.metrics import log_loss as sk_log_loss
 
 from conftest import ens
 from pipelines import ensemble
-from pipelines.config import Project, load_competition
+from pipelines.config import Project, load_competition, load_ensemble
 from pipelines.submission import SubmissionError, check_submission, score_submission, write_submission
 
 
@@ -86,7 +86,7 @@ REFRESHER = """
 import sys, time
 from pathlib import Path
 from pipelines import kaggle
-from pipelines.config import Project, load_competition
+from pipelines.config import Project, load_competition, load_ensemble
 from pipelines.submission import refresh_history
 root, go, n = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 calls = []
@@ -164,7 +164,8 @@ def test_two_runs_in_the_same_second_get_two_complete_csvs(project, digits_data,
         ids = [r["image_id"] for r in csv.DictReader(f)]
     vocab = [str(i) for i in range(10)]
     g = NS(competition=comp, data=NS(root=digits_data, test_ids=ids, vocab=vocab),
-           path=project / "ensembles/digits/tiny.yaml", cv=False, blend_folds=lambda: np.arange(40) % 5)
+           path=project / "ensembles/digits/tiny.yaml", cv=False, blend_folds=lambda: np.arange(40) % 5,
+           ensemble=load_ensemble(proj, "digits/tiny.yaml", [])[1], overrides=[])
 
     def outcome(seed):
         rng = np.random.default_rng(seed)

@@ -86,9 +86,11 @@ def _progress():
         SpinnerColumn,
         TextColumn,
         TimeElapsedColumn,
+        TimeRemainingColumn,
     )
 
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn())
     return Progress(*columns, console=console, transient=True,
                     auto_refresh=console.is_terminal or console.is_jupyter)
 
@@ -101,8 +103,10 @@ def _with_progress(work):
 
         m, metrics = outcome.member, outcome.entry.meta.get("metrics") or {}
         how = _how(outcome)
-        if outcome.trained:
-            how += f" in {outcome.entry.meta['timings']['train_seconds']:.1f}s"
+        if outcome.trained:  # both parts, as the table's train+TTA column sums them
+            timings = outcome.entry.meta["timings"]
+            how += (f" in {timings['train_seconds']:.1f}s"
+                    + (f" + {timings['predict_seconds']:.1f}s TTA" if "predict_seconds" in timings else ""))
         what = f"{m.name} ({m.arch})" + ("" if outcome.fold is None else f" {unit_name(outcome.fold)}")
         scores = (f"valid accuracy {metrics['plain_accuracy']:.4f}, TTA {metrics['tta_accuracy']:.4f}" if metrics
                   else "no validation images (trained on every training image)")

@@ -70,8 +70,9 @@ def data(competition: str = typer.Argument(..., help="a competition name (compet
 @cache_app.command("ls")
 def cache_ls(competition: Optional[str] = typer.Argument(None, help="only this competition"),
              project: Optional[Path] = ProjectOpt):
-    """List cached members: key, arch, size, epochs, validation accuracy, when and how long; a cross-validated
-    member's fold models in one row (their folds, mean fold accuracy, summed time and size)."""
+    """List cached members: key, arch, size, epochs, validation accuracy, when and how long, the entry's size and
+    its kept weights' (keep_model: true); a cross-validated member's fold models in one row (their folds, mean
+    fold accuracy, summed time and sizes)."""
     from ..cache import MemberCache
 
     proj = _project(project)
@@ -81,13 +82,19 @@ def cache_ls(competition: Optional[str] = typer.Argument(None, help="only this c
     rows = [(name, *_cache_row(group)) for name in names
             for group in _cache_groups(MemberCache(proj.cache, name).entries())]
     cv = any(folds.startswith("folds") for *_, folds in rows)  # the column only where some member is cross-validated
-    table = Table(title=f"{proj.relative(proj.cache)}/")
-    for col in ("competition", "key", "member", "arch", *(("folds",) if cv else ()), "size", "epochs", "valid acc",
-                "TTA acc", "train", "created", "MB"):
-        table.add_column(col, no_wrap=col in ("key", "arch", "folds", "created"))
+    one = len({name for name, *_ in rows}) == 1  # one competition: named in the title, room for the sizes
+    table = Table(title=f"{proj.relative(proj.cache)}/" + (f"{rows[0][0]}/" if rows and one else ""))
+    for col in (*(() if one else ("competition",)), "key", "member", "arch", *(("folds",) if cv else ()), "size",
+                "epochs", "valid acc", "TTA acc", "train", "created", "MB", "weights"):  # MB: the entry's, and its kept weights'
+        table.add_column(col, no_wrap=col in ("key", "arch", "folds", "created", "MB", "weights"))
     for name, cells, folds in rows:
-        table.add_row(name, *cells[:3], *((folds,) if cv else ()), *cells[3:])
+        table.add_row(*(() if one else (name,)), *cells[:3], *((folds,) if cv else ()), *cells[3:])
     console.print(table if rows else "no cached members yet")
+    if rows:  # weights shared by entries of one training key (another TTA) counted once
+        metas = [m for name in names for m in MemberCache(proj.cache, name).entries()]
+        weights = {m.get("train_key"): m.get("weights_bytes", 0) for m in metas}
+        console.print(f"in all: entries {sum(m.get('bytes', 0) for m in metas) / 1e6:.1f} MB, kept weights "
+                      f"{sum(weights.values()) / 1e6:.1f} MB", highlight=False)
 
 
 @cache_app.command("prune")
@@ -140,7 +147,7 @@ def _cache_row(group: list[dict]) -> tuple[list[str], str]:
     """(the cells from key to MB, the folds cell: 'holdout', '' when damaged) of an entry or of a fold group; the
     accuracy is the mean over the fold models (a refit has no validation images)."""
     first = group[0]
-    damaged = [first.get("key", "?"), "[red]damaged[/]", *[""] * 8], ""
+    damaged = [first.get("key", "?"), "[red]damaged[/]", *[""] * 9], ""
     if first.get("damaged"):
         return damaged
     try:
@@ -157,7 +164,8 @@ def _cache_row(group: list[dict]) -> tuple[list[str], str]:
         cells = [keys[0] + (f" +{len(keys) - 1}" if len(keys) > 1 else ""), m["name"], m["arch"],
                  str(k["stages"][-1][0]), str(sum(e for _, e in k["stages"])), acc("plain_accuracy"),
                  acc("tta_accuracy"), f"{sum(e['timings']['train_seconds'] for e in group):.0f}s",
-                 max(e["created"] for e in group)[:16].replace("T", " "), f"{sum(e['bytes'] for e in group) / 1e6:.2f}"]
+                 max(e["created"] for e in group)[:16].replace("T", " "), f"{sum(e['bytes'] for e in group) / 1e6:.2f}",
+                 f"{sum(e.get('weights_bytes', 0) for e in group) / 1e6:.2f}"]
     except (KeyError, TypeError, ValueError, AttributeError):  # a meta.json of an older format: as unusable
         return damaged
     if not cv:

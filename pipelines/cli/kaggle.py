@@ -115,14 +115,15 @@ def submissions(competition: str = typer.Argument(..., help="a competition name"
         console.print(f"no submissions to {comp.name} yet")
         return
     table = Table(title=f"submissions/{comp.name}/history.csv")
-    for col in ("time", "ensemble", "valid", "file", "destination", "ref", "status", "score"):
+    for col in ("time", "ensemble", "overrides", "hash", "valid", "file", "destination", "ref", "status", "score"):
         table.add_column(col, justify="right" if col in ("valid", "score") else "left",
                          no_wrap=col in ("time", "file", "ref"))
     for r in rows:
         valid = f"{float(r['valid_score']):.4f}" if r.get("valid_score") else ""
         score = f"{float(r['score']):.5f}" if r.get("score") else ""
         destination = r.get("destination", "") + (f" {r['notebook']}" if r.get("notebook") else "")
-        table.add_row(r["time"][:16].replace("T", " "), r.get("ensemble", ""), valid, Path(r["file"]).name,
+        table.add_row(r["time"][:16].replace("T", " "), r.get("ensemble", ""), r.get("overrides") or "",
+                      (r.get("ensemble_hash") or "")[:8], valid, Path(r["file"]).name,
                       destination, r.get("ref", ""), r.get("status", ""), score)
     console.print(table)
     for r in rows:  # why Kaggle could not score them, and what to do

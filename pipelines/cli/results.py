@@ -28,7 +28,8 @@ def ablate(ensemble: str = typer.Argument(..., help="the ensemble YAML"),
            cached_only: bool = typer.Option(False, "--cached-only", help="use the cached members only; train nothing"),
            top: int = typer.Option(10, "--top", help="how many of the best subsets to show"),
            probs: Optional[str] = typer.Option(None, "--probs", help="tta or plain (default: the ensemble's)"),
-           rounds: int = typer.Option(25, "--rounds", help="greedy selection rounds"),
+           rounds: Optional[int] = typer.Option(None, "--rounds", help="greedy selection's and hill "
+                                                "climbing's rounds in every table (default: the ensemble's combine.rounds)"),
            pick: str = typer.Option("greedy", "--pick", help="what --write/--submit use: greedy (combine: greedy with "
                                     "these rounds), subset (the best), or a combine method (mean, hill_climb, rank, "
                                     "power, stack) over every member; each scored by nested cross-validation"),
@@ -63,16 +64,18 @@ def ablate(ensemble: str = typer.Argument(..., help="the ensemble YAML"),
         chosen, weights = result.pick(pick)
         blend = blend_and_submit(proj, result.gathered, chosen, weights, f"{result.gathered.path.stem}-{pick}",
                                  result.probs, force=force, combine=result.combine(pick))
-        console.print(f"submission: {proj.shown(blend.csv)} ({blend.rows} rows, checked against the sample); "
+        console.print(f"{blend.unchanged or 'submission: ' + proj.shown(blend.csv)} ({blend.rows} rows, checked "
+                      "against the sample); "
                       f"valid {result.metric} {blend.valid_score:.4f}"
                       + (f", test {blend.test_score:.4f}" if blend.test_score is not None else ""))
         _print_delivery(blend.delivery)
 
 
-def _at_least_one(**options: int) -> None:
-    """Counts checked before any training: `--batch 0` would fail only once the members are ready."""
+def _at_least_one(**options: int | None) -> None:
+    """Counts checked before any training: `--batch 0` would fail only once the members are ready (None: not
+    given, the default applies)."""
     for name, value in options.items():
-        if value < 1:
+        if value is not None and value < 1:
             raise EnsError(f"--{name} {value}: give a whole number of at least 1")
 
 
@@ -104,7 +107,7 @@ def _print_methods(r) -> None:
 
     over = f"the {r.n_folds} folds" if r.gathered.cv else f"{r.n_folds} parts of the holdout"
     console.print(f"\n[bold]combine methods[/] (`combine:` in the ensemble; this one's is "
-                  f"{r.gathered.ensemble.combine.method}). A learned blend's weights are chosen on the rows it is "
+                  f"{r.gathered.ensemble.combine.method}; greedy and hill climbing: {r.greedy_rounds} rounds). A learned blend's weights are chosen on the rows it is "
                   f"scored on, so its in-sample score flatters it: the honest score is nested cross-validation over "
                   f"{over} (weights learned on the others, scored on the held one).", soft_wrap=True)
     t = Table()

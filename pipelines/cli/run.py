@@ -42,6 +42,8 @@ def run(ensemble: str = typer.Argument(..., help="ensembles/<competition>/<name>
         no_wait: bool = typer.Option(False, "--no-wait", help="upload, but do not wait for the public score"),
         force: bool = typer.Option(False, "--force", help="upload even a CSV identical to one already submitted "
                                    "(or whose upload's outcome is unknown)"),
+        track: bool = typer.Option(False, "--track", help="record the run in MLflow (as `tracking: mlflow` does): "
+                                   "MLFLOW_TRACKING_URI, else mlflow.db in the project; needs ens[mlflow]"),
         folds: Optional[str] = typer.Option(None, "--folds", help="cross-validated ensembles: train only these folds "
                                             "(e.g. 0,1) for a quick look; no submission until every fold is done"),
         parallel: Optional[int] = ParallelOpt, address: Optional[str] = AddressOpt,
@@ -68,7 +70,7 @@ def run(ensemble: str = typer.Argument(..., help="ensembles/<competition>/<name>
     if remote is not None and (parallel or address):
         raise EnsError("--on kaggle trains in Kaggle notebooks: leave out --parallel/--address")
     _run_and_show(proj, ensemble, overrides or [], submit=submit is not False and not held, held=held,
-                  wait=not no_wait, force=force, verbose=verbose,
+                  wait=not no_wait, force=force, verbose=verbose, track=track,
                   folds=_fold_list(folds), parallel=_parallel(parallel, address, gpus_per_member, cpus_per_member),
                   remote=remote)
 
@@ -151,7 +153,7 @@ def _print_incomplete(result, proj: Project, spec: str, overrides: list[str]) ->
 
     g = result.gathered
     table = Table(title=f"{proj.relative(result.ensemble_path)}: fold models so far")
-    for col in ("member", "fold", "valid acc", "TTA acc", "time", "source"):
+    for col in ("member", "fold", "valid acc", "TTA acc", "train+TTA", "source"):
         table.add_column(col, justify="left" if col in ("member", "source") else "right")
     for o in g.units:
         metrics = o.entry.meta.get("metrics") or {}
@@ -201,7 +203,7 @@ def _print_run(result, proj: Project) -> None:
     columns = (["member", "arch", "size", "epochs", *(["batch"] if micro else []), f"{rows} acc", "TTA acc"]
                + (["folds (TTA)"] if cv else [])
                + (["test acc" if result.metric == "accuracy" else f"test {result.metric}"] if scored else []))
-    for col in columns + ["time", "source"]:
+    for col in columns + ["train+TTA", "source"]:  # the member lines' two times, summed
         table.add_column(col, justify="left" if col in ("member", "arch", "source") else "right")
     for o in result.members:
         m, meta = o.member, o.entry.meta
@@ -235,7 +237,10 @@ def _print_run(result, proj: Project) -> None:
     if cv:
         test_from = "a refit on every training image" if result.ensemble.refit == "full" else "the mean of the fold models"
         console.print(f"test predictions: {test_from}")
-    console.print(f"submission: {proj.shown(result.csv)} ({result.rows} rows, checked against the sample)")
+    if result.unchanged:  # a rerun of the same resolved ensemble on the same members: no copy written
+        console.print(f"{result.unchanged} ({result.rows} rows, checked against the sample)", soft_wrap=True)
+    else:
+        console.print(f"submission: {proj.shown(result.csv)} ({result.rows} rows, checked against the sample)")
     if result.test_score is not None:
         console.print(f"test {result.metric} on the local answers: [bold]{result.test_score:.4f}[/]")
 

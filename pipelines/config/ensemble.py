@@ -48,6 +48,9 @@ class Ensemble(Strict):
     # trained on every training image (full)
     refit: Literal["none", "full"] = "none"
     combine: Combine = Combine()
+    # mlflow: each `ens run` an MLflow run (params, metrics per epoch and member, the blend's score, the CSV);
+    # needs ens[mlflow]; `ens run --track` does the same for one run
+    tracking: Literal["none", "mlflow"] = "none"
     defaults: dict[str, Any] = {}
     members: list[Member] = Field(min_length=1)
 

@@ -16,7 +16,8 @@ from .estimate import (
     PLACEHOLDER_CLASSES,
     MemoryPlans,
     ModelStats,
-    _estimate,
+    estimate,
+    other_rates,
     _frozen,
     _images,
     _predict_work,
@@ -42,6 +43,7 @@ class FoldPlan:
     cached_seconds: Optional[float] = None
     est_train_seconds: Optional[float] = None
     est_predict_seconds: Optional[float] = None
+    est_approx: bool = False  # from other competitions' models or the built-in rate (shown with ~)
 
     @property
     def est_seconds(self) -> Optional[float]:
@@ -67,6 +69,7 @@ class MemberPlan:
     est_train_seconds: Optional[float] = None
     est_predict_seconds: Optional[float] = None
     est_basis: str = ""  # where the rate came from
+    est_approx: bool = False  # from other competitions' models or the built-in rate (shown with ~)
     cached_seconds: Optional[float] = None  # train + predict seconds of the cache entry, when cached
     weights_kept: bool = False  # not cached, but its trained weights are: only the prediction is left to do
     folds: list[FoldPlan] = field(default_factory=list)  # cv: its fold models (and the refit); the est_* sum them
@@ -120,6 +123,7 @@ class Plan:
     n_test: Optional[int]
     members: list[MemberPlan] = field(default_factory=list)
     rate_entries: int = 0  # cached members the estimates are fitted on
+    est_from: str = ""  # nothing of this competition measured: where the estimates (~) come from
     models_built: int = 0  # networks built for FLOP counts (0: all from the memo)
     folds: Optional[int] = None  # cv: the competition's number of folds
     data_known: bool = True  # False: the data is not downloaded (what is known comes from the YAMLs)
@@ -301,6 +305,7 @@ def plan_ensemble(project: Project, spec: str, overrides: list[str] = (), *, dev
     memory_plans = MemoryPlans(memory_memo_path(memo), card if device == "cuda" else None)
     rates = [] if counts_from is None else _rates(cache, device, stats, n_classes,
                                                   lambda c: _images(c, n_images, holdout_valid, n_test))
+    others = {} if rates or counts_from is None else other_rates(project.cache, comp.name, device, stats, n_classes)
     plan = Plan(path, ens, comp, device, None if n_images is None else n_images - n_valid, n_valid, n_test,
                 rate_entries=len(rates), folds=comp.cv.folds if cv else None, data_known=data_known,
                 data_folder=project.relative(comp.data_path(project)), n_classes=n_classes,
@@ -337,10 +342,13 @@ def plan_ensemble(project: Project, spec: str, overrides: list[str] = (), *, dev
         for u in units:
             if u.n_train is None:
                 continue
-            est = _estimate(rates, member.arch, _train_work(u.n_train, stages, mp.frozen_epochs, gflops),
-                            _predict_work(u.n_valid + n_test, member.tta.n, member.final_size, gflops))
+            est = estimate(rates, others, device, member.arch, _train_work(u.n_train, stages, mp.frozen_epochs, gflops),
+                           _predict_work(u.n_valid + n_test, member.tta.n, member.final_size, gflops))
             if est:
-                u.est_train_seconds, u.est_predict_seconds, mp.est_basis = est
+                u.est_train_seconds, u.est_predict_seconds, mp.est_basis, u.est_approx = est
+                mp.est_approx = mp.est_approx or u.est_approx
+                if u.est_approx and not u.cached:
+                    plan.est_from = mp.est_basis
                 if u.weights_kept:
                     u.est_train_seconds = 0.0
         todo = [u for u in units if not u.cached] or units  # what is left to do (all cached: what it cost)

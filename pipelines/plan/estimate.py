@@ -252,7 +252,8 @@ def _rates(cache: MemberCache, device: str, stats: ModelStats, n_classes: int, i
             if meta.get("damaged") or meta.get("device") != device or meta.get("computed", "trained") != "trained":
                 continue  # entries predicted from kept weights or derived from others measure no training
             k, t = meta["key_fields"], meta["timings"]
-            n_train, n_pred = images(meta.get("cv"))
+            counted = meta.get("images") or {}  # written since ens 27: the entry's own counts
+            n_train, n_pred = (counted["train"], counted["predicted"]) if counted else images(meta.get("cv"))
             stages = [(s if isinstance(s, int) else tuple(s), e) for s, e in k["stages"]]
             final = stages[-1][0]
             sizes = list(dict.fromkeys(s for s, _ in stages))
@@ -268,6 +269,54 @@ def _rates(cache: MemberCache, device: str, stats: ModelStats, n_classes: int, i
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError):
             continue  # an entry of an older format, or an arch this installation cannot build
     return rates
+
+
+# The speed assumed where nothing was measured on the device yet, in any competition of the project: seconds per
+# image·GFLOP (forward FLOPs) of training (forward and backward, the optimizer, the loaders) and of prediction.
+# Orders of magnitude for real networks (a ResNet-50 at 4 GFLOP trains at a few images a second on a few CPU cores:
+# ~0.05 s; ens's tiny test nets on 32 px digits, overhead-bound, measure 0.5-3 s on 2 cores); a
+# data-centre GPU in mixed precision at ~1e-4 s. Any model trained since replaces them.
+BUILTIN_RATES = {"cpu": (0.05, 0.015), "cuda": (1e-4, 3e-5)}
+
+
+def other_rates(cache_root: Path, competition: str, device: str, stats: ModelStats, n_classes: int) -> dict:
+    """{competition: its rates} of the project's other competitions' cached models trained on `device` (those
+    whose meta records their image counts)."""
+    out = {}
+    for folder in sorted(cache_root.iterdir()) if cache_root.is_dir() else []:
+        if folder.name == competition or folder.name in ("data", "decoded", "prepared", "fingerprints") \
+                or not folder.is_dir():
+            continue
+        cache = MemberCache(cache_root, folder.name)
+        rates = _rates(cache, device, stats, n_classes, _no_counts)
+        if rates:
+            out[folder.name] = rates
+    return out
+
+
+def _no_counts(cv):
+    raise KeyError("images")  # another competition's entry without its image counts (older): skipped
+
+
+def estimate(rates: list[_Rate], others: dict, device: str, arch: str, train_work: float,
+             predict_work: float) -> tuple[float, float, str, bool] | None:
+    """(train seconds, predict seconds, what the rate is from, approximate): from this competition's cached
+    models (`_estimate`); else from the other competitions' (the same arch first), scaled by FLOPs; else from the
+    built-in rate of the device. Approximate (shown with `~`) unless measured on this competition."""
+    own = _estimate(rates, arch, train_work, predict_work)
+    if own:
+        return (*own, False)
+    pool = [r for rs in others.values() for r in rs]
+    if pool:
+        train, predict, _ = _estimate(pool, arch, train_work, predict_work)
+        same = [r for r in pool if r.arch == arch]
+        n = len(same or pool)
+        what = f"{n} cached {arch} model{'s' * (n > 1)}" if same else f"{n} cached model{'s' * (n > 1)}"
+        return train, predict, f"{what} of {', '.join(others)}", True
+    if device in BUILTIN_RATES:
+        t, p = BUILTIN_RATES[device]
+        return t * train_work, p * predict_work, f"the built-in rate for {device}", True
+    return None
 
 
 def _estimate(rates: list[_Rate], arch: str, train_work: float, predict_work: float) -> tuple[float, float, str] | None:

@@ -39,7 +39,7 @@ def _time(unit) -> str:
     """A member's or fold model's time: measured in parentheses when cached, else the estimate."""
     if unit.cached:
         return f"({_duration(unit.cached_seconds)})" if unit.cached_seconds is not None else ""
-    return _duration(unit.est_seconds)
+    return ("~" if unit.est_approx and unit.est_seconds is not None else "") + _duration(unit.est_seconds)
 
 
 def _unit_status(unit) -> str:
@@ -129,14 +129,18 @@ def _summary(plan: Plan) -> str:
         them = ""
     if todo:
         known = [m.est_seconds for m in todo if m.est_seconds is not None]
+        approx = "~" if plan.est_from else ""
         if plan.est_seconds is not None:
-            line += f"; estimated {_duration(plan.est_seconds)}" + (f" to train {them}" if them else "")
+            line += f"; estimated {approx}{_duration(plan.est_seconds)}" + (f" to train {them}" if them else "")
         elif known:
-            line += f"; estimated {_duration(sum(known))} for {len(known)} of them"
+            line += f"; estimated {approx}{_duration(sum(known))} for {len(known)} of them"
         if len(known) < len(todo) and plan.counts_from is None:
             line += "; no time estimate (the image counts are unknown)"
         elif len(known) < len(todo) and plan.rate_entries == 0:
             line += f" (no estimate: nothing of {plan.competition.name} was trained on {plan.device} yet)"
+        elif known and plan.est_from:  # nothing of this competition measured yet
+            line += (f" (~: nothing of {plan.competition.name} was trained on {plan.device} yet; from {plan.est_from}, "
+                     "scaled by FLOPs)")
         elif known:
             line += f" (from {plan.rate_entries} cached member{'s' * (plan.rate_entries > 1)} on {plan.device}, by FLOPs)"
     return line

@@ -40,7 +40,7 @@ def build_report(project: Project, spec: str, overrides=(), cached_only: bool = 
     result = ablate(project, spec, list(overrides), cached_only=cached_only, probs=probs, progress=progress,
                     on_member=on_member)
     g = result.gathered
-    dest = Path(dest) if dest else project.submissions / g.competition.name / f"report-{g.path.stem}.html"
+    dest = Path(dest) if dest else project.submissions / g.competition.name / report_name(g, overrides)
 
     ctx = ReportContext(project, result)
     titles = dict(SECTIONS, mistakes="Most confidently wrong out-of-fold images") if ctx.cv else SECTIONS
@@ -64,9 +64,25 @@ def build_report(project: Project, spec: str, overrides=(), cached_only: bool = 
     tmp = dest.with_name(f".{dest.name}{unique_suffix()}")
     tmp.write_text(page, encoding="utf-8")
     tmp.replace(dest)
+    if g.ensemble.tracking == "mlflow":  # beside the CSV of the tracked run it reports, when there is one
+        from ..submission import run_hash
+        from ..tracking import latest_run
+
+        tracked = latest_run(project.root, comp.name, run_hash(g.ensemble, comp, g.path.stem))
+        if tracked is not None:
+            tracked.artifact(dest)
     return dest
 
 
+
+
+def report_name(g, overrides) -> str:
+    """`report-<ensemble>.html`; with overrides `report-<ensemble>-<hash8>.html`, the hash `ens run` records for
+    the same overrides (`ens submissions` shows it): each run's report kept, none overwritten by another's."""
+    from ..submission import run_hash
+
+    suffix = f"-{run_hash(g.ensemble, g.competition, g.path.stem)[:8]}" if overrides else ""
+    return f"report-{g.path.stem}{suffix}.html"
 
 
 # --------------------------------------------------------------------------------------------- at a glance

@@ -401,6 +401,11 @@ def _fit(member, data, progress, checkpoint_dir, cbs, device, precision, plan) -
                       if resume_phase < len(phases) else "after its last epoch")
         say(progress)(f"{member.name} ({member.arch}): resuming an interrupted run at {resumed_at}")
     task = progress.add_task("  epoch", total=None) if progress is not None else None
+    from .progress import MemberClock, epoch_line_callback
+
+    epoch_sizes = [phase.size_of(e) for phase in phases for e in range(phase.epochs)]
+    first = sum(p.epochs for p in phases[:resume_phase]) + start_epoch
+    clock = MemberClock(epoch_sizes, sum(not v for v in data.is_valid), first)
     try:  # the epoch bar goes when the fit ends, however it ends
         for index, phase in enumerate(phases[resume_phase:], start=resume_phase):
             begin = start_epoch if index == resume_phase else 0
@@ -416,7 +421,8 @@ def _fit(member, data, progress, checkpoint_dir, cbs, device, precision, plan) -
             if isinstance(average, LastEpochsAverage):  # the last epochs of the last fit
                 average.active = index == len(phases) - 1
             accumulate = plan.callbacks() if plan is not None else []
-            fit_cbs = [ZeroGradients(), *phase.cbs, *accumulate, *recipe, *cbs, log, *kill, first_step]
+            line = epoch_line_callback(member, clock, sum(p.epochs for p in phases[:index]), progress)
+            fit_cbs = [ZeroGradients(), *phase.cbs, *accumulate, *recipe, *cbs, log, line, *kill, first_step]
             learn.fit_one_cycle(phase.epochs, **phase.fit_args, cbs=fit_cbs, start_epoch=begin)
             if failure:
                 raise failure[0]
