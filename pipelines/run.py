@@ -25,7 +25,7 @@ from .errors import EnsError
 from .models import arch_problem
 from .notebook.bundle import Chosen
 from .unit import compute_member, fold_variants, member_entry, member_scores
-from .util import cache_in_use, process_seconds
+from .util import cache_in_use, process_seconds, unique_suffix
 
 if TYPE_CHECKING:
     from .schedule import Parallel
@@ -444,6 +444,8 @@ def blend_and_submit(project: Project, g: Gathered, outcomes: list[MemberOutcome
     keys = json.dumps([[u.entry.key for u in o.folds] if o.folds else o.entry.key for o in outcomes])
     sample = data.root / comp.sample_submission
     prior = submission.unchanged_csv(history, project.root, run_hash, keys)
+    if prior is not None and not _same_csv(prior, valid_score, comp, sample, data, test, out_dir):
+        prior = None  # same keys, other probabilities (a member retrained under its key) or another sample
     if prior is not None:  # the same resolved ensemble on the same cached members: the same CSV, already written
         csv_path = prior["path"]
     else:
@@ -511,6 +513,20 @@ def blend_and_submit(project: Project, g: Gathered, outcomes: list[MemberOutcome
         history, **record, file=shown, sha256=submission.file_sha256(csv_path), destination=delivery.destination,
         ref=delivery.ref, status=delivery.status, score=delivery.score, message=message)
     return Blend(csv_path, rows, valid_score, test_score, delivery, blended)
+
+
+def _same_csv(prior: dict, valid_score: float, comp, sample: Path, data, test, out_dir: Path) -> bool:
+    """Whether this blend writes exactly the bytes of the earlier CSV, with its validation score: equal keys alone
+    do not say it (a member retrained under its key after its entry went, on other threads or another card; the
+    sample submission edited)."""
+    if abs(float(prior.get("valid_score") or "nan") - valid_score) > 5e-7:
+        return False
+    probe = out_dir / f".unchanged{unique_suffix()}.csv"
+    try:
+        submission.write_submission(probe, comp, sample, data.test_ids, test, data.vocab)
+        return submission.file_sha256(probe) == prior.get("sha256")
+    finally:
+        probe.unlink(missing_ok=True)
 
 
 def _prior_delivery(row: dict) -> str:

@@ -101,3 +101,28 @@ def test_warm_reruns_and_reports_told_apart(tiny_run, tmp_path):
     assert plain.returncode == 0, plain.stderr
     names = sorted(p.name for p in (root / "submissions/digits").glob("report-*.html"))
     assert names == sorted(["report-tiny.html", f"report-tiny-{rows[1]['ensemble_hash'][:8]}.html"])
+
+
+@pytest.mark.slow
+def test_a_rerun_whose_csv_would_differ_writes_a_new_one(tiny_run, tmp_path):
+    """Equal hashes and member keys are not enough (a review): a member retrained under its key (its entry gone,
+    other threads) or an edited sample submission gives other bytes, so the rerun writes and records a new CSV."""
+    root = copy_project(tiny_run[0], tmp_path / "p")
+    data_dir = tmp_path / "data"
+    import shutil
+
+    shutil.copytree(tiny_run[1].gathered.data.root, data_dir)
+    comp_yaml = root / "competitions" / "digits.yaml"
+    comp_yaml.write_text(comp_yaml.read_text().replace(str(tiny_run[1].gathered.data.root), str(data_dir)))
+    first = ens("run", "digits/tiny.yaml", cwd=root)
+    assert first.returncode == 0, first.stderr
+    again = ens("run", "digits/tiny.yaml", cwd=root)
+    assert "unchanged:" in again.stdout, again.stdout  # the fixture: a plain rerun points at its CSV
+    sample = data_dir / "sample_submission.csv"
+    head, *rows = sample.read_text().splitlines()
+    sample.write_text("\n".join([head, *reversed(rows)]) + "\n")  # the same ids in another order
+    changed = ens("run", "digits/tiny.yaml", cwd=root)
+    assert changed.returncode == 0, changed.stderr
+    assert "unchanged:" not in changed.stdout, changed.stdout
+    written = sorted((root / "submissions" / "digits").glob("*-tiny.csv"))[-1]
+    assert written.read_text().splitlines()[1].split(",")[0] == rows[-1].split(",")[0]  # in the sample's new order
