@@ -41,9 +41,14 @@ class _Refs:
     unknown: dict = field(default_factory=dict)  # competition -> why its references are unknown
 
 
+# this machine, a card with native bf16 and one without (fp16): every precision a member's key can hold
+DEVICES = (None, {"cuda": True, "bf16": True}, {"cuda": True, "bf16": False})
+
+
 def references(project: Project) -> _Refs:
     """Every training key, prediction key, decoded and prepared copy an ensemble YAML of the project uses."""
     from .cache import prediction_key, train_key
+    from .device import assumed
     from .data import load_data, prepared_folder
     from .data.decoded import decoded_folder
     from .data.loaders import _hw
@@ -75,9 +80,13 @@ def references(project: Project) -> _Refs:
                     data = member_data(project, member, data, fold)
                 except EnsError:  # its teacher is not cached: nothing of this unit can be in the cache either
                     continue
-                train = train_key(member, data.fingerprint)
-                refs.trains.add((comp.name, train))
-                refs.keys.add((comp.name, prediction_key(train, member)))
+                # the member's keys as trained here and on any GPU (a Kaggle notebook, `--on kaggle`, another
+                # machine sharing the cache): precision resolves differently there, and so do the keys
+                for facts in DEVICES:
+                    with assumed(facts):
+                        train = train_key(member, data.fingerprint)
+                        refs.trains.add((comp.name, train))
+                        refs.keys.add((comp.name, prediction_key(train, member)))
                 if member.prepare:
                     refs.copies.add(prepared_folder(data, member.prepare, project.cache))
                     data = replace(data, root=prepared_folder(data, member.prepare, project.cache))

@@ -237,3 +237,34 @@ def test_a_member_name_that_is_no_plain_file_name_is_one_line(tmp_path, digits_d
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "members[0].name" in result.stderr, result.stderr
     assert "a member name is letters, digits" in result.stderr
+
+
+def test_cache_prune_keeps_what_a_gpu_trained_under_its_own_precision(tmp_path, digits_data):
+    """`--on kaggle` (or a shared cache) brings back units keyed at the GPU's precision (fp16 on a T4): prune
+    resolved keys with this machine's only and listed them, their checkpoints included, as unused (a review)."""
+    import json
+
+    from pipelines.cache import MemberCache, prediction_key, train_key
+    from pipelines.config import load_ensemble
+    from pipelines.data import load_data
+    from pipelines.device import assumed
+
+    proj, comp, _ = _digits(tmp_path, digits_data, {"one": ONE.replace("name: resnet", "name: resnet, precision: auto")})
+    data = load_data(proj, comp)
+    member = load_ensemble(proj, "digits/one.yaml")[1].members[0]
+    with assumed({"cuda": True, "bf16": False}):
+        train = train_key(member, data.fingerprint)
+        key = prediction_key(train, member)
+    assert train != train_key(member, data.fingerprint)  # fp16 there, fp32 here
+    cache = MemberCache(proj.cache, "digits")
+    entry = _write(cache.path(key), meta=json.dumps({"key": key, "train_key": train}))
+    weights = _write(cache.model_dir(train))
+    out = ens("cache", "prune", "--entries", cwd=proj.root)
+    assert out.returncode == 0, out.stderr
+    assert entry.name not in out.stdout and weights.name not in out.stdout, out.stdout
+    shutil.rmtree(entry)
+    shutil.rmtree(weights)
+    control = _write(cache.partial("0ther"))  # no YAML trains it
+    kaggle_partial = _write(cache.partial(train))  # what the next notebook resumes from
+    out = ens("cache", "prune", cwd=proj.root)
+    assert control.name in out.stdout and kaggle_partial.name not in out.stdout, out.stdout
