@@ -43,7 +43,11 @@ class Tracker:
         except ImportError:
             raise EnsError("tracking: mlflow (or --track) needs MLflow: pip install 'ens[mlflow]'; or drop "
                            "--track / set tracking: none") from None
+        # a tracking server that does not answer: fail in seconds, not after MLflow's default retries (minutes)
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
         self.root, self.client = root, MlflowClient(store_uri(root))
+        self.failed: str | None = None  # a logging error met mid-run: said once, training goes on
         try:
             found = self.client.get_experiment_by_name(experiment)
             if found is None:
@@ -61,11 +65,20 @@ class Tracker:
 
     def epoch(self, row: dict) -> None:
         """One epoch of one model (`clock.EPOCH_WATCHERS`): `<member>[.fold<k>].<loss or metric>` at step epoch."""
+        if self.failed:
+            return
         fold = row.get("fold")
         prefix = row["member"] + ("" if fold is None else f".{fold}" if fold == "refit" else f".fold{fold}")
-        for name, value in row.items():
-            if name not in ("member", "fold", "epoch", "epochs") and isinstance(value, (int, float)):
-                self.client.log_metric(self.run_id, f"{prefix}.{name}", float(value), step=int(row["epoch"]))
+        try:
+            for name, value in row.items():
+                if name not in ("member", "fold", "epoch", "epochs") and isinstance(value, (int, float)):
+                    self.client.log_metric(self.run_id, f"{prefix}.{name}", float(value), step=int(row["epoch"]))
+        except Exception as e:  # the tracking server went away: the member being trained must not
+            self.failed = str(e).splitlines()[0] if str(e) else type(e).__name__
+            import sys
+
+            print(f"warning: MLflow stopped answering ({self.failed}); training goes on, epochs no longer logged",
+                  file=sys.stderr, flush=True)
 
     def params(self, ensemble, overrides: list[str], extra: dict) -> None:
         from mlflow.entities import Param

@@ -83,3 +83,14 @@ def test_mlflow_is_imported_only_when_tracking():
     probe = subprocess.run([sys.executable, "-c", "import sys, pipelines.cli, pipelines.run, pipelines.report; "
                             "print('mlflow' in sys.modules)"], capture_output=True, text=True, cwd=PACKAGE_ROOT)
     assert probe.stdout.split() == ["False"], probe.stderr
+
+
+def test_a_tracking_server_that_does_not_answer_is_one_line_before_any_work(tmp_path, digits_data):
+    """A review's `--track` with an unreachable MLFLOW_TRACKING_URI sat silent for 4 minutes of MLflow's retries
+    before its error: ens now asks MLflow for one retry, so the one-line error comes before any training."""
+    root = make_project(tmp_path / "p", digits_data, {"one": ONE_RESNET})
+    out = ens("run", "digits/one.yaml", "--track", cwd=root, timeout=150,
+              env_extra={"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"})
+    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("error: MLflow tracking at http://127.0.0.1:9"), out.stderr
+    assert not (root / "cache" / "digits").exists() or not any((root / "cache" / "digits").glob("*/probs.npz"))
