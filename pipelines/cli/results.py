@@ -307,8 +307,8 @@ def report(ensemble: str = typer.Argument(..., help="the ensemble YAML"),
 
     from ..report import build_report
 
-    if out is not None and out.is_dir():  # found only when the page is written, after the training
-        raise EnsError(f"--out {out}: is a folder; give the HTML file's path, e.g. --out {out / 'report.html'}")
+    if out is not None:  # found only when the page is written, after the training
+        _check_report_path(out)
     proj = _project(project)
     start = time.perf_counter()
     path = _with_progress(lambda progress, report_member: build_report(
@@ -337,3 +337,16 @@ def models(pattern: Optional[str] = typer.Argument(None, help="an fnmatch patter
     console.print(table)
     if limit and len(rows) > limit:
         console.print(f"... {len(rows) - limit} more: narrow the pattern or pass --limit 0")
+
+
+def _check_report_path(out: Path) -> None:
+    """`--out` names an HTML file ens may write (or replace: an earlier report), in a folder that exists."""
+    if out.is_dir():
+        raise EnsError(f"--out {out}: is a folder; give the HTML file's path, e.g. --out {out / 'report.html'}")
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise EnsError(f"--out {out}: a report is an .html file; give a path ending in .html (an existing file of "
+                       "another kind is never replaced)")
+    if out.exists() and not out.is_file():
+        raise EnsError(f"--out {out}: exists and is not a regular file; give another path")
+    if not out.parent.is_dir():
+        raise EnsError(f"--out {out}: no folder {out.parent}; create it first or give another path")
