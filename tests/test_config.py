@@ -345,3 +345,14 @@ def test_an_override_value_that_is_not_yaml_is_one_line_blamed_on_the_command_li
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     assert out.stderr.startswith(f"error: command line: '{override}': the value is not YAML") and \
         len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_a_default_on_the_command_line_that_every_members_own_value_beats_is_an_error(tmp_path, digits_data):
+    """The README's smoke test `defaults.epochs=1` on `ens init`'s starter (its member says `epochs: 5`) trained the
+    full run (a new user found): an error naming the override that does reach the members."""
+    root = make_project(tmp_path / "p", digits_data, {"s": "competition: digits\ndefaults: {pretrained: false}\n"
+                                                          "members:\n  - {name: a, arch: test_resnet, epochs: 5}\n"})
+    out = ens("validate", "digits/s.yaml", "defaults.epochs=1", cwd=root)
+    assert out.returncode == 2 and "every member sets epochs itself" in out.stderr, out.stderr
+    assert "use members.*.epochs=1 instead" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert ens("validate", "digits/s.yaml", "members.*.epochs=1", cwd=root).returncode == 0

@@ -271,6 +271,13 @@ def ignored_problems(members: list, raw_members: list[dict], defaults: dict, ove
         if typed and len(whys) == sum(m is not None for m in members):  # typed on the command line, used by none
             problems.append((loc, "ignored", whys[0] if len(whys) == 1 else
                              f"ignored by every member: {whys[0].removeprefix('ignored: ')}"))
+    # a `defaults.x=v` typed on the command line that every member's own `x` beats (a starter's `epochs: 5`): the
+    # smoke test would be the full run
+    for item, loc in overridden:
+        field = ".".join(map(str, loc[1:]))
+        if loc[0] == "defaults" and field and raw_members and all(_has(own, field) for own in raw_members):
+            problems.append((loc, "ignored", f"ignored: every member sets {field} itself, which defaults do not "
+                                             f"override; use members.*.{field}={item.partition('=')[2]} instead"))
     return problems
 
 
