@@ -358,9 +358,14 @@ def _check_before_training(members: list[Member], data: CompetitionData) -> None
     if missing:  # the hub would refuse at the first of them, after the members before it trained
         raise EnsError(f"pretrained weights not in the local cache, and HF_HUB_OFFLINE forbids fetching them: "
                        f"{_weights_list(missing)}; {weights_fixes()}")
+    training = sum(not v for v in data.is_valid)
     for member in members:
         if not member.classical:  # no network to check
             check_input_size(member, len(data.vocab))
+            if member.batch_size > training:  # fastai drops the last partial batch: not one step would be taken
+                raise EnsError(f"member {member.name}: batch_size {member.batch_size} is more than the {training} "
+                               f"training images, so no training step would run (fastai drops the last partial "
+                               f"batch); set members.{member.name}.batch_size={max(1, training // 2)} or less")
 
 
 def _weights_list(missing) -> str:

@@ -1,11 +1,12 @@
 """Every verb checks its arguments before any training, and prints paths that can be typed as they are: a bad
 option is one line at once, with nothing trained (no cache entry written)."""
 
+import re
 import shutil
 
 import pytest
 
-from conftest import ens
+from conftest import ONE_RESNET, ens, make_project
 
 
 def _nothing_trained(project) -> bool:
@@ -68,3 +69,13 @@ def test_printed_paths_can_be_typed_from_the_current_folder(tmp_path, monkeypatc
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     assert Project.shown(inside) == str(inside)  # outside the current folder: absolute
+
+
+def test_a_batch_larger_than_the_training_images_is_refused_before_training(tmp_path, digits_data):
+    """fastai drops the last partial batch: a batch above the training images took no step, and the chance-level
+    model was cached as trained, blended and submitted (a review; a new user's 50-image stand-in too)."""
+    root = make_project(tmp_path / "p", digits_data, {"one": ONE_RESNET})
+    out = ens("run", "digits/one.yaml", "defaults.batch_size=5000", cwd=root)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert re.search(r"batch_size 5000 is more than the [0-9]+ training images", out.stderr), out.stderr
+    assert not list((root / "cache").glob("digits/*/probs.npz"))
