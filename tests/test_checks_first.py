@@ -79,3 +79,14 @@ def test_a_batch_larger_than_the_training_images_is_refused_before_training(tmp_
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
     assert re.search(r"batch_size 5000 is more than the [0-9]+ training images", out.stderr), out.stderr
     assert not list((root / "cache").glob("digits/*/probs.npz"))
+
+
+@pytest.mark.parametrize("name", ["run.log", "sub/report.html"])
+def test_report_out_must_be_an_html_path_in_a_folder_that_exists(project, name):
+    """A review's `--out` replaced an existing log (and /dev/full), and a file as folder was a traceback."""
+    target = project / name
+    if name.endswith(".log"):
+        target.write_text("keep me")
+    out = ens("report", "digits/tiny.yaml", "--cached-only", "--out", str(target), cwd=project)
+    assert out.returncode != 0 and "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert not name.endswith(".log") or target.read_text() == "keep me"
