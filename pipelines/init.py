@@ -134,7 +134,8 @@ def _targets(project: Project, name: str, force: bool) -> tuple[Path, Path]:
     existing = [project.relative(f) for f in files if f.exists()]
     if existing and not force:
         raise ConfigError(f"{' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''}; "
-                          "pass --force to overwrite, or choose another --name")
+                          f"pass --force to overwrite, or choose another name (ens init --data FOLDER OTHER_NAME, or "
+                          f"ens init SLUG --name OTHER_NAME)")
     return files
 
 

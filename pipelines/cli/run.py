@@ -320,5 +320,6 @@ def validate(ensemble: str = typer.Argument(..., help="the ensemble YAML"),
         err.print(f"[yellow]note:[/] {escape(line)}", highlight=False, soft_wrap=True)
     how = (f", {comp.cv.folds}-fold cross-validation" + (" + refit" if ens.refit == "full" else "")
            if ens.validation == "cv" else "")
-    console.print(f"{proj.relative(path)}: ok — {len(ens.members)} members on {comp.name}{how} "
+    members = f"{len(ens.members)} member{'s' * (len(ens.members) != 1)}"
+    console.print(f"{proj.relative(path)}: ok — {members} on {comp.name}{how} "
                   f"({', '.join(m.name for m in ens.members)})")
