@@ -187,12 +187,15 @@ def test_on_needs_a_kaggle_slug_and_a_known_machine(digits_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_notebook_stopped_by_its_time_limit_is_resumed_by_the_next(digits_data, fake, tmp_path):
+def test_a_notebook_stopped_by_its_time_limit_is_resumed_by_the_next(digits_data, fake, tmp_path, monkeypatch):
     """A unit longer than a notebook's limit: the notebook ends itself at 85 % of it with the last epoch's
-    checkpoint in its output; the next notebook is given that checkpoint and resumes there."""
-    project = kaggle_project(tmp_path / "project", digits_data, ONE.replace("epochs: 1", "epochs: 60"))
+    checkpoint in its output; the next notebook is given that checkpoint and resumes there. Each epoch lasts 10 s
+    more (ENS_TEST_EPOCH_SLEEP, inherited by the fake's notebooks): on a quiet machine 60 plain epochs fitted in
+    one notebook, and the test failed."""
+    monkeypatch.setenv("ENS_TEST_EPOCH_SLEEP", "10")
+    project = kaggle_project(tmp_path / "project", digits_data, ONE.replace("epochs: 1", "epochs: 14"))
     env = kaggle_env(fake, tmp_path)
-    hours = "0.025"  # 90 s: the notebook's own deadline is 76 s after its start
+    hours = "0.05"  # 180 s: the notebook's own deadline is 153 s after its start (a resuming one installs first)
     fake.run_timeout = 600  # the push's session timeout (90 s) is Kaggle's limit: the fake kills a notebook past it
     r = ens("run", "digits/two.yaml", "--no-submit", "--on", "kaggle", "--kaggle-hours", hours, cwd=project,
             env_extra=env, timeout=600)

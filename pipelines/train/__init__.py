@@ -112,6 +112,24 @@ KILL_AT = "ENS_TEST_KILL_AT"
 _kill_state: dict = {"seen": 0, "armed": False}  # per process: members and folds trained one after another
 
 
+EPOCH_SLEEP = "ENS_TEST_EPOCH_SLEEP"  # tests: seconds each epoch lasts longer (a slow card's epochs, on any CPU)
+
+
+def _epoch_sleep_callbacks() -> list:
+    """[a callback sleeping `ENS_TEST_EPOCH_SLEEP` seconds after each epoch] when the variable is set (a test of a
+    notebook's time limit must not depend on how fast this machine trains), else []."""
+    seconds = float(os.environ.get(EPOCH_SLEEP) or 0)
+    if seconds <= 0:
+        return []
+    from fastai.callback.core import Callback
+
+    class EpochSleep(Callback):
+        def after_epoch(self):
+            time.sleep(seconds)
+
+    return [EpochSleep()]
+
+
 def _kill_at_callback():
     """The callback class `ENS_TEST_KILL_AT` asks for (built with the phase's name and first epoch), or None."""
     import re
@@ -417,7 +435,7 @@ def _fit(member, data, progress, checkpoint_dir, cbs, device, precision, plan) -
             if begin and phase.name == "train":
                 learn.dls = resize.dls_per_epoch[begin]
             log = EpochLog(phase.name, history, begin, save, progress, task, phase.size_of)
-            kill = [KillAt(phase.name, begin)] if KillAt else []
+            kill = ([KillAt(phase.name, begin)] if KillAt else []) + _epoch_sleep_callbacks()
             if isinstance(average, LastEpochsAverage):  # the last epochs of the last fit
                 average.active = index == len(phases) - 1
             accumulate = plan.callbacks() if plan is not None else []
