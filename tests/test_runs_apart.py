@@ -124,5 +124,6 @@ def test_a_rerun_whose_csv_would_differ_writes_a_new_one(tiny_run, tmp_path):
     changed = ens("run", "digits/tiny.yaml", cwd=root)
     assert changed.returncode == 0, changed.stderr
     assert "unchanged:" not in changed.stdout, changed.stdout
-    written = sorted((root / "submissions" / "digits").glob("*-tiny.csv"))[-1]
+    # the history's newest row, not the newest name: two runs in one second are <stamp>-tiny.csv, <stamp>-tiny-2.csv
+    written = root / read_history(root / "submissions" / "digits" / "history.csv")[-1]["file"]
     assert written.read_text().splitlines()[1].split(",")[0] == rows[-1].split(",")[0]  # in the sample's new order
