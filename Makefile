@@ -20,6 +20,7 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	touch $@
 
 install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
 
 run: $(VENV)/.installed
 	$(BIN)/ens run digits/final.yaml

@@ -72,7 +72,10 @@ def pushes(fake: FakeKaggle) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_trained_on_kaggle_gives_the_local_csv(digits_data, fake, tmp_path):
+def test_trained_on_kaggle_gives_the_local_csv(digits_data, fake, tmp_path, monkeypatch):
+    """... with the two units trained at once, as on two T4s: each in its own process on its own card (on this
+    CPU the fake's notebook has no card; ENS_KAGGLE_LANES, inherited by it, says two)."""
+    monkeypatch.setenv("ENS_KAGGLE_LANES", "2")
     here = kaggle_project(tmp_path / "here", digits_data)
     r = ens("run", "digits/two.yaml", "--no-submit", cwd=here, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -83,7 +86,7 @@ def test_trained_on_kaggle_gives_the_local_csv(digits_data, fake, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "weekly GPU quota: 4.5 h of 30.0 h used" in r.stderr  # said before anything is pushed
     assert r.stderr.index("weekly GPU quota") < r.stderr.index("pushed notebook")
-    assert "2 unit(s) to train on Kaggle (t4x2) in 1 notebook(s)" in r.stderr, r.stderr
+    assert "2 unit(s) to train on Kaggle (t4x2) in 1 notebook(s), 2 at once" in r.stderr, r.stderr
     assert "a stated estimate, not yet measured" in r.stderr
     # one notebook, pushed with a GPU (T4 x2 named), internet on, the competition as its input
     (push,) = pushes(fake)
@@ -92,12 +95,17 @@ def test_trained_on_kaggle_gives_the_local_csv(digits_data, fake, tmp_path):
     assert push["sessionTimeoutSeconds"] == 12 * 3600  # Kaggle's stop at the limit; the notebook's own comes first
     (run,) = fake.runs
     assert run.status == "COMPLETE", run.stderr[-3000:]
+    told = json.loads((run.working / "ens-run.json").read_text())
+    assert told["lanes"] == 2 and "2 at once" in run.stdout
+    (a, b) = sorted(told["units"].values(), key=lambda s: s["started"])
+    assert {a["lane"], b["lane"]} == {0, 1} and b["started"] < a["started"] + a["seconds"]  # they overlapped
     assert "digits/test_images" in " ".join(run.inputs)
     # the units came back: the same keys as here, made on Kaggle, verified into the cache
     mine, theirs = entries(here), entries(there)
     assert set(mine) == set(theirs) and len(theirs) == 2
     for key, meta in theirs.items():
         assert meta["worker"]["host"] == "kaggle" and meta["worker"]["gpu_kind"] == "t4x2"
+        assert meta["worker"]["pid"] != run.proc.pid  # trained in a lane's own process
         assert meta["versions"]["torch"]  # the library versions it was made with stay in its meta
         a = np.load(here / "cache" / "digits" / key / "probs.npz")
         b = np.load(there / "cache" / "digits" / key / "probs.npz")
@@ -147,6 +155,10 @@ def test_detach_nothing_sent_twice_and_a_tampered_entry_refused(digits_data, fak
     assert fake.wait_runs(600)
     (run,) = fake.runs
     assert run.status == "COMPLETE", run.stderr[-3000:]
+    told = json.loads((run.working / "ens-run.json").read_text())
+    assert told["lanes"] == 2 and "2 at once" in run.stdout
+    (a, b) = sorted(told["units"].values(), key=lambda s: s["started"])
+    assert {a["lane"], b["lane"]} == {0, 1} and b["started"] < a["started"] + a["seconds"]  # they overlapped
     (archive,) = [p for name, p in run.outputs().items() if name.startswith("ens-unit-")]
     _tamper(archive)
     # the archive's checksum in ens-run.json updated too (a consistent corruption): the entry's own checksum
@@ -189,34 +201,35 @@ def test_on_needs_a_kaggle_slug_and_a_known_machine(digits_data, tmp_path):
 @pytest.mark.slow
 def test_a_notebook_stopped_by_its_time_limit_is_resumed_by_the_next(digits_data, fake, tmp_path, monkeypatch):
     """A unit longer than a notebook's limit: the notebook ends itself at 85 % of it with the last epoch's
-    checkpoint in its output; the next notebook is given that checkpoint and resumes there. Each epoch lasts 10 s
-    more (ENS_TEST_EPOCH_SLEEP, inherited by the fake's notebooks): on a quiet machine 60 plain epochs fitted in
-    one notebook, and the test failed."""
-    monkeypatch.setenv("ENS_TEST_EPOCH_SLEEP", "10")
-    project = kaggle_project(tmp_path / "project", digits_data, ONE.replace("epochs: 1", "epochs: 14"))
+    checkpoint in its output; the next notebook is given that checkpoint and resumes there. Not left to this
+    machine's speed (on a quiet machine a whole unit fitted in one notebook and the test failed): the first
+    notebook stalls after epoch 2's checkpoint (ENS_TEST_EPOCH_SLEEP, inherited by the fake's notebooks) until its
+    deadline; the next resumes past that epoch. The unit trains in a lane's process (ENS_KAGGLE_LANES=2, as on two
+    T4s): the deadline stops that process too, and the status says 'out of time', not 'failed'."""
+    monkeypatch.setenv("ENS_TEST_EPOCH_SLEEP", "900 after train epoch 2")
+    monkeypatch.setenv("ENS_KAGGLE_LANES", "2")
+    project = kaggle_project(tmp_path / "project", digits_data, ONE.replace("epochs: 1", "epochs: 4"))
     env = kaggle_env(fake, tmp_path)
-    hours = "0.05"  # 180 s: the notebook's own deadline is 153 s after its start (a resuming one installs first)
-    fake.run_timeout = 600  # the push's session timeout (90 s) is Kaggle's limit: the fake kills a notebook past it
+    hours = "0.035"  # 126 s: the notebook's own deadline is 107 s after its start, Kaggle's (the fake's) at 126 s
     r = ens("run", "digits/two.yaml", "--no-submit", "--on", "kaggle", "--kaggle-hours", hours, cwd=project,
             env_extra=env, timeout=600)
     line = one_line_error(r)
     assert "resnet: out of time" in line and "checkpoints kept to resume resnet" in line, line
     first = fake.runs[0]
     assert first.status == "COMPLETE" and not first.timed_out  # it ended itself, before Kaggle's limit
+    (unit,) = json.loads((first.working / "ens-run.json").read_text())["units"].values()
+    assert unit["state"] == "out of time" and unit["lane"] == 0
     (partial,) = (project / "cache" / "digits").glob(".partial-*")
-    for attempt in range(6):
-        r = ens("run", "digits/two.yaml", "--no-submit", "--on", "kaggle", "--kaggle-hours", hours, cwd=project,
-                env_extra=env, timeout=600)
-        assert "resuming" in fake.runs[-1].stdout, fake.runs[-1].stdout + fake.runs[-1].stderr
-        dataset = fake.datasets[pushes(fake)[-1]["datasetDataSources"][0]][-1]
-        assert any(name.startswith("partial-") for name in dataset["files"])  # the checkpoint travelled
-        if r.returncode == 0:
-            break
-        assert "out of time" in one_line_error(r)
+    r = ens("run", "digits/two.yaml", "--no-submit", "--on", "kaggle", "--kaggle-hours", hours, cwd=project,
+            env_extra=env, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
+    second = fake.runs[-1]
+    assert "resuming" in second.stdout, second.stdout + second.stderr
+    dataset = fake.datasets[pushes(fake)[-1]["datasetDataSources"][0]][-1]
+    assert any(name.startswith("partial-") for name in dataset["files"])  # the checkpoint travelled
     (meta,) = entries(project).values()
-    assert meta["resumed_at"] and meta["worker"]["host"] == "kaggle"
-    assert not partial.exists() and len(fake.runs) == attempt + 2
+    assert meta["resumed_at"] and meta["worker"]["host"] == "kaggle" and len(meta["history"]) == 4
+    assert not partial.exists() and len(fake.runs) == 2
 
 
 def test_plan_on_kaggle_says_what_would_be_sent(digits_data, tmp_path):
@@ -268,3 +281,26 @@ def test_a_unit_refused_when_kaggles_copy_of_the_data_differs(digits_data, tmp_p
     line = one_line_error(r)
     assert "resnet: refused on Kaggle (data fingerprint " in line and "(Kaggle's copy of the competition's files" in line
     assert "precision" not in line and entries(project) == {}
+
+
+def test_two_cards_train_two_units_at_once_in_the_plan(monkeypatch):
+    """On two T4s a notebook trains two units at once: four units of 40 min fit one 2 h notebook's deadline
+    (85 %: 102 min) as two pairs; one after another they need two notebooks. A notebook that got one card (or none) trains one at a
+    time, and the estimate is the time the last card ends."""
+    from types import SimpleNamespace as NS
+
+    from pipelines.remote.kernel import lanes
+    from pipelines.remote.runs import OVERHEAD, UNIT_OVERHEAD, estimate, plan
+
+    member = NS(total_epochs=10, final_size=224)
+    rate = (40 * 60 - UNIT_OVERHEAD) / (1000 * 10)  # 40 min per unit, its overhead included
+    units = [NS(images=1000, member=member, label=f"u{i}") for i in range(4)]
+    assert len(plan(units, rate, 2.0, lanes=2)) == 1 and len(plan(units, rate, 2.0, lanes=1)) == 2
+    assert estimate(units, rate, 2) == OVERHEAD + 2 * 40 * 60
+    assert estimate(units[:3], rate, 2) == OVERHEAD + 2 * 40 * 60  # the third waits for the first card
+    assert estimate(units, rate, 1) == OVERHEAD + 4 * 40 * 60
+    monkeypatch.delenv("ENS_KAGGLE_LANES", raising=False)
+    assert lanes(2, {"count": 2}) == 2 and lanes(2, {"count": 1}) == 1 and lanes(2, {"count": 0}) == 1
+    assert lanes(1, {"count": 2}) == 1  # a P100 notebook that got two cards still trains as planned
+    monkeypatch.setenv("ENS_KAGGLE_LANES", "2")
+    assert lanes(1, {"count": 0}) == 2

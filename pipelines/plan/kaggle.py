@@ -33,7 +33,8 @@ def kaggle_plan(project: Project, spec: str, overrides: list[str], target, hours
     lines = [f"--on kaggle ({target.gpu.kind}, internet {'on' if target.internet else 'off'}): "
              f"{len(planned) - len(todo)} unit(s) cached, {len(todo) - len(units)} in running notebooks, "
              f"{len(units)} to send ({rate:.4f} s per image-epoch at 224 px: {basis})"]
-    for i, group in enumerate(plan(units, rate, remote.hours) if units else []):
-        lines.append(f"  notebook {i + 1}: {', '.join(u.label for u in group)} — about "
-                     f"{estimate(group, rate) / 60:.0f} min of the {remote.hours:g} h limit")
+    at_once = f" ({remote.lanes} at once, one per card)" if remote.lanes > 1 else ""
+    for i, group in enumerate(plan(units, rate, remote.hours, remote.lanes) if units else []):
+        lines.append(f"  notebook {i + 1}: {', '.join(u.label for u in group)}{at_once} — about "
+                     f"{estimate(group, rate, remote.lanes) / 60:.0f} min of the {remote.hours:g} h limit")
     return lines

@@ -18,6 +18,9 @@ import yaml
 
 from ..errors import EnsError
 from .bundle import STATUS, zip_folder
+from .gpus import GPUS
+
+GPU_CARDS = {kind: max(1, g.cards) for kind, g in GPUS.items()}
 
 
 class Status:
@@ -31,15 +34,23 @@ class Status:
                                                        for u in manifest["units"]}}
         self.write()
 
-    def unit(self, key: str, **fields) -> None:
-        with self.lock:
-            self.data["units"][key].update(fields)
-            self._write()
+    frozen = False  # set by the watchdog: a lane whose process it stopped does not then write 'failed'
 
-    def write(self, **fields) -> None:
+    def unit(self, key: str, force: bool = False, **fields) -> None:
         with self.lock:
-            self.data.update(fields)
-            self._write()
+            if force or not self.frozen:
+                self.data["units"][key].update(fields)
+                self._write()
+
+    def write(self, force: bool = False, **fields) -> None:
+        with self.lock:
+            if force or not self.frozen:
+                self.data.update(fields)
+                self._write()
+
+    def freeze(self) -> None:
+        with self.lock:
+            self.frozen = True
 
     def _write(self) -> None:
         tmp = self.path.with_name(f".{STATUS}.tmp")
@@ -142,86 +153,201 @@ def main(manifest_path: str, root: str) -> None:
         raise SystemExit(1) from None
 
 
+def lanes(planned: int, gpu: dict) -> int:
+    """Units trained at once: one per card the notebook got, at most the cards planned (two T4s: two). A notebook
+    without a card trains one at a time; ENS_KAGGLE_LANES sets the number (the fake Kaggle's CPU notebooks)."""
+    forced = os.environ.get("ENS_KAGGLE_LANES")
+    if forced:
+        return max(1, int(forced))
+    return max(1, min(planned, gpu.get("count") or 0))
+
+
+class _Notebook:
+    """What every unit of one notebook shares: the project rebuilt on Kaggle's data, the status, the output."""
+
+    def __init__(self, manifest_path: Path, root: Path, work: Path | None = None):
+        from ..cache import MemberCache
+        from ..config import Project, load_ensemble
+        from ..data import load_data
+        from ..unit import fold_variants
+
+        self.manifest_path, self.root = manifest_path, root
+        self.manifest = json.loads(manifest_path.read_text())
+        self.out = root / "working"
+        self.work = work or Path(os.environ.get("ENS_KAGGLE_WORK") or tempfile.mkdtemp(prefix="ens-work-"))
+        if work is None:
+            write_project(self.work, self.manifest, root / "input")
+        self.project = Project(self.work)
+        _, self.ens, comp = load_ensemble(self.project, str(self.project.root / self.manifest["ensemble_file"]))
+        self.variants, _ = fold_variants(self.ens, load_data(self.project, comp), None, self.manifest["ensemble_file"])
+        self.cache = MemberCache(self.project.cache, comp.name)
+
+    def resolve(self, u: dict):
+        """(member, fold data) of a unit sent, or (None, None) when the YAML has no such member or fold."""
+        member = next((m for m in self.ens.members if m.name == u["member"]), None)
+        d = next((d for f, d, _ in self.variants if f == u["fold"]), None)
+        return (member, d) if member is not None and d is not None else (None, None)
+
+
 def train_units(manifest_path: Path, root: Path) -> dict:
-    """Check and train the manifest's units; the status written to the output as it goes."""
-    from ..cache import MemberCache, train_key, train_key_fields
-    from ..config import Project, load_ensemble
-    from ..data import load_data
-    from ..unit import fold_variants, member_entry
+    """Check and train the manifest's units, as many at once as the notebook has cards (`lanes`); the status
+    written to the output as it goes."""
+    from ..cache import train_key, train_key_fields
 
     manifest = json.loads(manifest_path.read_text())
     out = root / "working"
     out.mkdir(parents=True, exist_ok=True)
     status = Status(out, manifest)
-    deadline = status.data["started"] + manifest["seconds"]
-    current: dict = {}
-    _watchdog(deadline, status, current)
-    work = Path(os.environ.get("ENS_KAGGLE_WORK") or tempfile.mkdtemp(prefix="ens-work-"))
-    project = Project(write_project(work, manifest, root / "input"))
-    path, ens, comp = load_ensemble(project, str(project.root / manifest["ensemble_file"]))
-    data = load_data(project, comp)
-    variants, _ = fold_variants(ens, data, None, manifest["ensemble_file"])
-    cache = MemberCache(project.cache, comp.name)
+    current: dict = {}  # unit key -> {unit, mirror, proc}: what the watchdog saves and stops at the deadline
+    _watchdog(status.data["started"] + manifest["seconds"], status, current)
+    nb = _Notebook(manifest_path, root)
     here_versions = dict(status.data["versions"], ens=manifest["ens"])
+    n_lanes = lanes(GPU_CARDS.get(manifest["gpu"], 1), status.data["gpu"])
+    status.write(lanes=n_lanes)
     print(f"ens {manifest['ens']}: {len(manifest['units'])} unit(s) on {status.data['gpu']['name']} "
-          f"(asked for {manifest['gpu']})", flush=True)
+          f"(asked for {manifest['gpu']}), {n_lanes} at once", flush=True)
     accepted = []
     for u in manifest["units"]:
-        member = next((m for m in ens.members if m.name == u["member"]), None)
-        d = next((d for f, d, _ in variants if f == u["fold"]), None)
-        if member is None or d is None:
+        member, d = nb.resolve(u)
+        if member is None:
             status.unit(u["key"], state="refused", reason=f"no member {u['member']} or fold {u['fold']} in the YAML")
             continue
-        fields = train_key_fields(member, d.fingerprint)
         if train_key(member, d.fingerprint) != u["train"]:
+            fields = train_key_fields(member, d.fingerprint)
             reason = "; ".join(differences(u["parts"], fields, manifest["versions"], here_versions))
             print(f"ens: {u['label']} refused: {reason}", flush=True)
             status.unit(u["key"], state="refused", reason=reason)
             continue
         accepted.append((u, member, d))
     worker = {"host": "kaggle", "gpu": status.data["gpu"], "gpu_kind": manifest["gpu"], "pid": os.getpid()}
-    for u, member, d in accepted:
-        _restore_partial(manifest, manifest_path.parent, cache, u["train"])
-        partial_out = out / f"ens-partial-{u['train']}.zip"
-        mirror = Mirror(cache.partial(u["train"]), partial_out)
-        current.update(unit=u, mirror=mirror)
-        mirror.start()
-        start = time.time()
-        status.unit(u["key"], state="training", started=start)
-        try:
-            entry, how = member_entry(member, d, cache, u["train"], u["key"], None, worker)
-        except Exception as e:  # noqa: BLE001 - one unit's failure is reported; the others still train
-            mirror.stop.set()
-            mirror.sync()
-            status.unit(u["key"], state="failed", reason=f"{type(e).__name__}: {' '.join(str(e).split())[:300]}",
-                        partial=partial_out.name if partial_out.exists() else None)
-            print(f"ens: {u['label']} failed: {e}", file=sys.stderr, flush=True)
-            continue
-        mirror.stop.set()
-        mirror.join()
-        current.clear()
-        name = _write_unit(cache, entry, u, out)
-        partial_out.unlink(missing_ok=True)
-        status.unit(u["key"], state="done", how=how, file=name, sha256=_sha256(out / name),
-                    seconds=round(time.time() - start, 1))
-        print(f"ens: {u['label']} {how} in {time.time() - start:.0f} s -> {name}", flush=True)
+    if n_lanes == 1:
+        for u, member, d in accepted:
+            _run_unit(nb, status, current, u, lambda u=u, m=member, d=d: _in_process(nb, u, m, d, worker))
+    else:
+        _run_lanes(nb, status, current, [u for u, _, _ in accepted], n_lanes, worker)
     status.write(finished=True, ended=time.time())
     return status.data
 
 
+def _run_lanes(nb: _Notebook, status: Status, current: dict, units: list[dict], n: int, worker: dict) -> None:
+    """`n` threads, one per card, each taking the next unit (longest first, as planned) and training it in a
+    process that sees only its card (CUDA_VISIBLE_DEVICES): two fastai runs never share a process or a GPU."""
+    todo = list(units)
+    take = threading.Lock()
+
+    def lane(i: int) -> None:
+        while True:
+            with take:
+                if not todo:
+                    return
+                u = todo.pop(0)
+            _run_unit(nb, status, current, u, lambda: _in_child(nb, u, i, dict(worker, lane=i), current), lane=i)
+
+    threads = [threading.Thread(target=lane, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def _run_unit(nb: _Notebook, status: Status, current: dict, u: dict, train, lane: int = 0) -> None:
+    """One unit: resumed from a checkpoint the dataset carries, its checkpoints mirrored into the output while
+    `train()` runs, its entry zipped into the output when done; a failure is reported and the others go on."""
+    _restore_partial(nb.manifest, nb.manifest_path.parent, nb.cache, u["train"])
+    partial_out = nb.out / f"ens-partial-{u['train']}.zip"
+    mirror = Mirror(nb.cache.partial(u["train"]), partial_out)
+    current[u["key"]] = {"unit": u, "mirror": mirror}
+    mirror.start()
+    start = time.time()
+    status.unit(u["key"], state="training", started=start, lane=lane)
+    try:
+        entry, how = train()
+    except Exception as e:  # noqa: BLE001 - one unit's failure is reported; the others still train
+        mirror.stop.set()
+        mirror.sync()
+        current.pop(u["key"], None)
+        status.unit(u["key"], state="failed", reason=f"{type(e).__name__}: {' '.join(str(e).split())[:300]}",
+                    partial=partial_out.name if partial_out.exists() else None)
+        print(f"ens: {u['label']} failed: {e}", file=sys.stderr, flush=True)
+        return
+    mirror.stop.set()
+    mirror.join()
+    current.pop(u["key"], None)
+    name = _write_unit(nb.cache, entry, u, nb.out)
+    partial_out.unlink(missing_ok=True)
+    status.unit(u["key"], state="done", how=how, file=name, sha256=_sha256(nb.out / name),
+                seconds=round(time.time() - start, 1))
+    print(f"ens: {u['label']} {how} in {time.time() - start:.0f} s -> {name}", flush=True)
+
+
+def _in_process(nb: _Notebook, u: dict, member, d, worker: dict):
+    from ..unit import member_entry
+
+    return member_entry(member, d, nb.cache, u["train"], u["key"], None, worker)
+
+
+class UnitFailed(Exception):
+    pass
+
+
+def _in_child(nb: _Notebook, u: dict, lane: int, worker: dict, current: dict):
+    """The unit trained by `python -c ...train_one` on card `lane` (the notebook's sys.path, which holds the
+    dataset's wheels, passed as PYTHONPATH); its entry read from the shared cache when the process ends."""
+    import subprocess
+
+    result = nb.work / f".lane-{u['key']}.json"
+    result.unlink(missing_ok=True)
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(lane), ENS_KAGGLE_WORK=str(nb.work),
+               PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    code = "import sys; from pipelines.remote.kernel import train_one; train_one(*sys.argv[1:])"
+    proc = subprocess.Popen([sys.executable, "-c", code, str(nb.manifest_path), str(nb.root), u["key"],
+                             json.dumps(worker)], env=env)
+    current[u["key"]]["proc"] = proc
+    rc = proc.wait()
+    told = json.loads(result.read_text()) if result.is_file() else {}
+    if rc != 0 or "how" not in told:
+        raise UnitFailed(told.get("error") or f"its training process (card {lane}) ended with code {rc}")
+    entry = nb.cache.load(u["key"])
+    if entry is None:
+        raise UnitFailed(f"its training process (card {lane}) ended without a cache entry")
+    return entry, told["how"]
+
+
+def train_one(manifest_path: str, root: str, key: str, worker: str) -> None:
+    """A lane's process: one unit of the manifest trained into the notebook's cache (ENS_KAGGLE_WORK); how it
+    went in .lane-<key>.json there."""
+    from ..unit import member_entry
+
+    nb = _Notebook(Path(manifest_path), Path(root), Path(os.environ["ENS_KAGGLE_WORK"]))
+    u = next(u for u in nb.manifest["units"] if u["key"] == key)
+    member, d = nb.resolve(u)
+    result = nb.work / f".lane-{key}.json"
+    try:
+        _, how = member_entry(member, d, nb.cache, u["train"], key, None, dict(json.loads(worker), pid=os.getpid()))
+    except Exception as e:
+        result.write_text(json.dumps({"error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"}))
+        raise
+    result.write_text(json.dumps({"how": how}))
+
+
 def _watchdog(deadline: float, status: Status, current: dict) -> None:
-    """At the notebook's own deadline (before Kaggle's limit): the unit being trained keeps its last epoch's
-    checkpoint in the output, the status says 'out of time', and the notebook ends (exit 0: what it wrote stays)."""
+    """At the notebook's own deadline (before Kaggle's limit): the units being trained (their processes stopped
+    first) keep their last epoch's checkpoints in the output, the status says 'out of time', and the notebook
+    ends (exit 0: what it wrote stays)."""
 
     def stop() -> None:
-        u, mirror = current.get("unit"), current.get("mirror")
-        if mirror is not None:
+        status.freeze()
+        training = list(current.values())
+        for held in training:
+            if held.get("proc") is not None:
+                held["proc"].kill()
+        for held in training:
+            u, mirror = held["unit"], held["mirror"]
             mirror.stop.set()
             mirror.sync()
-        if u is not None:
-            status.unit(u["key"], state="out of time",
-                        partial=mirror.dest.name if mirror is not None and mirror.dest.exists() else None)
-        status.write(finished=True, ended=time.time(), out_of_time=True)
+            status.unit(u["key"], force=True, state="out of time",
+                        partial=mirror.dest.name if mirror.dest.exists() else None)
+        status.write(force=True, finished=True, ended=time.time(), out_of_time=True)
         print("ens: the notebook's deadline has come; its checkpoints are in the output", flush=True)
         os._exit(0)
 

@@ -7,7 +7,6 @@ submissions/<competition>/kaggle-runs.csv (under the history's lock), so nothing
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -116,24 +115,32 @@ def measured_rate(project: Project, comp: Competition, kind: str) -> float | Non
     return rates[len(rates) // 2] if rates else None
 
 
-def plan(units: list[Sent], rate: float, hours: float) -> list[list[Sent]]:
-    """Units into notebooks (first fit, longest first) so that each one's estimate stays under its deadline; a
-    unit longer than a whole notebook gets one to itself (it resumes in the next from its checkpoints)."""
-    budget = hours * 3600 * (1 - MARGIN) - OVERHEAD
-    groups: list[tuple[float, list[Sent]]] = []
+def plan(units: list[Sent], rate: float, hours: float, lanes: int = 1) -> list[list[Sent]]:
+    """Units into notebooks (first fit, longest first) so that each one's estimate, `lanes` units at once, stays
+    under its deadline; a unit longer than a whole notebook gets one to itself (it resumes in the next from its
+    checkpoints)."""
+    deadline = hours * 3600 * (1 - MARGIN)
+    groups: list[list[Sent]] = []
     for u in sorted(units, key=lambda u: -work(u)):
-        cost = work(u) * rate + UNIT_OVERHEAD
-        for i, (used, members) in enumerate(groups):
-            if used + cost <= budget:
-                groups[i] = (used + cost, members + [u])
-                break
+        fit = next((g for g in groups if estimate(g + [u], rate, lanes) <= deadline), None)
+        if fit is None:
+            groups.append([u])
         else:
-            groups.append((cost, [u]))
-    return [members for _, members in groups]
+            fit.append(u)
+    return groups
 
 
-def estimate(units: list[Sent], rate: float) -> float:
-    return OVERHEAD + sum(work(u) * rate + UNIT_OVERHEAD for u in units)
+def estimate(units: list[Sent], rate: float, lanes: int = 1) -> float:
+    """A notebook's seconds: its overhead, then its units on `lanes` cards, each card taking the next unit in
+    the order sent (longest first) when it is free; the time the last card ends."""
+    ends = [0.0] * max(1, lanes)
+    for u in units:
+        ends[ends.index(min(ends))] += work(u) * rate + UNIT_OVERHEAD
+    return OVERHEAD + max(ends)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
 
 
 def _quota(say) -> None:
@@ -158,6 +165,7 @@ class Remote:
         self.project, self.comp, self.path, self.overrides, self.target = project, comp, path, overrides, target
         self.say, self.first_poll = say, first_poll
         self.hours = hours or target.gpu.session_hours
+        self.lanes = max(1, target.gpu.cards)  # units trained at once in one notebook: one per card
         self.cache = MemberCache(project.cache, comp.name)
         self.table = runs_path(project, comp)
 
@@ -180,14 +188,15 @@ class Remote:
                 rate = measured_rate(self.project, self.comp, self.target.gpu.kind)
                 basis = "measured on earlier notebooks" if rate else "a stated estimate, not yet measured"
                 rate = rate or self.target.gpu.seconds_per_image_epoch
-                groups = plan(new, rate, self.hours)
+                groups = plan(new, rate, self.hours, self.lanes)
+                at_once = f", {self.lanes} at once" if self.lanes > 1 else ""
                 self.say(f"{len(new)} unit(s) to train on Kaggle ({self.target.gpu.kind}) in {len(groups)} "
-                         f"notebook(s), about {sum(estimate(g, rate) for g in groups) / 3600:.2f} GPU hours "
-                         f"({rate:.4f} s per image-epoch at 224 px: {basis})")
+                         f"notebook(s){at_once}, about {sum(estimate(g, rate, self.lanes) for g in groups) / 3600:.2f}"
+                         f" GPU hours ({rate:.4f} s per image-epoch at 224 px: {basis})")
                 _quota(self.say)
                 owner = kaggle.whoami()
                 for group in groups:
-                    self._push(group, parts, owner, estimate(group, rate))
+                    self._push(group, parts, owner, estimate(group, rate, self.lanes))
             return [row for row in read_history(self.table) if row.get("status") == RUNNING
                     and {u["key"] for u in json.loads(row["units"])} & {u.key for u in units}]
 
@@ -211,7 +220,7 @@ class Remote:
                        units=json.dumps([{"label": u.label, "train": u.train, "key": u.key} for u in group]),
                        estimate_s=f"{seconds:.0f}", work=f"{sum(work(u) for u in group):.1f}")
         self.say(f"pushed notebook {kernel} version {pushed['version']}: {', '.join(u.label for u in group)} "
-                 f"(estimate {seconds / 60:.0f} min, deadline {deadline / 3600:.1f} h)")
+                 f"(estimate {seconds / 60:.0f} min, deadline {_duration(deadline)})")
 
     def _upload(self, b, dataset: str) -> None:
         from ..notebook.push import _poll
@@ -373,7 +382,3 @@ def train_on_kaggle(project: Project, comp: Competition, path: Path, overrides: 
         elif done.get("note") and done.get("status") != "fetched":
             notes.append(f"{row['notebook']}: {done['note']}")
     return notes
-
-
-def hours_needed(units: list[Sent], rate: float) -> float:
-    return math.ceil(estimate(units, rate) / 360) / 10

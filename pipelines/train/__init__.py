@@ -112,20 +112,34 @@ KILL_AT = "ENS_TEST_KILL_AT"
 _kill_state: dict = {"seen": 0, "armed": False}  # per process: members and folds trained one after another
 
 
-EPOCH_SLEEP = "ENS_TEST_EPOCH_SLEEP"  # tests: seconds each epoch lasts longer (a slow card's epochs, on any CPU)
+# Tests of a notebook's time limit must not depend on how fast this machine trains: "10" (each epoch lasts 10 s
+# more: a slow card's epochs, on any CPU) or "900 after train epoch 2" (once, after that epoch's checkpoint, in the
+# process that trained it: a resumed run, past it, does not sleep).
+EPOCH_SLEEP = "ENS_TEST_EPOCH_SLEEP"
 
 
-def _epoch_sleep_callbacks() -> list:
-    """[a callback sleeping `ENS_TEST_EPOCH_SLEEP` seconds after each epoch] when the variable is set (a test of a
-    notebook's time limit must not depend on how fast this machine trains), else []."""
-    seconds = float(os.environ.get(EPOCH_SLEEP) or 0)
-    if seconds <= 0:
+def _epoch_sleep_callbacks(phase: str, start_epoch: int) -> list:
+    """[the callback `ENS_TEST_EPOCH_SLEEP` asks for] when the variable is set, else []."""
+    import re
+
+    spec = os.environ.get(EPOCH_SLEEP)
+    if not spec:
         return []
     from fastai.callback.core import Callback
 
+    from ..errors import EnsError
+
+    m = re.fullmatch(r"(\d+(?:\.\d*)?)(?: after (\w+) epoch (\d+))?", spec.strip())
+    if m is None:
+        raise EnsError(f"{EPOCH_SLEEP}={spec!r}: write it as '10' or '900 after train epoch 2'")
+    seconds, point = float(m[1]), (m[2], int(m[3])) if m[2] else None
+
     class EpochSleep(Callback):
-        def after_epoch(self):
-            time.sleep(seconds)
+        order = 61  # after EpochLog has saved the epoch's checkpoint
+
+        def after_epoch(self):  # fastai calls it for the epochs a resumed fit skips, too
+            if self.epoch >= start_epoch and (point is None or (phase, self.epoch + 1) == point):
+                time.sleep(seconds)
 
     return [EpochSleep()]
 
@@ -435,7 +449,7 @@ def _fit(member, data, progress, checkpoint_dir, cbs, device, precision, plan) -
             if begin and phase.name == "train":
                 learn.dls = resize.dls_per_epoch[begin]
             log = EpochLog(phase.name, history, begin, save, progress, task, phase.size_of)
-            kill = ([KillAt(phase.name, begin)] if KillAt else []) + _epoch_sleep_callbacks()
+            kill = ([KillAt(phase.name, begin)] if KillAt else []) + _epoch_sleep_callbacks(phase.name, begin)
             if isinstance(average, LastEpochsAverage):  # the last epochs of the last fit
                 average.active = index == len(phases) - 1
             accumulate = plan.callbacks() if plan is not None else []
