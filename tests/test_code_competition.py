@@ -71,7 +71,8 @@ def kaggle_env(fake: FakeKaggle, tmp_path: Path) -> dict:
     tmp.mkdir(exist_ok=True)
     (tmp_path / "kaggle-config").mkdir(exist_ok=True)
     return {**fake.env(), "NO_PROXY": "", "no_proxy": "", "TMPDIR": str(tmp),
-            "KAGGLE_CONFIG_DIR": str(tmp_path / "kaggle-config"), "ENS_KAGGLE_POLL": "0.5"}
+            "KAGGLE_CONFIG_DIR": str(tmp_path / "kaggle-config"), "ENS_KAGGLE_POLL": "0.5",
+            "ENS_KAGGLE_POLL_MAX": "2"}  # a notebook's end seen within 2 s, not after a back-off of up to 60
 
 
 def history(project: Path) -> list[dict]:

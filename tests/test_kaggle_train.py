@@ -155,10 +155,6 @@ def test_detach_nothing_sent_twice_and_a_tampered_entry_refused(digits_data, fak
     assert fake.wait_runs(600)
     (run,) = fake.runs
     assert run.status == "COMPLETE", run.stderr[-3000:]
-    told = json.loads((run.working / "ens-run.json").read_text())
-    assert told["lanes"] == 2 and "2 at once" in run.stdout
-    (a, b) = sorted(told["units"].values(), key=lambda s: s["started"])
-    assert {a["lane"], b["lane"]} == {0, 1} and b["started"] < a["started"] + a["seconds"]  # they overlapped
     (archive,) = [p for name, p in run.outputs().items() if name.startswith("ens-unit-")]
     _tamper(archive)
     # the archive's checksum in ens-run.json updated too (a consistent corruption): the entry's own checksum

@@ -44,6 +44,7 @@ def fake(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "kaggle-config"))
     monkeypatch.setenv("ENS_KAGGLE_POLL", "0.2")
+    monkeypatch.setenv("ENS_KAGGLE_POLL_MAX", "2")
     for name, value in server.env().items():
         monkeypatch.setenv(name, value)
     try:
