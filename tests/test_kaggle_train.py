@@ -295,6 +295,10 @@ def test_two_cards_train_two_units_at_once_in_the_plan(monkeypatch):
     assert estimate(units, rate, 2) == OVERHEAD + 2 * 40 * 60
     assert estimate(units[:3], rate, 2) == OVERHEAD + 2 * 40 * 60  # the third waits for the first card
     assert estimate(units, rate, 1) == OVERHEAD + 4 * 40 * 60
+    # a unit longer than a notebook takes one card to the deadline (then resumes); the other card is not left idle
+    long, short = (NS(images=1000 * h, member=member, label=f"{h}") for h in (30, 9))  # 20 h, 6 h at this rate
+    assert plan([long, short], rate, 12.0, lanes=2) == [[long, short]]
+    assert plan([long, short], rate, 12.0, lanes=1) == [[long], [short]]
     monkeypatch.delenv("ENS_KAGGLE_LANES", raising=False)
     assert lanes(2, {"count": 2}) == 2 and lanes(2, {"count": 1}) == 1 and lanes(2, {"count": 0}) == 1
     assert lanes(1, {"count": 2}) == 1  # a P100 notebook that got two cards still trains as planned

@@ -76,6 +76,11 @@ def cache_ls(competition: Optional[str] = typer.Argument(None, help="only this c
     from ..cache import MemberCache
 
     proj = _project(project)
+    if competition and not (proj.competitions / f"{competition}.yaml").is_file() \
+            and not (proj.cache / competition).is_dir():  # a typo, not an empty cache
+        known = sorted(p.stem for p in proj.competitions.glob("*.yaml"))
+        raise EnsError(f"no competition '{competition}' (competitions/{competition}.yaml) and nothing cached under "
+                       f"{proj.relative(proj.cache)}/{competition}/; known: {', '.join(known) or 'none'}")
     names = [competition] if competition else sorted(
         p.name for p in proj.cache.iterdir() if p.is_dir() and (proj.competitions / f"{p.name}.yaml").exists()
     ) if proj.cache.is_dir() else []

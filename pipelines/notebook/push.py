@@ -42,12 +42,21 @@ def takes_notebooks(comp: Competition) -> bool:
     return comp.submission == "notebook"
 
 
+def _env_seconds(name: str, default: float) -> float:
+    """A wait from the environment: at least 0.1 s (0 would poll Kaggle without pause), else one line."""
+    text = os.environ.get(name)
+    try:
+        return default if not text else max(0.1, float(text))
+    except ValueError:
+        raise EnsError(f"{name}={text!r}: give the seconds as a number, e.g. {name}=2") from None
+
+
 def _poll(what, done, first: float, limit: float, say) -> dict:
     """Call `what()` with back-off (`first` s, or $ENS_KAGGLE_POLL; doubling to 60 s, or $ENS_KAGGLE_POLL_MAX)
     until `done(answer)` or `limit` seconds; transient Kaggle failures are retried. A short cap answers sooner
     after a notebook ends (at the cost of more calls to Kaggle: the fake server's tests use 2 s)."""
-    first = float(os.environ.get("ENS_KAGGLE_POLL") or first)
-    cap = float(os.environ.get("ENS_KAGGLE_POLL_MAX") or 60.0)
+    first = _env_seconds("ENS_KAGGLE_POLL", first)
+    cap = max(_env_seconds("ENS_KAGGLE_POLL_MAX", 60.0), first)
     deadline, delay, answer = time.monotonic() + limit, first, None
     while True:
         try:

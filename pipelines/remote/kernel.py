@@ -127,18 +127,19 @@ class Mirror(threading.Thread):
     def __init__(self, folder: Path, dest: Path, every: float = 1.0):
         super().__init__(daemon=True)
         self.folder, self.dest, self.every = folder, dest, every
-        self.stop, self.seen = threading.Event(), None
+        self.stop, self.seen, self.lock = threading.Event(), None, threading.Lock()
 
     def sync(self) -> bool:
-        try:
-            sig = [(p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(self.folder.iterdir())]
-        except OSError:
+        with self.lock:  # the mirror's thread and the watchdog (or a failing lane) write the same archive
+            try:
+                sig = [(p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(self.folder.iterdir())]
+            except OSError:
+                return False
+            if sig and sig != self.seen:
+                zip_folder(self.folder, self.dest)
+                self.seen = sig
+                return True
             return False
-        if sig and sig != self.seen:
-            zip_folder(self.folder, self.dest)
-            self.seen = sig
-            return True
-        return False
 
     def run(self) -> None:
         while not self.stop.wait(self.every):
@@ -158,6 +159,8 @@ def lanes(planned: int, gpu: dict) -> int:
     without a card trains one at a time; ENS_KAGGLE_LANES sets the number (the fake Kaggle's CPU notebooks)."""
     forced = os.environ.get("ENS_KAGGLE_LANES")
     if forced:
+        if not forced.strip().isdigit():
+            raise EnsError(f"ENS_KAGGLE_LANES={forced!r}: give a whole number of units to train at once")
         return max(1, int(forced))
     return max(1, min(planned, gpu.get("count") or 0))
 
@@ -198,8 +201,8 @@ def train_units(manifest_path: Path, root: Path) -> dict:
     out = root / "working"
     out.mkdir(parents=True, exist_ok=True)
     status = Status(out, manifest)
-    current: dict = {}  # unit key -> {unit, mirror, proc}: what the watchdog saves and stops at the deadline
-    _watchdog(status.data["started"] + manifest["seconds"], status, current)
+    training = Training()
+    _watchdog(status.data["started"] + manifest["seconds"], status, training, out)
     nb = _Notebook(manifest_path, root)
     here_versions = dict(status.data["versions"], ens=manifest["ens"])
     n_lanes = lanes(GPU_CARDS.get(manifest["gpu"], 1), status.data["gpu"])
@@ -222,26 +225,66 @@ def train_units(manifest_path: Path, root: Path) -> dict:
     worker = {"host": "kaggle", "gpu": status.data["gpu"], "gpu_kind": manifest["gpu"], "pid": os.getpid()}
     if n_lanes == 1:
         for u, member, d in accepted:
-            _run_unit(nb, status, current, u, lambda u=u, m=member, d=d: _in_process(nb, u, m, d, worker))
+            _run_unit(nb, status, training, u, lambda u=u, m=member, d=d: _in_process(nb, u, m, d, worker))
     else:
-        _run_lanes(nb, status, current, [u for u, _, _ in accepted], n_lanes, worker)
+        _run_lanes(nb, status, training, [u for u, _, _ in accepted], n_lanes, worker)
+    if training.stopped:  # the watchdog is writing the status: it ends the notebook
+        threading.Event().wait()
     status.write(finished=True, ended=time.time())
     return status.data
 
 
-def _run_lanes(nb: _Notebook, status: Status, current: dict, units: list[dict], n: int, worker: dict) -> None:
+class Training:
+    """The units being trained now, shared by the lanes and the watchdog: once the deadline has come (`stop`), no
+    unit and no process starts, and every process started is killed."""
+
+    def __init__(self):
+        self.lock, self.held, self.stopped = threading.Lock(), {}, False
+
+    def start(self, u: dict, mirror: Mirror) -> bool:
+        with self.lock:
+            if not self.stopped:
+                self.held[u["key"]] = {"unit": u, "mirror": mirror}
+            return not self.stopped
+
+    def spawn(self, key: str, popen):
+        """`popen()`'s process, or None once stopped; under the lock the watchdog kills with."""
+        with self.lock:
+            if self.stopped:
+                return None
+            self.held[key]["proc"] = proc = popen()
+            return proc
+
+    def done(self, key: str, fields: dict) -> None:
+        with self.lock:
+            self.held[key]["done"] = fields
+
+    def end(self, key: str) -> None:
+        with self.lock:
+            self.held.pop(key, None)
+
+    def stop(self) -> list[dict]:
+        with self.lock:
+            self.stopped = True
+            for held in self.held.values():
+                if held.get("proc") is not None:
+                    held["proc"].kill()
+            return list(self.held.values())
+
+
+def _run_lanes(nb: _Notebook, status: Status, training: Training, units: list[dict], n: int, worker: dict) -> None:
     """`n` threads, one per card, each taking the next unit (longest first, as planned) and training it in a
     process that sees only its card (CUDA_VISIBLE_DEVICES): two fastai runs never share a process or a GPU."""
     todo = list(units)
     take = threading.Lock()
 
     def lane(i: int) -> None:
-        while True:
+        while not training.stopped:
             with take:
                 if not todo:
                     return
                 u = todo.pop(0)
-            _run_unit(nb, status, current, u, lambda: _in_child(nb, u, i, dict(worker, lane=i), current), lane=i)
+            _run_unit(nb, status, training, u, lambda: _in_child(nb, u, i, dict(worker, lane=i), training), lane=i)
 
     threads = [threading.Thread(target=lane, args=(i,), daemon=True) for i in range(n)]
     for t in threads:
@@ -250,34 +293,39 @@ def _run_lanes(nb: _Notebook, status: Status, current: dict, units: list[dict], 
         t.join()
 
 
-def _run_unit(nb: _Notebook, status: Status, current: dict, u: dict, train, lane: int = 0) -> None:
+def _run_unit(nb: _Notebook, status: Status, training: Training, u: dict, train, lane: int = 0) -> None:
     """One unit: resumed from a checkpoint the dataset carries, its checkpoints mirrored into the output while
-    `train()` runs, its entry zipped into the output when done; a failure is reported and the others go on."""
-    _restore_partial(nb.manifest, nb.manifest_path.parent, nb.cache, u["train"])
+    `train()` runs, its entry zipped into the output when done. Any failure (training, a damaged checkpoint, a
+    full output disk) is reported with the unit's last checkpoint, and the others go on; after the deadline the
+    watchdog speaks for the unit."""
     partial_out = nb.out / f"ens-partial-{u['train']}.zip"
     mirror = Mirror(nb.cache.partial(u["train"]), partial_out)
-    current[u["key"]] = {"unit": u, "mirror": mirror}
-    mirror.start()
     start = time.time()
-    status.unit(u["key"], state="training", started=start, lane=lane)
     try:
+        _restore_partial(nb.manifest, nb.manifest_path.parent, nb.cache, u["train"])
+        if not training.start(u, mirror):
+            return
+        mirror.start()
+        status.unit(u["key"], state="training", started=start, lane=lane)
         entry, how = train()
+        mirror.stop.set()
+        mirror.join()
+        name = _write_unit(nb.cache, entry, u, nb.out)
+        done = {"how": how, "file": name, "sha256": _sha256(nb.out / name), "seconds": round(time.time() - start, 1)}
+        training.done(u["key"], done)
+        status.unit(u["key"], state="done", **done)
+        partial_out.unlink(missing_ok=True)
+        print(f"ens: {u['label']} {how} in {time.time() - start:.0f} s -> {name}", flush=True)
     except Exception as e:  # noqa: BLE001 - one unit's failure is reported; the others still train
+        if training.stopped:
+            return
         mirror.stop.set()
         mirror.sync()
-        current.pop(u["key"], None)
         status.unit(u["key"], state="failed", reason=f"{type(e).__name__}: {' '.join(str(e).split())[:300]}",
                     partial=partial_out.name if partial_out.exists() else None)
         print(f"ens: {u['label']} failed: {e}", file=sys.stderr, flush=True)
-        return
-    mirror.stop.set()
-    mirror.join()
-    current.pop(u["key"], None)
-    name = _write_unit(nb.cache, entry, u, nb.out)
-    partial_out.unlink(missing_ok=True)
-    status.unit(u["key"], state="done", how=how, file=name, sha256=_sha256(nb.out / name),
-                seconds=round(time.time() - start, 1))
-    print(f"ens: {u['label']} {how} in {time.time() - start:.0f} s -> {name}", flush=True)
+    finally:
+        training.end(u["key"])
 
 
 def _in_process(nb: _Notebook, u: dict, member, d, worker: dict):
@@ -290,7 +338,7 @@ class UnitFailed(Exception):
     pass
 
 
-def _in_child(nb: _Notebook, u: dict, lane: int, worker: dict, current: dict):
+def _in_child(nb: _Notebook, u: dict, lane: int, worker: dict, training: Training):
     """The unit trained by `python -c ...train_one` on card `lane` (the notebook's sys.path, which holds the
     dataset's wheels, passed as PYTHONPATH); its entry read from the shared cache when the process ends."""
     import subprocess
@@ -300,9 +348,10 @@ def _in_child(nb: _Notebook, u: dict, lane: int, worker: dict, current: dict):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(lane), ENS_KAGGLE_WORK=str(nb.work),
                PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     code = "import sys; from pipelines.remote.kernel import train_one; train_one(*sys.argv[1:])"
-    proc = subprocess.Popen([sys.executable, "-c", code, str(nb.manifest_path), str(nb.root), u["key"],
-                             json.dumps(worker)], env=env)
-    current[u["key"]]["proc"] = proc
+    proc = training.spawn(u["key"], lambda: subprocess.Popen(
+        [sys.executable, "-c", code, str(nb.manifest_path), str(nb.root), u["key"], json.dumps(worker)], env=env))
+    if proc is None:
+        raise UnitFailed("the notebook's deadline came before it started")
     rc = proc.wait()
     told = json.loads(result.read_text()) if result.is_file() else {}
     if rc != 0 or "how" not in told:
@@ -323,37 +372,46 @@ def train_one(manifest_path: str, root: str, key: str, worker: str) -> None:
     member, d = nb.resolve(u)
     result = nb.work / f".lane-{key}.json"
     try:
-        _, how = member_entry(member, d, nb.cache, u["train"], key, None, dict(json.loads(worker), pid=os.getpid()))
+        worker = dict(json.loads(worker), pid=os.getpid(), gpu=gpu_facts())  # the card this process sees
+        _, how = member_entry(member, d, nb.cache, u["train"], key, None, worker)
     except Exception as e:
         result.write_text(json.dumps({"error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"}))
         raise
     result.write_text(json.dumps({"how": how}))
 
 
-def _watchdog(deadline: float, status: Status, current: dict) -> None:
-    """At the notebook's own deadline (before Kaggle's limit): the units being trained (their processes stopped
-    first) keep their last epoch's checkpoints in the output, the status says 'out of time', and the notebook
-    ends (exit 0: what it wrote stays)."""
+def _watchdog(deadline: float, status: Status, training: Training, out: Path) -> None:
+    """At the notebook's own deadline (before Kaggle's limit): no unit starts any more, the lanes' processes are
+    killed, a unit whose archive is written is 'done', the others keep their last epoch's checkpoints in the
+    output and are 'out of time'; the notebook ends (exit 0: what it wrote stays)."""
 
     def stop() -> None:
-        status.freeze()
-        training = list(current.values())
-        for held in training:
-            if held.get("proc") is not None:
-                held["proc"].kill()
-        for held in training:
-            u, mirror = held["unit"], held["mirror"]
-            mirror.stop.set()
-            mirror.sync()
-            status.unit(u["key"], force=True, state="out of time",
-                        partial=mirror.dest.name if mirror.dest.exists() else None)
-        status.write(force=True, finished=True, ended=time.time(), out_of_time=True)
-        print("ens: the notebook's deadline has come; its checkpoints are in the output", flush=True)
+        at_deadline(status, training, out)
         os._exit(0)
 
     timer = threading.Timer(max(0.0, deadline - time.time()), stop)
     timer.daemon = True
     timer.start()
+
+
+def at_deadline(status: Status, training: Training, out: Path) -> None:
+    """The watchdog's work before the notebook ends: the status frozen, then written for each unit in hand."""
+    status.freeze()
+    for held in training.stop():
+        u, mirror = held["unit"], held["mirror"]
+        mirror.stop.set()
+        archive = out / f"ens-unit-{u['key']}.zip"
+        started = status.data["units"][u["key"]].get("started") or time.time()
+        done = held.get("done") or ({"file": archive.name, "sha256": _sha256(archive),
+                                     "seconds": round(time.time() - started, 1)} if archive.is_file() else None)
+        if done:
+            status.unit(u["key"], force=True, state="done", **done)
+            continue
+        mirror.sync()
+        status.unit(u["key"], force=True, state="out of time",
+                    partial=mirror.dest.name if mirror.dest.exists() else None)
+    status.write(force=True, finished=True, ended=time.time(), out_of_time=True)
+    print("ens: the notebook's deadline has come; its checkpoints are in the output", flush=True)
 
 
 def _restore_partial(manifest: dict, folder: Path, cache, train: str) -> None:

@@ -116,13 +116,13 @@ def measured_rate(project: Project, comp: Competition, kind: str) -> float | Non
 
 
 def plan(units: list[Sent], rate: float, hours: float, lanes: int = 1) -> list[list[Sent]]:
-    """Units into notebooks (first fit, longest first) so that each one's estimate, `lanes` units at once, stays
-    under its deadline; a unit longer than a whole notebook gets one to itself (it resumes in the next from its
-    checkpoints)."""
+    """Units into notebooks (first fit, longest first) so that each card of each notebook ends by its deadline;
+    a unit longer than a whole notebook takes a card to itself (it stops at the deadline and resumes in the next
+    notebook from its checkpoints) while the other cards take units that end by then."""
     deadline = hours * 3600 * (1 - MARGIN)
     groups: list[list[Sent]] = []
     for u in sorted(units, key=lambda u: -work(u)):
-        fit = next((g for g in groups if estimate(g + [u], rate, lanes) <= deadline), None)
+        fit = next((g for g in groups if _fits(g + [u], rate, lanes, deadline)), None)
         if fit is None:
             groups.append([u])
         else:
@@ -130,13 +130,22 @@ def plan(units: list[Sent], rate: float, hours: float, lanes: int = 1) -> list[l
     return groups
 
 
-def estimate(units: list[Sent], rate: float, lanes: int = 1) -> float:
-    """A notebook's seconds: its overhead, then its units on `lanes` cards, each card taking the next unit in
-    the order sent (longest first) when it is free; the time the last card ends."""
-    ends = [0.0] * max(1, lanes)
+def _cards(units: list[Sent], rate: float, lanes: int) -> list[list[float]]:
+    """Each card's units' seconds, as the notebook's lanes take them: the next unit in the order sent (longest
+    first) to the card that is free first."""
+    cards: list[list[float]] = [[] for _ in range(max(1, lanes))]
     for u in units:
-        ends[ends.index(min(ends))] += work(u) * rate + UNIT_OVERHEAD
-    return OVERHEAD + max(ends)
+        min(cards, key=sum).append(work(u) * rate + UNIT_OVERHEAD)
+    return cards
+
+
+def _fits(units: list[Sent], rate: float, lanes: int, deadline: float) -> bool:
+    return all(OVERHEAD + sum(card) <= deadline or len(card) == 1 for card in _cards(units, rate, lanes))
+
+
+def estimate(units: list[Sent], rate: float, lanes: int = 1) -> float:
+    """A notebook's seconds: its overhead, then its units on `lanes` cards; the time the last card ends."""
+    return OVERHEAD + max(sum(card) for card in _cards(units, rate, lanes))
 
 
 def _duration(seconds: float) -> str:
