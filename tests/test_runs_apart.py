@@ -79,6 +79,20 @@ def test_old_history_files_stay_readable(project):
     assert "defaults.epochs=2" in out.stdout and "01234567" in out.stdout and "old.csv" in out.stdout
 
 
+def test_the_submissions_table_never_cuts_what_tells_runs_apart(project):
+    """Two runs in one second (<stamp>-tiny-2.csv) on a fast CI machine: the table's file column grew and cut the
+    overrides to 'members.resnet.weig…' (a path has no space to wrap at); they stay whole, and long paths fold."""
+    history = project / "submissions/digits/history.csv"
+    for i, extra in enumerate(("", "members.resnet.weight=2 members.convnext.lr=0.003")):
+        append_history(history, ensemble="ensembles/digits/a-rather-long-ensemble-name.yaml", valid_score="0.9930",
+                       file=f"submissions/digits/20261205-001234-a-rather-long-ensemble-name{'-2' * i}.csv",
+                       destination="local answers", overrides=extra, ensemble_hash=f"{i}123456789abcdef")
+    out = ens("submissions", "digits", cwd=project)
+    assert out.returncode == 0, out.stderr
+    assert "members.resnet.weight=2 members.convnext.lr=0.003" in out.stdout and "11234567" in out.stdout
+    assert "…" not in out.stdout, out.stdout
+
+
 @pytest.mark.slow
 def test_warm_reruns_and_reports_told_apart(tiny_run, tmp_path):
     root = copy_project(tiny_run[0], tmp_path / "p")

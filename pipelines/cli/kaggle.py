@@ -117,7 +117,8 @@ def submissions(competition: str = typer.Argument(..., help="a competition name"
     table = Table(title=f"submissions/{comp.name}/history.csv")
     for col in ("time", "ensemble", "overrides", "hash", "valid", "file", "destination", "ref", "status", "score"):
         table.add_column(col, justify="right" if col in ("valid", "score") else "left",
-                         no_wrap=col in ("time", "file", "ref"))
+                         no_wrap=col in ("time", "overrides", "hash", "file", "ref"),  # what tells runs apart, whole
+                         overflow="fold")  # a path too long for its column is folded onto the next line, not cut
     for r in rows:
         valid = f"{float(r['valid_score']):.4f}" if r.get("valid_score") else ""
         score = f"{float(r['score']):.5f}" if r.get("score") else ""
