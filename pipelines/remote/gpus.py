@@ -18,6 +18,11 @@ class Gpu:
     session_hours: float        # Kaggle's limit on one session
     seconds_per_image_epoch: float  # the stated estimate at 224 px, before a run of this kind was measured
 
+    @property
+    def lanes(self) -> int:
+        """Units one notebook trains at once: one per card (a notebook without a card trains one)."""
+        return max(1, self.cards)
+
 
 GPUS = {
     "t4x2": Gpu("t4x2", "NvidiaTeslaT4", {"cuda": True, "bf16": False}, 2, 12.0, 0.004),

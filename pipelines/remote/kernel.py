@@ -20,8 +20,6 @@ from ..errors import EnsError
 from .bundle import STATUS, zip_folder
 from .gpus import GPUS
 
-GPU_CARDS = {kind: max(1, g.cards) for kind, g in GPUS.items()}
-
 
 class Status:
     """ens-run.json: the GPU this notebook got, and each unit's state (pending, training, done, refused, failed,
@@ -205,7 +203,7 @@ def train_units(manifest_path: Path, root: Path) -> dict:
     _watchdog(status.data["started"] + manifest["seconds"], status, training, out)
     nb = _Notebook(manifest_path, root)
     here_versions = dict(status.data["versions"], ens=manifest["ens"])
-    n_lanes = lanes(GPU_CARDS.get(manifest["gpu"], 1), status.data["gpu"])
+    n_lanes = lanes(GPUS[manifest["gpu"]].lanes if manifest["gpu"] in GPUS else 1, status.data["gpu"])
     status.write(lanes=n_lanes)
     print(f"ens {manifest['ens']}: {len(manifest['units'])} unit(s) on {status.data['gpu']['name']} "
           f"(asked for {manifest['gpu']}), {n_lanes} at once", flush=True)

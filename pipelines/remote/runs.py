@@ -174,7 +174,7 @@ class Remote:
         self.project, self.comp, self.path, self.overrides, self.target = project, comp, path, overrides, target
         self.say, self.first_poll = say, first_poll
         self.hours = hours or target.gpu.session_hours
-        self.lanes = max(1, target.gpu.cards)  # units trained at once in one notebook: one per card
+        self.lanes = target.gpu.lanes
         self.cache = MemberCache(project.cache, comp.name)
         self.table = runs_path(project, comp)
 
